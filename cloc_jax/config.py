@@ -1,0 +1,92 @@
+"""Shared config pieces. A config file is `get_config(arg)`; `arg` is "key=value,key=value".
+
+Configs are locked: assigning a key that does not exist (in a file or with --config.x=y) is an error.
+"""
+
+import ml_collections
+
+# Logical axis -> mesh axes. The first rule whose mesh axes are still free wins, so activations
+# [batch, length, embed] shard batch over data x fsdp and leave embed whole, while parameters
+# [embed, mlp] shard embed over fsdp (ZeRO-3 style) and mlp over tensor.
+AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("joint", None),
+    ("length", None),
+    ("layers", None),
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """ "variant=L/14,batch_size=256" -> ConfigDict over `defaults`; values take the default's type."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"config arg {item!r}: expected key=value with key in {sorted(defaults)}")
+        kind = type(defaults[key])
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.image_size = 224
+    c.batch_size = 32_768
+    c.num_steps = 439_087
+    c.model = dict(
+        image=dict(variant="B/16", pool="map"),
+        text=dict(width=512, depth=12, heads=8, mlp_dim=2048),
+        embed_dim=512,
+        loss="softmax",  # or "sigmoid" (SigLIP, adds a learnable bias)
+        dtype="float32",  # activation dtype; parameters and optimizer state stay float32
+        scan=True,
+        remat="none",
+    )
+    c.tokenizer = dict(type="bytes", path="", lowercase=True, context_length=77)
+    c.data = dict(
+        source="scenes", train_size=1_000_000, heldout_size=1024, seed=0, max_regions=8, num_threads=2, prefetch=4
+    )
+    # LAMB is the default. The CLOC paper's AdamW is one flag away:
+    #   --config.optim.name=adamw --config.optim.b2=0.98 --config.optim.lr=5e-4
+    c.optim = dict(
+        name="lamb",
+        lr=5e-4,
+        b1=0.9,
+        b2=0.98,
+        eps=1e-6,
+        weight_decay=0.2,
+        warmup_steps=2000,
+        end_lr_ratio=0.0,
+        clip_norm=1.0,
+        image_lr_mult=1.0,
+        text_lr_mult=1.0,
+    )
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.axis_rules = AXIS_RULES
+    c.log_every = 100
+    c.eval_every = 5000
+    c.eval_batch_size = 256
+    c.evals = dict(
+        retrieval=dict(type="retrieval", split="heldout"),
+        zeroshot=dict(type="zeroshot", split="heldout", templates=("a {}",)),
+    )
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    return c
+
+
+def paper_config(variant: str, image_size: int, text: dict, embed_dim: int) -> ml_collections.ConfigDict:
+    """The CLOC paper's pretraining recipe (batch 32,768, 77 tokens, warmup 2k, cosine, wd 0.2)."""
+    c = base_config()
+    c.image_size = image_size
+    c.model.image.variant = variant
+    c.model.text.update(text)
+    c.model.embed_dim = embed_dim
+    c.lock()
+    return c

@@ -1,0 +1,84 @@
+"""grain pipelines: records -> static-shape numpy batches (regions padded to `max_regions` with a mask).
+
+Train batches come from a checkpointable grain iterator (its state is saved with the model), sharded
+across hosts by index, so a resumed run continues at exactly the next batch.
+"""
+
+from collections.abc import Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from cloc_jax.data.scenes import Scenes
+from cloc_jax.tokenizers import Tokenizer, tokenize
+
+SOURCES = ("scenes",)
+
+
+def make_source(data: ml_collections.ConfigDict, split: str, image_size: int):
+    if data.source not in SOURCES:
+        raise ValueError(f"data.source={data.source!r}; choose one of {SOURCES}")
+    size = data.train_size if split == "train" else data.heldout_size
+    return Scenes(split, size=size, image_size=image_size, seed=data.seed)
+
+
+class Preprocess(grain.transforms.Map):
+    """One record -> fixed shapes: image [H, W, 3] float32 in [-1, 1], tokens [L], regions [M, ...]."""
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int, max_regions: int):
+        self.tokenizer, self.context_length, self.max_regions = tokenizer, context_length, max_regions
+
+    def map(self, record: dict) -> dict:
+        m, num = self.max_regions, min(len(record["boxes"]), self.max_regions)
+        boxes = np.zeros((m, 4), np.float32)
+        boxes[:num] = record["boxes"][:num]
+        labels = np.full((m,), -1, np.int32)
+        labels[:num] = record["region_labels"][:num]
+        texts = lambda key: tokenize(self.tokenizer, record[key][:num] + [""] * (m - num), self.context_length)  # noqa: E731
+        region_tokens, referring_tokens = texts("region_texts"), texts("referring")
+        region_tokens[num:] = referring_tokens[num:] = 0
+        return dict(
+            index=np.int64(record["index"]),
+            image=record["image"].astype(np.float32) / 127.5 - 1.0,
+            tokens=tokenize(self.tokenizer, [record["caption"]], self.context_length)[0],
+            label=np.int32(record["label"]),
+            boxes=boxes,
+            region_mask=np.arange(m) < num,
+            region_labels=labels,
+            region_tokens=region_tokens,
+            referring_tokens=referring_tokens,
+        )
+
+
+def per_host_batch_size(batch_size: int) -> int:
+    if batch_size % jax.process_count():
+        raise ValueError(f"batch_size={batch_size} is not divisible by {jax.process_count()} hosts")
+    return batch_size // jax.process_count()
+
+
+def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> grain.DatasetIterator:
+    """Infinite, shuffled, host-sharded train batches; `get_state()`/`set_state()` make it resumable."""
+    source = make_source(config.data, "train", config.image_size)
+    ds = grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()]
+    ds = ds.shuffle(seed=config.data.seed).repeat()
+    ds = ds.map(Preprocess(tokenizer, config.tokenizer.context_length, config.data.max_regions))
+    ds = ds.batch(per_host_batch_size(config.batch_size), drop_remainder=True)
+    options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
+    return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(
+    config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer, batch_size: int
+) -> Iterator[dict]:
+    """Every record of `split` once, in order; the last batch is padded and `valid` marks real rows."""
+    source = make_source(config.data, split, config.image_size)
+    prep = Preprocess(tokenizer, config.tokenizer.context_length, config.data.max_regions)
+    ds = grain.MapDataset.source(source).map(prep)
+    for start in range(0, len(ds), batch_size):
+        rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        valid = np.arange(batch_size) < len(rows)
+        rows += [rows[-1]] * (batch_size - len(rows))
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        yield {**batch, "valid": valid}

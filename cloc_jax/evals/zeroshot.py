@@ -1,0 +1,31 @@
+"""Zero-shot classification: each class is the mean embedding of its prompts; predict the nearest."""
+
+import numpy as np
+
+
+class ZeroShot:
+    """Batches carry `image` and an integer `label` indexing `class_names`."""
+
+    prefix = "zeroshot"
+
+    def __init__(self, class_names, templates=("a {}",)):
+        self.class_names, self.templates = tuple(class_names), tuple(templates)
+
+    def class_embeddings(self, encoder) -> np.ndarray:
+        """[C, E] unit vectors, each the normalised mean over templates."""
+        prompts = [t.format(name) for name in self.class_names for t in self.templates]
+        z = encoder.encode_text(prompts).reshape(len(self.class_names), len(self.templates), -1).mean(1)
+        return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+    def run(self, encoder, batches):
+        classes = self.class_embeddings(encoder)
+        correct, top5 = [], []
+        for batch in batches:
+            valid = batch["valid"]
+            scores = encoder.encode_image(batch["image"])[valid] @ classes.T
+            labels = batch["label"][valid]
+            ranked = np.argsort(-scores, axis=1)
+            correct.append(ranked[:, 0] == labels)
+            top5.append((ranked[:, :5] == labels[:, None]).any(1))
+        yield "top1", float(np.concatenate(correct).mean())
+        yield "top5", float(np.concatenate(top5).mean())

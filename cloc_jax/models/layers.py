@@ -1,0 +1,174 @@
+"""Transformer building blocks shared by the image and text towers.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `layers`) and key
+activations carry (`batch`, `length`, `embed`), so sharding is decided by the config's axis rules.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def logical(init, names: tuple[str | None, ...]):
+    """Wraps an initializer so the parameter it creates carries logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        dtype=dtype,
+        scale_init=logical(nn.initializers.ones, ("embed",)),
+        bias_init=logical(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, names)
+
+
+class EinsumDense(nn.Module):
+    """A dense layer whose kernel is created at its true rank, so every axis has a logical name.
+
+    (nn.DenseGeneral creates a flat kernel and reshapes it, which breaks per-axis sharding.)
+    """
+
+    equation: str
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...]
+    fan_in: tuple[int, ...]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_out = tuple(i for i in range(len(self.kernel_shape)) if i not in self.fan_in)
+        init = nn.initializers.xavier_uniform(in_axis=self.fan_in, out_axis=fan_out)
+        kernel = self.param("kernel", logical(init, self.kernel_axes), self.kernel_shape)
+        bias_shape = tuple(self.kernel_shape[i] for i in fan_out)
+        bias = self.param("bias", logical(nn.initializers.zeros, self.bias_axes), bias_shape)
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Queries from `x_q` [B, T, D], keys/values from `x_kv` [B, S, D]."""
+
+    heads: int
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_q: jax.Array, x_kv: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        width = x_q.shape[-1]
+        if width % self.heads:
+            raise ValueError(f"width={width} is not divisible by heads={self.heads}")
+        split = dict(
+            equation="bsd,dhk->bshk",
+            kernel_shape=(width, self.heads, width // self.heads),
+            kernel_axes=("embed", "heads", "kv"),
+            bias_axes=("heads", "kv"),
+            fan_in=(0,),
+            dtype=self.dtype,
+        )
+        q = EinsumDense(**split, name="query")(x_q)
+        k = EinsumDense(**split, name="key")(x_kv)
+        v = EinsumDense(**split, name="value")(x_kv)
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=self.causal)  # [B, T, H, K]
+        return EinsumDense(
+            "bshk,hkd->bsd",
+            (self.heads, width // self.heads, width),
+            ("heads", "kv", "embed"),
+            ("embed",),
+            fan_in=(0, 1),
+            dtype=self.dtype,
+            name="out",
+        )(out)
+
+
+class Mlp(nn.Module):
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        x = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=logical(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+            bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)),
+            name="fc1",
+        )(x)
+        x = constrain(nn.gelu(x), ("batch", "length", "mlp"))
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            kernel_init=logical(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+            bias_init=logical(nn.initializers.normal(1e-6), ("embed",)),
+            name="fc2",
+        )(x)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; (x, carry) signature so `nn.scan` can stack it."""
+
+    heads: int
+    mlp_dim: int
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, None]:
+        x = constrain(x, ("batch", "length", "embed"))
+        y = layer_norm("ln1", self.dtype)(x)
+        x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(y, y)
+        y = layer_norm("ln2", self.dtype)(x)
+        x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
+        return constrain(x, ("batch", "length", "embed")), None
+
+
+class Encoder(nn.Module):
+    """`depth` blocks, either scanned (compile time independent of depth) or unrolled.
+
+    `remat` is `none` or a key of REMAT_POLICIES; it trades recomputation for activation memory.
+    """
+
+    depth: int
+    heads: int
+    mlp_dim: int
+    causal: bool = False
+    scan: bool = True
+    remat: str = "none"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        block = Block
+        if self.remat != "none":
+            if self.remat not in REMAT_POLICIES:
+                raise ValueError(f"remat={self.remat!r}; choose none or one of {sorted(REMAT_POLICIES)}")
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+        kwargs = dict(heads=self.heads, mlp_dim=self.mlp_dim, causal=self.causal, dtype=self.dtype)
+        if self.scan:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(**kwargs, name="blocks")(x, None)
+        else:
+            for i in range(self.depth):
+                x, _ = block(**kwargs, name=f"block_{i}")(x, None)
+        return x

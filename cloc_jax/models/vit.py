@@ -1,0 +1,127 @@
+"""ViT image tower that returns both the pooled embedding and the token grid.
+
+The grid (before the final norm and pooling) is what region heads read: the CLOC Prompter and
+RoIAlign both pool regions from it, so one image forward serves every box prompt.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cloc_jax.models.layers import Attention, Dtype, Encoder, Mlp, constrain, layer_norm, logical
+
+# name -> (width, depth, heads, mlp_dim); patch size comes after the slash: "B/16".
+VARIANTS = {
+    "mu": (128, 4, 4, 512),
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+    "So400m": (1152, 27, 16, 4304),
+}
+POOLS = ("cls", "map", "gap")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    patch: int
+
+
+def vit_size(variant: str) -> ViTSize:
+    """Parses "B/16" into sizes; one-line error on unknown names."""
+    name, _, patch = variant.partition("/")
+    if name not in VARIANTS or not patch.isdigit():
+        raise ValueError(f"unknown ViT variant {variant!r}; use <name>/<patch> with name in {sorted(VARIANTS)}")
+    return ViTSize(*VARIANTS[name], patch=int(patch))
+
+
+def resize_posemb(posemb: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Bilinearly resizes a learned [h, w, D] position embedding to `grid` (any resolution)."""
+    if posemb.shape[:2] == tuple(grid):
+        return posemb
+    return jax.image.resize(posemb, (*grid, posemb.shape[-1]), method="bilinear")
+
+
+class MapHead(nn.Module):
+    """Multihead attention pooling: a learned probe attends over the tokens [B, N, D] -> [B, D]."""
+
+    heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        probe = self.param(
+            "probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")), (1, 1, x.shape[-1])
+        )
+        probe = jnp.broadcast_to(probe, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+        x = Attention(self.heads, dtype=self.dtype, name="attn")(probe, x)
+        x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm("ln", self.dtype)(x))
+        return x[:, 0]
+
+
+class ViT(nn.Module):
+    """Images [B, H, W, 3] -> (embedding [B, out_dim], token grid [B, H/p, W/p, width])."""
+
+    variant: str = "B/16"
+    pool: str = "map"
+    posemb_grid: int = 14
+    out_dim: int = 512
+    scan: bool = True
+    remat: str = "none"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.pool not in POOLS:
+            raise ValueError(f"pool={self.pool!r}; choose one of {POOLS}")
+        size = vit_size(self.variant)
+        x = nn.Conv(
+            size.width,
+            (size.patch, size.patch),
+            strides=(size.patch, size.patch),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            bias_init=logical(nn.initializers.zeros, ("embed",)),
+            name="patch_embed",
+        )(images.astype(self.dtype))
+        batch, h, w, width = x.shape
+        posemb = self.param(
+            "pos_embedding",
+            logical(nn.initializers.normal(0.02), (None, None, "embed")),
+            (self.posemb_grid, self.posemb_grid, width),
+        )
+        x = (x + resize_posemb(posemb, (h, w)).astype(self.dtype)).reshape(batch, h * w, width)
+        num_prefix = 0
+        if self.pool == "cls":
+            cls = self.param("cls", logical(nn.initializers.zeros, (None, None, "embed")), (1, 1, width))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)).astype(x.dtype), x], axis=1)
+            num_prefix = 1
+        x = constrain(layer_norm("ln_pre", self.dtype)(x), ("batch", "length", "embed"))
+        x = Encoder(
+            size.depth, size.heads, size.mlp_dim, scan=self.scan, remat=self.remat, dtype=self.dtype, name="encoder"
+        )(x)
+        grid = x[:, num_prefix:].reshape(batch, h, w, width)
+        x = layer_norm("ln_post", self.dtype)(x)
+        if self.pool == "cls":
+            pooled = x[:, 0]
+        elif self.pool == "gap":
+            pooled = x.mean(axis=1)
+        else:
+            pooled = MapHead(size.heads, size.mlp_dim, self.dtype, name="map_head")(x)
+        embedding = nn.Dense(
+            self.out_dim,
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "joint")),
+            name="proj",
+        )(pooled)
+        return embedding, grid

@@ -1,0 +1,127 @@
+"""Training: sharded state creation, the jit-compiled step, and the loop (logging, evals, checkpoints)."""
+
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from tqdm import tqdm
+
+from cloc_jax import evals, sharding
+from cloc_jax.checkpoint import Checkpoints, model_spec
+from cloc_jax.data import pipeline
+from cloc_jax.inference import Encoder
+from cloc_jax.losses import image_text_loss
+from cloc_jax.metrics import MetricWriter
+from cloc_jax.models.cloc import Model, build_model
+from cloc_jax.optim import learning_rate, make_optimizer
+from cloc_jax.tokenizers import from_spec
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def build(config: ml_collections.ConfigDict):
+    """Config -> (tokenizer, model, optimizer): the objects every entry point needs."""
+    tokenizer = from_spec(config.tokenizer)
+    model = build_model(config.model, config.image_size, tokenizer.padded_vocab_size, config.tokenizer.context_length)
+    return tokenizer, model, make_optimizer(config.optim, config.num_steps)
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1) -> tuple[jax.Array, jax.Array]:
+    images = jnp.zeros((batch, config.image_size, config.image_size, 3), jnp.float32)
+    return images, jnp.zeros((batch, config.tokenizer.context_length), jnp.int32)
+
+
+def abstract_state(config, model: Model, tx: optax.GradientTransformation, mesh):
+    """(init function, state shapes with their NamedShardings): parameters are born sharded."""
+
+    def init(rng):
+        params = model.init(rng, *dummy_inputs(config))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh, config.axis_rules)
+    unboxed = lambda rng: nn.unbox(init(rng))  # noqa: E731
+    shapes = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sharding.unbox(boxed), shardings
+    )
+    return unboxed, shapes
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: Model, tx: optax.GradientTransformation):
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def loss_fn(params):
+            out = model.apply({"params": params}, batch["image"], batch["tokens"])
+            return image_text_loss(out), out
+
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(
+            loss=loss,
+            grad_norm=optax.global_norm(grads),
+            temperature=1.0 / out["scale"],
+            lr=learning_rate(config.optim, config.num_steps, state.step),
+        )
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def evaluate(config, model, params, tokenizer) -> dict[str, float]:
+    encoder = Encoder(model, params, tokenizer, config.tokenizer.context_length, config.axis_rules)
+    return evals.run_all(config, encoder)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains to `config.num_steps`, resuming from `<workdir>/checkpoints` if present; returns final evals."""
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    tokenizer, model, tx = build(config)
+    spec = model_spec(config)
+    ckpt = Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every)
+    writer = MetricWriter(workdir)
+    data_iter = pipeline.train_iterator(config, tokenizer)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+        init, shapes = abstract_state(config, model, tx, mesh)
+        latest = ckpt.latest_step()
+        if latest is None:
+            state = jax.jit(init, out_shardings=jax.tree.map(lambda s: s.sharding, shapes))(jax.random.key(config.seed))
+        else:
+            ckpt.check_spec(latest, spec)
+            state = ckpt.restore(latest, shapes, data_iter)
+            print(f"Resumed from {ckpt.directory} at step {latest}")
+        step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
+        first = int(state.step)
+        results: dict[str, float] = {}
+        progress = tqdm(range(first, config.num_steps), initial=first, total=config.num_steps, desc="train")
+        tick, tick_step = time.perf_counter(), first
+        for step in progress:
+            batch = sharding.global_batch(next(data_iter), mesh)
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.num_steps:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                metrics["images_per_s"] = (done - tick_step) * config.batch_size / (now - tick)
+                tick, tick_step = now, done
+                writer.write(done, metrics, echo=progress.write)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
+                results = evaluate(config, model, state.params, tokenizer)
+                writer.write(done, results, echo=progress.write)
+                tick = time.perf_counter()  # evaluation time is not training throughput
+            ckpt.save(done, state, data_iter, spec, force=done == config.num_steps)
+        progress.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return results

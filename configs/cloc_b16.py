@@ -1,0 +1,10 @@
+"""CLOC ViT-B/16 at 224 px, the paper's recipe. `--config=configs/cloc_b16.py:batch_size=4096`."""
+
+from cloc_jax.config import paper_config, parse_arg
+
+
+def get_config(arg: str | None = None):
+    arg = parse_arg(arg, batch_size=32_768, image_size=224)
+    c = paper_config("B/16", arg.image_size, dict(width=512, depth=12, heads=8, mlp_dim=2048), embed_dim=512)
+    c.batch_size = arg.batch_size
+    return c

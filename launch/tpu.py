@@ -1,0 +1,47 @@
+"""Entry point: trains a config on TPU if present, else GPU, else CPU.
+
+python launch/tpu.py --config=configs/cloc_tiny.py --workdir=/tmp/cloc_tiny
+python launch/tpu.py --config=configs/cloc_b16.py:batch_size=4096 --config.optim.name=adamw --workdir=gs://...
+"""
+
+import json
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cloc_jax.train import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "config file, optionally FILE:key=value,...", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go; reused to resume", required=True)
+
+
+def describe_platform() -> str:
+    """Which accelerator JAX picked; JAX's own default order is TPU, then GPU, then CPU."""
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    count = f"{len(devices)} device(s) ({', '.join(kinds)}), {jax.process_count()} process(es)"
+    return f"{devices[0].platform.upper()}: {count}"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    print(f"Running on {describe_platform()}", flush=True)
+    results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    print(json.dumps(results), flush=True)
+
+
+def run():
+    try:
+        app.run(main)
+    except (ValueError, FileNotFoundError, KeyError) as e:  # config and input errors: one line, no trace
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    run()

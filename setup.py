@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cloc_jax",
+    version="0.1.0",
+    description="Region-aware CLIP pretraining (CLOC, UMG-CLIP) in JAX for TPU pods, GPUs and CPUs",
+    packages=find_packages(include=["cloc_jax", "cloc_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.8",
+        "flax>=0.11",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "ml_collections>=1.0",
+        "einops>=0.8",
+        "absl-py",
+        "numpy",
+        "tqdm",
+        "tensorboardX",
+        "sentencepiece",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.40"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+    },
+)
