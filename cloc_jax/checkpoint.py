@@ -63,7 +63,9 @@ class Checkpoints:
 
     def restore_params(self, step: int, abstract_params):
         """Only the parameters (no optimizer state, no data iterator): what export needs."""
-        args = ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True)
+        item = {"params": abstract_params}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
         return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
     def wait(self) -> None:

@@ -36,9 +36,22 @@ def main(argv):
     print(json.dumps(results), flush=True)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but an unknown `--config.key` is one line instead of a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        while e.args and isinstance(e.args[0], Exception):  # ml_collections wraps a KeyError
+            e = e.args[0]
+        key, _, hint = str(e.args[0] if e.args else e).partition("\n")
+        key = key.strip("\"'")
+        bad = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0]), key)
+        sys.exit(f"error: {bad}: no such config key. {hint}".strip())
+
+
 def run():
     try:
-        app.run(main)
+        app.run(main, flags_parser=parse_flags)
     except (ValueError, FileNotFoundError, KeyError) as e:  # config and input errors: one line, no trace
         sys.exit(f"error: {e}")
 

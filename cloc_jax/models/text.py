@@ -50,7 +50,7 @@ class TextTower(nn.Module):
             name="encoder",
         )(x)
         x = layer_norm("ln_final", self.dtype)(x)
-        eot = jnp.maximum(jnp.sum(tokens != 0, axis=-1) - 1, 0)
+        eot = self.context_length - 1 - jnp.argmax((tokens != 0)[:, ::-1], axis=-1)  # last non-pad token
         pooled = jnp.einsum("bld,bl->bd", x, jax.nn.one_hot(eot, self.context_length, dtype=x.dtype))
         embedding = nn.Dense(
             self.out_dim,

@@ -1,0 +1,41 @@
+"""8 simulated CPU devices, so meshes are tested for real; set before jax is imported anywhere."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs/ is a folder of files, not an installed package
+
+
+def tiny_config(**overrides):
+    """cloc_tiny shrunk further for unit tests: 32 px images, short texts, 8-device data parallel."""
+    from configs.cloc_tiny import get_config
+
+    c = get_config()
+    c.image_size = 32
+    c.batch_size = 16
+    c.num_steps = 8
+    c.tokenizer.context_length = 24
+    c.data.update(train_size=4096, heldout_size=40)
+    c.optim.warmup_steps = 2
+    c.log_every = 4
+    c.eval_every = 0
+    c.eval_batch_size = 16
+    c.checkpoint_every = 2
+    for key, value in overrides.items():
+        target = c
+        *path, last = key.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = value
+    return c
+
+
+@pytest.fixture
+def config():
+    return tiny_config()

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from cloc_jax.data.pipeline import eval_batches, train_iterator
+from cloc_jax.data.scenes import CLASS_NAMES, COLOURS, HELDOUT_COMBOS, Scenes
+from cloc_jax.tokenizers import ByteTokenizer
+
+
+def test_same_seed_same_scene_different_seed_different_scene():
+    a, b, c = Scenes(seed=0)[17], Scenes(seed=0)[17], Scenes(seed=1)[17]
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert a["caption"] == b["caption"] and a["referring"] == b["referring"]
+    assert not np.array_equal(a["image"], c["image"])
+
+
+def test_heldout_combinations_never_appear_in_train_but_do_in_heldout():
+    train = {CLASS_NAMES[label] for i in range(1500) for label in Scenes("train")[i]["region_labels"]}
+    heldout = {CLASS_NAMES[label] for i in range(1500) for label in Scenes("heldout")[i]["region_labels"]}
+    assert not train & HELDOUT_COMBOS
+    assert heldout >= HELDOUT_COMBOS
+    assert len(train) == len(CLASS_NAMES) - len(HELDOUT_COMBOS)
+
+
+@pytest.mark.parametrize("index", range(0, 400, 7))
+def test_boxes_are_tight_around_the_named_objects(index):
+    scene = Scenes("heldout", image_size=64)[index]
+    image, side = scene["image"].astype(int), 64
+    assert len(scene["boxes"]) == len(scene["region_texts"]) == len(scene["referring"]) >= 1
+    for box, text in zip(scene["boxes"], scene["region_texts"]):
+        assert (box >= 0).all() and (box <= 1).all() and (box[2:] > box[:2]).all()
+        colour = np.array(COLOURS[text.split()[1]])
+        close = np.abs(image - colour[None, None] * 0.93).max(-1) <= 0.08 * 255
+        x0, y0, x1, y1 = np.round(box * side).astype(int)
+        inside = close[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1].sum()
+        assert inside >= 4, f"no {text} pixels inside its box"
+    assert scene["caption"].count(" a ") + 1 == len(scene["boxes"]) or len(scene["boxes"]) == 1
+    for text in scene["region_texts"]:
+        assert text in scene["caption"]
+
+
+def test_train_batches_have_static_shapes_masks_and_are_deterministic(config):
+    tok = ByteTokenizer()
+    first = next(train_iterator(config, tok))
+    again = next(train_iterator(config, tok))
+    for key in first:
+        np.testing.assert_array_equal(first[key], again[key])
+    b, m, length = config.batch_size, config.data.max_regions, config.tokenizer.context_length
+    assert first["image"].shape == (b, 32, 32, 3) and first["image"].dtype == np.float32
+    assert first["image"].min() >= -1.0 and first["image"].max() <= 1.0
+    assert first["tokens"].shape == (b, length)
+    assert first["boxes"].shape == (b, m, 4) and first["region_tokens"].shape == (b, m, length)
+    mask = first["region_mask"]
+    assert (first["region_labels"][~mask] == -1).all() and (first["region_tokens"][~mask] == 0).all()
+    assert (first["boxes"][~mask] == 0).all() and (first["region_labels"][mask] >= 0).all()
+    assert len(set(first["index"].tolist())) == b
+
+
+def test_eval_batches_cover_the_split_once_and_mark_padding(config):
+    batches = list(eval_batches(config, "heldout", ByteTokenizer(), batch_size=16))
+    assert [b["image"].shape[0] for b in batches] == [16, 16, 16]
+    ids = np.concatenate([b["index"][b["valid"]] for b in batches])
+    np.testing.assert_array_equal(ids, np.arange(40))

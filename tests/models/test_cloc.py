@@ -1,0 +1,62 @@
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from cloc_jax.models.cloc import build_model
+from cloc_jax.train import dummy_inputs
+from tests.conftest import tiny_config
+
+
+def _init(config):
+    model = build_model(config.model, config.image_size, 384, config.tokenizer.context_length)
+    return model, model.init(jax.random.key(0), *dummy_inputs(config, 2))
+
+
+def test_every_parameter_carries_logical_axis_names(config):
+    _, variables = _init(config)
+    leaves = jax.tree.leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+    assert all(len(x.names) == x.value.ndim for x in leaves)
+    names = {n for x in leaves for n in x.names}
+    assert {"embed", "mlp", "heads", "vocab", "layers"} <= names
+
+
+@pytest.mark.parametrize("loss,has_bias", [("softmax", False), ("sigmoid", True)])
+def test_outputs_are_unit_embeddings_with_temperature(loss, has_bias):
+    config = tiny_config(**{"model.loss": loss})
+    model, variables = _init(config)
+    images, tokens = dummy_inputs(config, 2)
+    out = model.apply(variables, images, tokens.at[:, 0].set(1))
+    assert out["zimg"].shape == out["ztxt"].shape == (2, config.model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(out["zimg"], axis=-1), 1.0, rtol=1e-5)
+    assert out["grid"].shape == (2, 4, 4, 128)
+    assert ("bias" in out) == has_bias
+    assert float(out["scale"]) == pytest.approx(1 / 0.07 if loss == "softmax" else 10.0, rel=1e-5)
+
+
+def test_scan_and_unrolled_layers_compute_the_same_function():
+    scanned = tiny_config(**{"model.scan": True, "model.remat": "full"})
+    model_s, variables = _init(scanned)
+    model_u, unrolled_vars = _init(tiny_config(**{"model.scan": False}))
+    params = nn.unbox(variables["params"])
+    unrolled = nn.unbox(unrolled_vars["params"])
+    for tower in ("image", "text"):
+        blocks = params[tower]["encoder"].pop("blocks")
+        depth = jax.tree.leaves(blocks)[0].shape[0]
+        for i in range(depth):
+            params[tower]["encoder"][f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+    assert jax.tree.structure(params) == jax.tree.structure(unrolled)
+    images, tokens = dummy_inputs(scanned, 2)
+    images = jax.random.normal(jax.random.key(3), images.shape)
+    tokens = tokens.at[:, :3].set(7)
+    a = model_s.apply(variables, images, tokens)
+    b = model_u.apply({"params": params}, images, tokens)
+    np.testing.assert_allclose(a["zimg"], b["zimg"], atol=1e-5)
+    np.testing.assert_allclose(a["ztxt"], b["ztxt"], atol=1e-5)
+
+
+def test_image_size_must_divide_by_patch():
+    config = tiny_config(image_size=36)
+    with pytest.raises(ValueError, match="image_size=36 is not divisible by the patch size 8"):
+        _init(config)

@@ -1,0 +1,75 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cloc_jax.models.vit import POOLS, VARIANTS, ViT, resize_posemb, vit_size
+
+
+def shapes(model, images):
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    return jax.eval_shape(model.apply, variables, images)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("patch", [14, 16])
+def test_every_variant_returns_embedding_and_grid(name, patch):
+    size = vit_size(f"{name}/{patch}")
+    side = patch * 4
+    model = ViT(variant=f"{name}/{patch}", posemb_grid=4, out_dim=64)
+    emb, grid = shapes(model, jnp.zeros((2, side, side, 3)))
+    assert emb.shape == (2, 64)
+    assert grid.shape == (2, 4, 4, size.width)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_pools_share_the_grid_without_prefix_tokens(pool):
+    model = ViT(variant="mu/8", pool=pool, posemb_grid=4, out_dim=16)
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), images)
+    emb, grid = model.apply(variables, images)
+    assert emb.shape == (2, 16) and grid.shape == (2, 4, 4, 128)
+    assert np.isfinite(np.asarray(emb)).all()
+
+
+def test_any_resolution_uses_interpolated_position_embeddings():
+    model = ViT(variant="mu/8", posemb_grid=4, out_dim=16)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    emb, grid = model.apply(variables, jnp.zeros((1, 56, 40, 3)))
+    assert grid.shape == (1, 7, 5, 128)
+
+
+def _bilinear_reference(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Half-pixel-centre bilinear upsampling, float64, one output pixel at a time."""
+    h, w, d = x.shape
+    out = np.zeros((out_h, out_w, d))
+    for i in range(out_h):
+        for j in range(out_w):
+            y = min(max((i + 0.5) * h / out_h - 0.5, 0), h - 1)
+            z = min(max((j + 0.5) * w / out_w - 0.5, 0), w - 1)
+            y0, z0 = int(np.floor(y)), int(np.floor(z))
+            y1, z1 = min(y0 + 1, h - 1), min(z0 + 1, w - 1)
+            fy, fz = y - y0, z - z0
+            out[i, j] = (
+                x[y0, z0] * (1 - fy) * (1 - fz)
+                + x[y0, z1] * (1 - fy) * fz
+                + x[y1, z0] * fy * (1 - fz)
+                + x[y1, z1] * fy * fz
+            )
+    return out
+
+
+def test_posemb_interpolation_matches_bilinear_reference():
+    x = np.random.default_rng(0).normal(size=(4, 5, 3)).astype(np.float32)
+    got = np.asarray(resize_posemb(jnp.asarray(x), (7, 9)))
+    np.testing.assert_allclose(got, _bilinear_reference(x.astype(np.float64), 7, 9), atol=1e-5)
+
+
+def test_posemb_same_grid_is_identity():
+    x = jnp.arange(24.0).reshape(2, 4, 3)
+    assert resize_posemb(x, (2, 4)) is x
+
+
+def test_unknown_variant_is_a_one_line_error():
+    with pytest.raises(ValueError, match="unknown ViT variant 'XL/16'"):
+        vit_size("XL/16")

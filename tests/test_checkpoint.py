@@ -1,0 +1,89 @@
+"""Checkpoint round trips: data iterator continuity, model-spec checks, export -> load."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cloc_jax import load
+from cloc_jax.checkpoint import Checkpoints, model_spec, spec_mismatch
+from cloc_jax.data.pipeline import train_iterator
+from cloc_jax.export import export
+from cloc_jax.tokenizers import ByteTokenizer
+from cloc_jax.train import train_and_evaluate
+from tests.conftest import tiny_config
+
+
+def test_restored_data_iterator_continues_without_repeating_or_skipping(tmp_path, config):
+    tok = ByteTokenizer()
+    reference = train_iterator(config, tok)
+    expected = [next(reference)["index"] for _ in range(6)]
+    it = train_iterator(config, tok)
+    seen = [next(it)["index"] for _ in range(3)]
+    ckpt = Checkpoints(str(tmp_path), every=1)
+    ckpt.save(3, {"w": np.zeros(2)}, it, model_spec(config), force=True)
+    ckpt.wait()
+    fresh = train_iterator(config, tok)
+    ckpt.restore(3, {"w": jax.ShapeDtypeStruct((2,), np.float64)}, fresh)
+    seen += [next(fresh)["index"] for _ in range(3)]
+    for got, want in zip(seen, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_spec_mismatch_names_the_first_difference():
+    a = dict(model=dict(image=dict(variant="B/16")), image_size=224)
+    b = dict(model=dict(image=dict(variant="L/14")), image_size=224)
+    assert spec_mismatch(a, a) is None
+    assert spec_mismatch(a, b) == "model.image.variant: 'B/16' != 'L/14'"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 6-step tiny run shared by the tests below: (config, workdir, final metrics)."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny_config(num_steps=6, eval_every=6, log_every=2)
+    config.data.heldout_size = 32
+    results = train_and_evaluate(config, workdir)
+    return config, workdir, results
+
+
+def test_run_writes_metrics_tensorboard_and_checkpoints(trained):
+    config, workdir, results = trained
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    assert {"loss", "lr", "grad_norm", "temperature", "images_per_s"} <= set(train_rows[0])
+    evals = [r for r in rows if "retrieval/i2t_r1" in r]
+    assert evals and evals[-1]["step"] == 6
+    for key in ("retrieval/i2t_r1", "retrieval/t2i_r1", "zeroshot/top1"):
+        assert 0.0 <= evals[-1][key] <= 1.0 and results[key] == evals[-1][key]
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert Checkpoints(workdir).latest_step() == 6
+
+
+def test_workdir_with_a_different_model_is_refused(trained):
+    config, workdir, _ = trained
+    other = tiny_config(num_steps=8)
+    other.model.text.depth = 3
+    with pytest.raises(ValueError, match=r"different model \(model.text.depth: 2 != 3\); use a new --workdir"):
+        train_and_evaluate(other, workdir)
+
+
+def test_export_then_load_gives_the_trained_model(trained, tmp_path):
+    config, workdir, _ = trained
+    out = export(workdir, str(tmp_path / "export"))
+    model = load(out)
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    zi = model.encode_image(images)
+    zt = model.encode_text(["a small red circle", "a large blue square"])
+    assert zi.shape == zt.shape == (2, config.model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(zt, axis=1), 1.0, rtol=1e-5)
+    # The same numbers as the parameters restored straight from the training checkpoint.
+    ckpt = Checkpoints(workdir)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), model.params)
+    params = ckpt.restore_params(6, shapes)
+    again = model.model.apply({"params": params}, images, method=type(model.model).encode_image)[0]
+    np.testing.assert_allclose(zi, np.asarray(again), atol=1e-6)
+    assert not np.allclose(zi[0], zi[1])
