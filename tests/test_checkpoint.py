@@ -50,8 +50,9 @@ def trained(tmp_path_factory):
 
 
 def test_run_writes_metrics_tensorboard_and_checkpoints(trained):
-    config, workdir, results = trained
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    _, workdir, results = trained
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [2, 4, 6]
     assert {"loss", "lr", "grad_norm", "temperature", "images_per_s"} <= set(train_rows[0])
@@ -64,7 +65,7 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(trained):
 
 
 def test_workdir_with_a_different_model_is_refused(trained):
-    config, workdir, _ = trained
+    _, workdir, _ = trained
     other = tiny_config(num_steps=8)
     other.model.text.depth = 3
     with pytest.raises(ValueError, match=r"different model \(model.text.depth: 2 != 3\); use a new --workdir"):

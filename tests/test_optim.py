@@ -69,5 +69,5 @@ def test_gradients_are_clipped_by_global_norm_before_the_moments():
 def test_unknown_optimizer():
     optim = tiny_config().optim
     optim.name = "sgd"
-    with pytest.raises(ValueError, match="optim.name='sgd'"):
+    with pytest.raises(ValueError, match=r"optim\.name='sgd'"):
         make_optimizer(optim, 10).init(_params())

@@ -67,5 +67,5 @@ def test_missing_vocab_file_is_a_one_line_error(kind):
 
 
 def test_unknown_type():
-    with pytest.raises(ValueError, match="tokenizer.type='wordpiece'"):
+    with pytest.raises(ValueError, match=r"tokenizer\.type='wordpiece'"):
         from_spec(dict(type="wordpiece"))

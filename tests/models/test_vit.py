@@ -35,7 +35,7 @@ def test_pools_share_the_grid_without_prefix_tokens(pool):
 def test_any_resolution_uses_interpolated_position_embeddings():
     model = ViT(variant="mu/8", posemb_grid=4, out_dim=16)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    emb, grid = model.apply(variables, jnp.zeros((1, 56, 40, 3)))
+    _, grid = model.apply(variables, jnp.zeros((1, 56, 40, 3)))
     assert grid.shape == (1, 7, 5, 128)
 
 
