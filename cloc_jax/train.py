@@ -56,6 +56,13 @@ def abstract_state(config, model: Model, tx: optax.GradientTransformation, mesh)
     return unboxed, shapes
 
 
+def init_state(config, model: Model, tx: optax.GradientTransformation, mesh) -> tuple[TrainState, Any]:
+    """A freshly initialised, already-sharded TrainState, and its sharded shapes (for restoring)."""
+    init, shapes = abstract_state(config, model, tx, mesh)
+    state = jax.jit(init, out_shardings=jax.tree.map(lambda s: s.sharding, shapes))(jax.random.key(config.seed))
+    return state, shapes
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: Model, tx: optax.GradientTransformation):
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params):
@@ -91,13 +98,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = MetricWriter(workdir)
     data_iter = pipeline.train_iterator(config, tokenizer)
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
-        init, shapes = abstract_state(config, model, tx, mesh)
         latest = ckpt.latest_step()
         if latest is None:
-            state = jax.jit(init, out_shardings=jax.tree.map(lambda s: s.sharding, shapes))(jax.random.key(config.seed))
+            state, _ = init_state(config, model, tx, mesh)
         else:
             ckpt.check_spec(latest, spec)
-            state = ckpt.restore(latest, shapes, data_iter)
+            state = ckpt.restore(latest, abstract_state(config, model, tx, mesh)[1], data_iter)
             print(f"Resumed from {ckpt.directory} at step {latest}")
         step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
         first = int(state.step)

@@ -5,7 +5,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cloc_jax import sharding
-from cloc_jax.train import abstract_state, build
+from cloc_jax.train import build, init_state
 from tests.conftest import tiny_config
 
 
@@ -40,8 +40,7 @@ def test_axis_rules_place_parameters_and_batches():
     mesh = sharding.make_mesh(config.mesh)
     _, model, tx = build(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
-        init, shapes = abstract_state(config, model, tx, mesh)
-        state = jax.jit(init, out_shardings=jax.tree.map(lambda s: s.sharding, shapes))(jax.random.key(0))
+        state, _ = init_state(config, model, tx, mesh)
     fc1 = state.params["image"]["encoder"]["blocks"]["mlp"]["fc1"]["kernel"]  # [layers, embed, mlp]
     assert fc1.sharding.spec == P(None, "fsdp", "tensor")
     assert fc1.addressable_shards[0].data.shape == (4, 64, 256)
