@@ -11,10 +11,22 @@ import grain
 import ml_collections
 import orbax.checkpoint as ocp
 
+from cloc_jax import tokenizers
+from cloc_jax.models.cloc import Model, build_model
+from cloc_jax.tokenizers import Tokenizer
+
 
 def model_spec(config: ml_collections.ConfigDict) -> dict:
     """What determines the parameters' shapes and meaning; nothing about training."""
     return dict(model=config.model.to_dict(), image_size=config.image_size, tokenizer=config.tokenizer.to_dict())
+
+
+def build_from_spec(spec: dict) -> tuple[Tokenizer, Model]:
+    """Spec -> (tokenizer, model): training, export and loading all build models here."""
+    tokenizer = tokenizers.from_spec(spec["tokenizer"])
+    model_config = ml_collections.ConfigDict(spec["model"])
+    context = spec["tokenizer"]["context_length"]
+    return tokenizer, build_model(model_config, spec["image_size"], tokenizer.padded_vocab_size, context)
 
 
 def spec_mismatch(saved: dict, current: dict) -> str | None:

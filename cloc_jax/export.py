@@ -11,13 +11,11 @@ import shutil
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import app, flags
 
-from cloc_jax.checkpoint import Checkpoints
+from cloc_jax.checkpoint import Checkpoints, build_from_spec
 from cloc_jax.inference import Encoder
-from cloc_jax.models.cloc import build_model
 
 SPEC_FILE = "spec.json"
 
@@ -29,7 +27,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first")
     spec = ckpt.spec(step)
-    _, model = _build(spec)
+    _, model = build_from_spec(spec)
     params = ckpt.restore_params(step, _abstract_params(model, spec))
     ckpt.close()
     os.makedirs(out, exist_ok=True)
@@ -46,16 +44,6 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     with open(os.path.join(out, SPEC_FILE), "w") as f:
         json.dump(spec, f, indent=2)
     return out
-
-
-def _build(spec: dict):
-    """Spec -> (tokenizer, model) exactly as training built them."""
-    from cloc_jax.tokenizers import from_spec
-
-    tokenizer = from_spec(spec["tokenizer"])
-    context = spec["tokenizer"]["context_length"]
-    model_cfg = ml_collections.ConfigDict(spec["model"])
-    return tokenizer, build_model(model_cfg, spec["image_size"], tokenizer.padded_vocab_size, context)
 
 
 def _abstract_params(model, spec: dict):
@@ -75,7 +63,7 @@ def load(directory: str) -> Encoder:
         spec = json.load(f)
     if spec["tokenizer"].get("path"):
         spec["tokenizer"]["path"] = os.path.join(directory, spec["tokenizer"]["path"])
-    tokenizer, model = _build(spec)
+    tokenizer, model = build_from_spec(spec)
     params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), _abstract_params(model, spec))
     return Encoder(model, params, tokenizer, spec["tokenizer"]["context_length"])
 

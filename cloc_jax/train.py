@@ -1,5 +1,6 @@
 """Training: sharded state creation, the jit-compiled step, and the loop (logging, evals, checkpoints)."""
 
+import sys
 import time
 from typing import Any
 
@@ -12,14 +13,13 @@ import optax
 from tqdm import tqdm
 
 from cloc_jax import evals, sharding
-from cloc_jax.checkpoint import Checkpoints, model_spec
+from cloc_jax.checkpoint import Checkpoints, build_from_spec, model_spec
 from cloc_jax.data import pipeline
 from cloc_jax.inference import Encoder
 from cloc_jax.losses import image_text_loss
 from cloc_jax.metrics import MetricWriter
-from cloc_jax.models.cloc import Model, build_model
+from cloc_jax.models.cloc import Model
 from cloc_jax.optim import learning_rate, make_optimizer
-from cloc_jax.tokenizers import from_spec
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -30,8 +30,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 def build(config: ml_collections.ConfigDict):
     """Config -> (tokenizer, model, optimizer): the objects every entry point needs."""
-    tokenizer = from_spec(config.tokenizer)
-    model = build_model(config.model, config.image_size, tokenizer.padded_vocab_size, config.tokenizer.context_length)
+    tokenizer, model = build_from_spec(model_spec(config))
     return tokenizer, model, make_optimizer(config.optim, config.num_steps)
 
 
@@ -108,7 +107,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
         first = int(state.step)
         results: dict[str, float] = {}
-        progress = tqdm(range(first, config.num_steps), initial=first, total=config.num_steps, desc="train")
+        progress = tqdm(
+            range(first, config.num_steps),
+            initial=first,
+            total=config.num_steps,
+            desc="train",
+            disable=jax.process_index() != 0,
+            mininterval=1 if sys.stderr.isatty() else 60,  # a log file gets a line a minute, not a flood
+        )
         tick, tick_step = time.perf_counter(), first
         for step in progress:
             batch = sharding.global_batch(next(data_iter), mesh)

@@ -30,15 +30,18 @@ class Preprocess(grain.transforms.Map):
     def __init__(self, tokenizer: Tokenizer, context_length: int, max_regions: int):
         self.tokenizer, self.context_length, self.max_regions = tokenizer, context_length, max_regions
 
+    def _region_texts(self, texts: list[str]) -> np.ndarray:
+        """[M, L] tokens; padded regions are all zeros."""
+        out = np.zeros((self.max_regions, self.context_length), np.int32)
+        out[: len(texts)] = tokenize(self.tokenizer, texts, self.context_length)
+        return out
+
     def map(self, record: dict) -> dict:
         m, num = self.max_regions, min(len(record["boxes"]), self.max_regions)
         boxes = np.zeros((m, 4), np.float32)
         boxes[:num] = record["boxes"][:num]
         labels = np.full((m,), -1, np.int32)
         labels[:num] = record["region_labels"][:num]
-        texts = lambda key: tokenize(self.tokenizer, record[key][:num] + [""] * (m - num), self.context_length)  # noqa: E731
-        region_tokens, referring_tokens = texts("region_texts"), texts("referring")
-        region_tokens[num:] = referring_tokens[num:] = 0
         return dict(
             index=np.int64(record["index"]),
             image=record["image"].astype(np.float32) / 127.5 - 1.0,
@@ -47,8 +50,8 @@ class Preprocess(grain.transforms.Map):
             boxes=boxes,
             region_mask=np.arange(m) < num,
             region_labels=labels,
-            region_tokens=region_tokens,
-            referring_tokens=referring_tokens,
+            region_tokens=self._region_texts(record["region_texts"][:num]),
+            referring_tokens=self._region_texts(record["referring"][:num]),
         )
 
 
@@ -69,11 +72,8 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> g
     return iter(ds.to_iter_dataset(options))
 
 
-def eval_batches(
-    config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer, batch_size: int
-) -> Iterator[dict]:
-    """Every record of `split` once, in order; the last batch is padded and `valid` marks real rows."""
-    source = make_source(config.data, split, config.image_size)
+def eval_batches(config: ml_collections.ConfigDict, source, tokenizer: Tokenizer, batch_size: int) -> Iterator[dict]:
+    """Every record of `source` once, in order; the last batch is padded and `valid` marks real rows."""
     prep = Preprocess(tokenizer, config.tokenizer.context_length, config.data.max_regions)
     ds = grain.MapDataset.source(source).map(prep)
     for start in range(0, len(ds), batch_size):

@@ -59,6 +59,8 @@ def _overlaps(box: np.ndarray, boxes: list[np.ndarray]) -> bool:
 class Scenes:
     """A grain random-access source: `len()` and `[index] -> dict` of numpy arrays and strings."""
 
+    class_names = CLASS_NAMES
+
     def __init__(self, split: str = "train", size: int = 100_000, image_size: int = 64, seed: int = 0):
         if split not in SPLITS:
             raise ValueError(f"scenes split={split!r}; choose one of {sorted(SPLITS)}")

@@ -5,26 +5,28 @@ Adding an evaluator is one entry in `build` — the trainer never changes.
 
 import ml_collections
 
-from cloc_jax.data import pipeline, scenes
+from cloc_jax.data import pipeline
 from cloc_jax.evals.retrieval import Retrieval
 from cloc_jax.evals.zeroshot import ZeroShot
 
 TYPES = ("retrieval", "zeroshot")
 
 
-def build(cfg: ml_collections.ConfigDict):
+def build(cfg: ml_collections.ConfigDict, source):
+    """`source` is the evaluation split's data source; class-based evaluators read its `class_names`."""
     if cfg.type not in TYPES:
         raise ValueError(f"evaluator type={cfg.type!r}; choose one of {TYPES}")
     if cfg.type == "retrieval":
         return Retrieval()
-    return ZeroShot(scenes.CLASS_NAMES, cfg.templates)
+    return ZeroShot(source.class_names, cfg.templates)
 
 
 def run_all(config: ml_collections.ConfigDict, encoder) -> dict[str, float]:
     """Runs every configured evaluator on its split; returns {"<prefix>/<metric>": value}."""
     results = {}
     for cfg in config.evals.values():
-        evaluator = build(cfg)
-        batches = pipeline.eval_batches(config, cfg.split, encoder.tokenizer, config.eval_batch_size)
+        source = pipeline.make_source(config.data, cfg.split, config.image_size)
+        evaluator = build(cfg, source)
+        batches = pipeline.eval_batches(config, source, encoder.tokenizer, config.eval_batch_size)
         results.update({f"{evaluator.prefix}/{k}": v for k, v in evaluator.run(encoder, batches)})
     return results

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cloc_jax.data.pipeline import eval_batches, train_iterator
+from cloc_jax.data.pipeline import eval_batches, make_source, train_iterator
 from cloc_jax.data.scenes import CLASS_NAMES, COLOURS, HELDOUT_COMBOS, Scenes
 from cloc_jax.tokenizers import ByteTokenizer
 
@@ -56,7 +56,8 @@ def test_train_batches_have_static_shapes_masks_and_are_deterministic(config):
 
 
 def test_eval_batches_cover_the_split_once_and_mark_padding(config):
-    batches = list(eval_batches(config, "heldout", ByteTokenizer(), batch_size=16))
+    source = make_source(config.data, "heldout", config.image_size)
+    batches = list(eval_batches(config, source, ByteTokenizer(), batch_size=16))
     assert [b["image"].shape[0] for b in batches] == [16, 16, 16]
     ids = np.concatenate([b["index"][b["valid"]] for b in batches])
     np.testing.assert_array_equal(ids, np.arange(40))
