@@ -82,11 +82,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: Model, tx: optax.G
     return train_step
 
 
-def evaluate(config, model, params, tokenizer) -> dict[str, float]:
-    encoder = Encoder(model, params, tokenizer, config.tokenizer.context_length, config.axis_rules)
-    return evals.run_all(config, encoder)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains to `config.num_steps`, resuming from `<workdir>/checkpoints` if present; returns final evals."""
     mesh = sharding.make_mesh(config.mesh)
@@ -105,6 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state = ckpt.restore(latest, abstract_state(config, model, tx, mesh)[1], data_iter)
             print(f"Resumed from {ckpt.directory} at step {latest}")
         step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
+        encoder = Encoder(model, state.params, tokenizer, config.tokenizer.context_length, config.axis_rules)
         first = int(state.step)
         results: dict[str, float] = {}
         progress = tqdm(
@@ -120,15 +116,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = sharding.global_batch(next(data_iter), mesh)
             state, metrics = step_fn(state, batch)
             done = step + 1
+            if step == first:  # compilation is not throughput
+                jax.block_until_ready(metrics)
+                tick, tick_step = time.perf_counter(), done
             if done % config.log_every == 0 or done == config.num_steps:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
-                metrics["images_per_s"] = (done - tick_step) * config.batch_size / (now - tick)
+                if done > tick_step:
+                    metrics["images_per_s"] = (done - tick_step) * config.batch_size / (now - tick)
                 tick, tick_step = now, done
                 writer.write(done, metrics, echo=progress.write)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}")
             if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
-                results = evaluate(config, model, state.params, tokenizer)
+                encoder.params = state.params
+                results = evals.run_all(config, encoder)
                 writer.write(done, results, echo=progress.write)
                 tick = time.perf_counter()  # evaluation time is not training throughput
             ckpt.save(done, state, data_iter, spec, force=done == config.num_steps)

@@ -4,7 +4,7 @@ from cloc_jax.config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-    arg = parse_arg(arg, num_steps=1500, batch_size=64)
+    arg = parse_arg(arg, num_steps=1000, batch_size=64)
     c = base_config()
     c.image_size = 64
     c.batch_size = arg.batch_size
@@ -16,7 +16,7 @@ def get_config(arg: str | None = None):
     c.data.update(train_size=200_000, heldout_size=512, max_regions=4)
     c.optim.update(lr=2e-3, warmup_steps=100, weight_decay=0.05)
     c.log_every = 50
-    c.eval_every = 500
+    c.eval_every = 250
     c.eval_batch_size = 128
     c.checkpoint_every = 250
     c.lock()

@@ -60,3 +60,13 @@ def test_image_size_must_divide_by_patch():
     config = tiny_config(image_size=36)
     with pytest.raises(ValueError, match="image_size=36 is not divisible by the patch size 8"):
         _init(config)
+
+
+def test_bfloat16_activations_keep_float32_parameters_and_embeddings():
+    config = tiny_config(**{"model.dtype": "bfloat16"})
+    model, variables = _init(config)
+    assert {x.dtype for x in jax.tree.leaves(nn.unbox(variables["params"]))} == {np.dtype("float32")}
+    images, tokens = dummy_inputs(config, 2)
+    out = model.apply(variables, images, tokens.at[:, 0].set(1))
+    assert out["zimg"].dtype == out["ztxt"].dtype == np.float32
+    assert out["grid"].dtype == jax.numpy.bfloat16
