@@ -3,6 +3,9 @@
 Configs are locked: assigning a key that does not exist (in a file or with --config.x=y) is an error.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 # Logical axis -> mesh axes. The first rule whose mesh axes are still free wins, so activations
@@ -47,10 +50,20 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",  # activation dtype; parameters and optimizer state stay float32
         scan=True,
         remat="none",
+        region_extractor="prompter",  # "none" for CLIP-only twins
     )
-    c.tokenizer = dict(type="bytes", path="", lowercase=True, context_length=77)
+    # Region captions and referring expressions are short: a shorter context keeps the region texts cheap.
+    c.tokenizer = dict(type="bytes", path="", lowercase=True, context_length=77, region_context_length=32)
+    # L = L_CLIP + weight * (images with regions / batch) * (L_region + grounding_weight * L_grounding)
+    c.region_loss = dict(
+        weight=1.0,
+        filter_threshold=0.9,  # region texts more similar than this are not each other's negatives
+        grounding="l2",  # the paper's L2; or "l1_giou"
+        grounding_weight=1.0,
+        ground_text="referring",  # texts the grounding head learns from: "referring" or "region"
+    )
     c.data = dict(
-        source="scenes", train_size=1_000_000, heldout_size=1024, seed=0, max_regions=8, num_threads=2, prefetch=4
+        source="scenes", train_size=1_000_000, heldout_size=1024, seed=0, max_regions=4, num_threads=2, prefetch=4
     )
     # LAMB is the default. The CLOC paper's AdamW is one flag away:
     #   --config.optim.name=adamw --config.optim.b2=0.98 --config.optim.lr=5e-4
@@ -75,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.evals = dict(
         retrieval=dict(type="retrieval", split="heldout"),
         zeroshot=dict(type="zeroshot", split="heldout", templates=("a {}",)),
+        region=dict(type="region_classification", split="heldout", templates=("a {}",)),
+        region_crop=dict(type="region_crop", split="heldout", templates=("a {}",)),
+        region_retrieval=dict(type="region_retrieval", split="heldout"),
+        grounding=dict(type="grounding", split="heldout"),
     )
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
@@ -90,3 +107,22 @@ def paper_config(variant: str, image_size: int, text: dict, embed_dim: int) -> m
     c.model.embed_dim = embed_dim
     c.lock()
     return c
+
+
+def clip_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CLIP-only baseline of a CLOC config: same everything, no region extractor or region losses.
+
+    Region classification and retrieval still run, through box-pooled tokens and through crops."""
+    c.unlock()
+    c.model.region_extractor = "none"
+    del c.evals["grounding"]
+    c.lock()
+    return c
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file by path (config files are not an importable package)."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(path).removesuffix(".py"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

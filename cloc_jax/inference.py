@@ -9,11 +9,22 @@ from cloc_jax.models.cloc import Model
 from cloc_jax.tokenizers import Tokenizer, tokenize
 
 
+def _encode_regions(model: Model, images: jax.Array, boxes: jax.Array) -> jax.Array:
+    if model.prompter is None:
+        return model.pool_regions(images, boxes)
+    return model.encode_regions(model.encode_image(images)[1], boxes)
+
+
+def _ground(model: Model, images: jax.Array, tokens: jax.Array) -> jax.Array:
+    return model.ground(model.encode_image(images)[1], model.encode_texts(tokens))
+
+
 class Encoder:
     """Jitted `encode_image` / `encode_text` for a model and its parameters.
 
-    Images are [B, H, W, 3] floats in [-1, 1]; texts are strings or token ids [B, L].
-    Both return unit-norm embeddings [B, E] as numpy arrays.
+    Images are [B, H, W, 3] floats in [-1, 1]; texts are strings or token ids [B, L]; boxes are
+    [B, M, 4] xyxy normalised to [0, 1]. Embeddings are unit-norm numpy arrays. Region methods need a
+    model trained with a region extractor.
     """
 
     def __init__(self, model: Model, params, tokenizer: Tokenizer, context_length: int, axis_rules=()):
@@ -21,6 +32,8 @@ class Encoder:
         self.context_length, self.axis_rules = context_length, tuple(axis_rules)
         self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Model.encode_image)[0])
         self._text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=Model.encode_text))
+        self._regions = jax.jit(lambda p, x, b: model.apply({"params": p}, x, b, method=_encode_regions))
+        self._ground = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, method=_ground))
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
         return tokenize(self.tokenizer, list(texts), self.context_length)
@@ -33,3 +46,23 @@ class Encoder:
         tokens = texts if isinstance(texts, np.ndarray | jax.Array) else self.tokenize(texts)
         with nn.logical_axis_rules(self.axis_rules):
             return np.asarray(self._text(self.params, jnp.asarray(tokens)))
+
+    def _with_prompter(self, what: str) -> None:
+        if self.model.prompter is None:
+            raise ValueError(f"{what} needs a model with a region extractor (model.region_extractor='none')")
+
+    def encode_regions(self, images, boxes) -> np.ndarray:
+        """[B, H, W, 3] + [B, M, 4] -> [B, M, E]: one image forward serves every box.
+
+        Through the Prompter when the model has one; a CLIP-only model pools its tokens in each box.
+        """
+        with nn.logical_axis_rules(self.axis_rules):
+            return np.asarray(self._regions(self.params, jnp.asarray(images), jnp.asarray(boxes, jnp.float32)))
+
+    def ground(self, images, texts) -> np.ndarray:
+        """[B, H, W, 3] + texts ([B][M] strings or [B, M, L] tokens) -> boxes [B, M, 4] xyxy in [0, 1]."""
+        self._with_prompter("ground")
+        if not isinstance(texts, np.ndarray | jax.Array):
+            texts = np.stack([self.tokenize(row) for row in texts])
+        with nn.logical_axis_rules(self.axis_rules):
+            return np.asarray(self._ground(self.params, jnp.asarray(images), jnp.asarray(texts)))

@@ -16,7 +16,7 @@ from cloc_jax import evals, sharding
 from cloc_jax.checkpoint import Checkpoints, build_from_spec, model_spec
 from cloc_jax.data import pipeline
 from cloc_jax.inference import Encoder
-from cloc_jax.losses import image_text_loss
+from cloc_jax.losses import training_loss
 from cloc_jax.metrics import MetricWriter
 from cloc_jax.models.cloc import Model
 from cloc_jax.optim import learning_rate, make_optimizer
@@ -34,16 +34,37 @@ def build(config: ml_collections.ConfigDict):
     return tokenizer, model, make_optimizer(config.optim, config.num_steps)
 
 
-def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1) -> tuple[jax.Array, jax.Array]:
-    images = jnp.zeros((batch, config.image_size, config.image_size, 3), jnp.float32)
-    return images, jnp.zeros((batch, config.tokenizer.context_length), jnp.int32)
+GROUND_TEXTS = {"referring": "referring_tokens", "region": "region_tokens"}
+
+
+def model_inputs(config: ml_collections.ConfigDict, batch: dict) -> dict:
+    """The batch fields the model reads (regions only when it has a region extractor)."""
+    inputs = dict(images=batch["image"], tokens=batch["tokens"])
+    if config.model.region_extractor != "none":
+        key = GROUND_TEXTS[config.region_loss.ground_text]
+        inputs.update(boxes=batch["boxes"], region_tokens=batch["region_tokens"], ground_tokens=batch[key])
+    return inputs
+
+
+def dummy_batch(config: ml_collections.ConfigDict, batch: int = 1) -> dict:
+    """Zeros shaped like a real batch (for initialisation and compilation)."""
+    side, m = config.image_size, config.data.max_regions
+    regions = jnp.zeros((batch, m, config.tokenizer.region_context_length), jnp.int32)
+    return dict(
+        image=jnp.zeros((batch, side, side, 3), jnp.float32),
+        tokens=jnp.zeros((batch, config.tokenizer.context_length), jnp.int32),
+        boxes=jnp.zeros((batch, m, 4), jnp.float32),
+        region_mask=jnp.zeros((batch, m), bool),
+        region_tokens=regions,
+        referring_tokens=regions,
+    )
 
 
 def abstract_state(config, model: Model, tx: optax.GradientTransformation, mesh):
     """(init function, state shapes with their NamedShardings): parameters are born sharded."""
 
     def init(rng):
-        params = model.init(rng, *dummy_inputs(config))["params"]
+        params = model.init(rng, **model_inputs(config, dummy_batch(config)))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     boxed = jax.eval_shape(init, jax.random.key(0))
@@ -65,13 +86,15 @@ def init_state(config, model: Model, tx: optax.GradientTransformation, mesh) -> 
 def make_train_step(config: ml_collections.ConfigDict, model: Model, tx: optax.GradientTransformation):
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params):
-            out = model.apply({"params": params}, batch["image"], batch["tokens"])
-            return image_text_loss(out), out
+            out = model.apply({"params": params}, **model_inputs(config, batch))
+            loss, parts = training_loss(out, batch, config.region_loss)
+            return loss, (out, parts)
 
-        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(
+            **parts,
             loss=loss,
             grad_norm=optax.global_norm(grads),
             temperature=1.0 / out["scale"],
@@ -111,9 +134,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             disable=jax.process_index() != 0,
             mininterval=1 if sys.stderr.isatty() else 60,  # a log file gets a line a minute, not a flood
         )
-        tick, tick_step = time.perf_counter(), first
+        tick, tick_step, dropped_boxes = time.perf_counter(), first, 0
         for step in progress:
-            batch = sharding.global_batch(next(data_iter), mesh)
+            local = next(data_iter)
+            dropped_boxes += int(local.pop("dropped_boxes").sum())
+            batch = sharding.global_batch(local, mesh)
             state, metrics = step_fn(state, batch)
             done = step + 1
             if step == first:  # compilation is not throughput
@@ -122,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if done % config.log_every == 0 or done == config.num_steps:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
+                metrics["data/dropped_boxes"] = dropped_boxes  # invalid boxes skipped so far (this process)
                 if done > tick_step:
                     metrics["images_per_s"] = (done - tick_step) * config.batch_size / (now - tick)
                 tick, tick_step = now, done

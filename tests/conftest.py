@@ -20,7 +20,7 @@ def tiny_config(**overrides):
     c.image_size = 32
     c.batch_size = 16
     c.num_steps = 8
-    c.tokenizer.context_length = 24
+    c.tokenizer.update(context_length=24, region_context_length=24)
     c.data.update(train_size=4096, heldout_size=40)
     c.optim.warmup_steps = 2
     c.log_every = 4

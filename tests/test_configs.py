@@ -1,13 +1,13 @@
 """Every shipped config loads, locks, and builds its model and sharded state abstractly (no compute)."""
 
 import glob
-import importlib.util
 import os
 
 import jax
 import pytest
 
 from cloc_jax import sharding
+from cloc_jax.config import load_config_file
 from cloc_jax.train import abstract_state, build
 from tests.conftest import ROOT
 
@@ -15,10 +15,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
 def _load(path, arg=None):
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(path, arg)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -48,3 +45,12 @@ def test_config_arg_overrides_and_rejects_unknown_keys():
     assert _load(path, "batch_size=256").batch_size == 256
     with pytest.raises(ValueError, match="config arg 'bogus=1'"):
         _load(path, "bogus=1")
+
+
+def test_clip_twins_differ_from_cloc_only_in_the_region_stack():
+    for name in ("tiny", "b16", "l14", "h14"):
+        cloc = _load(os.path.join(ROOT, "configs", f"cloc_{name}.py")).to_dict()
+        clip = _load(os.path.join(ROOT, "configs", f"clip_{name}.py")).to_dict()
+        assert cloc["model"].pop("region_extractor") == "prompter" and clip["model"].pop("region_extractor") == "none"
+        assert cloc["evals"].pop("grounding") and "grounding" not in clip["evals"]
+        assert cloc == clip

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cloc_jax.boxes import repair
 from cloc_jax.data.scenes import Scenes
 from cloc_jax.tokenizers import Tokenizer, tokenize
 
@@ -24,34 +25,56 @@ def make_source(data: ml_collections.ConfigDict, split: str, image_size: int):
     return Scenes(split, size=size, image_size=image_size, seed=data.seed)
 
 
-class Preprocess(grain.transforms.Map):
-    """One record -> fixed shapes: image [H, W, 3] float32 in [-1, 1], tokens [L], regions [M, ...]."""
+class Preprocess(grain.transforms.RandomMap):
+    """One record -> fixed shapes: image [H, W, 3] float32 in [-1, 1], tokens [L], regions [M, ...].
 
-    def __init__(self, tokenizer: Tokenizer, context_length: int, max_regions: int):
-        self.tokenizer, self.context_length, self.max_regions = tokenizer, context_length, max_regions
+    Boxes are repaired (corners reordered, clipped to [0, 1]); unusable ones (NaN, no area) are
+    dropped and counted in `dropped_boxes`. Training samples M of an image's regions at random
+    (`random_map`); evaluation keeps the first M (`map`).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, tokenizer_cfg: ml_collections.ConfigDict, max_regions: int):
+        self.tokenizer, self.max_regions = tokenizer, max_regions
+        self.context_length, self.region_context_length = (
+            tokenizer_cfg.context_length,
+            tokenizer_cfg.region_context_length,
+        )
 
     def _region_texts(self, texts: list[str]) -> np.ndarray:
-        """[M, L] tokens; padded regions are all zeros."""
-        out = np.zeros((self.max_regions, self.context_length), np.int32)
-        out[: len(texts)] = tokenize(self.tokenizer, texts, self.context_length)
+        """[M, L'] tokens; padded regions are all zeros."""
+        out = np.zeros((self.max_regions, self.region_context_length), np.int32)
+        out[: len(texts)] = tokenize(self.tokenizer, texts, self.region_context_length)
         return out
 
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        return self._process(record, rng)
+
     def map(self, record: dict) -> dict:
-        m, num = self.max_regions, min(len(record["boxes"]), self.max_regions)
-        boxes = np.zeros((m, 4), np.float32)
-        boxes[:num] = record["boxes"][:num]
+        return self._process(record, None)
+
+    def _process(self, record: dict, rng: np.random.Generator | None) -> dict:
+        boxes, keep = repair(record["boxes"])
+        kept = np.flatnonzero(keep)
+        if rng is not None and len(kept) > self.max_regions:
+            kept = np.sort(rng.choice(kept, self.max_regions, replace=False))
+        kept = kept[: self.max_regions]
+        m, num = self.max_regions, len(kept)
+        padded_boxes = np.zeros((m, 4), np.float32)
+        padded_boxes[:num] = boxes[kept]
         labels = np.full((m,), -1, np.int32)
-        labels[:num] = record["region_labels"][:num]
+        labels[:num] = np.asarray(record["region_labels"])[kept]
+        pick = lambda key: [record[key][i] for i in kept]  # noqa: E731
         return dict(
             index=np.int64(record["index"]),
             image=record["image"].astype(np.float32) / 127.5 - 1.0,
             tokens=tokenize(self.tokenizer, [record["caption"]], self.context_length)[0],
             label=np.int32(record["label"]),
-            boxes=boxes,
+            boxes=padded_boxes,
             region_mask=np.arange(m) < num,
             region_labels=labels,
-            region_tokens=self._region_texts(record["region_texts"][:num]),
-            referring_tokens=self._region_texts(record["referring"][:num]),
+            region_tokens=self._region_texts(pick("region_texts")),
+            referring_tokens=self._region_texts(pick("referring")),
+            dropped_boxes=np.int32(len(keep) - keep.sum()),
         )
 
 
@@ -66,7 +89,7 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> g
     source = make_source(config.data, "train", config.image_size)
     ds = grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()]
     ds = ds.shuffle(seed=config.data.seed).repeat()
-    ds = ds.map(Preprocess(tokenizer, config.tokenizer.context_length, config.data.max_regions))
+    ds = ds.random_map(Preprocess(tokenizer, config.tokenizer, config.data.max_regions), seed=config.data.seed)
     ds = ds.batch(per_host_batch_size(config.batch_size), drop_remainder=True)
     options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
     return iter(ds.to_iter_dataset(options))
@@ -74,8 +97,8 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> g
 
 def eval_batches(config: ml_collections.ConfigDict, source, tokenizer: Tokenizer, batch_size: int) -> Iterator[dict]:
     """Every record of `source` once, in order; the last batch is padded and `valid` marks real rows."""
-    prep = Preprocess(tokenizer, config.tokenizer.context_length, config.data.max_regions)
-    ds = grain.MapDataset.source(source).map(prep)
+    prep = Preprocess(tokenizer, config.tokenizer, config.data.max_regions)
+    ds = grain.MapDataset.source(source).map(prep.map)  # deterministic: the first M regions
     for start in range(0, len(ds), batch_size):
         rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
         valid = np.arange(batch_size) < len(rows)

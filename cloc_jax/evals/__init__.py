@@ -6,10 +6,11 @@ Adding an evaluator is one entry in `build` — the trainer never changes.
 import ml_collections
 
 from cloc_jax.data import pipeline
+from cloc_jax.evals import regions
 from cloc_jax.evals.retrieval import Retrieval
 from cloc_jax.evals.zeroshot import ZeroShot
 
-TYPES = ("retrieval", "zeroshot")
+TYPES = ("retrieval", "zeroshot", "region_classification", "region_crop", "region_retrieval", "grounding")
 
 
 def build(cfg: ml_collections.ConfigDict, source):
@@ -18,7 +19,12 @@ def build(cfg: ml_collections.ConfigDict, source):
         raise ValueError(f"evaluator type={cfg.type!r}; choose one of {TYPES}")
     if cfg.type == "retrieval":
         return Retrieval()
-    return ZeroShot(source.class_names, cfg.templates)
+    if cfg.type == "region_retrieval":
+        return regions.RegionRetrieval()
+    if cfg.type == "grounding":
+        return regions.Grounding()
+    kind = {"zeroshot": ZeroShot, "region_classification": regions.RegionClassification}
+    return kind.get(cfg.type, regions.CropClassification)(source.class_names, cfg.templates)
 
 
 def run_all(config: ml_collections.ConfigDict, encoder) -> dict[str, float]:

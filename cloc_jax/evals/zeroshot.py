@@ -3,6 +3,13 @@
 import numpy as np
 
 
+def class_embeddings(encoder, class_names, templates) -> np.ndarray:
+    """[C, E] unit vectors, each class the normalised mean of its prompts over templates."""
+    prompts = [t.format(name) for name in class_names for t in templates]
+    z = encoder.encode_text(prompts).reshape(len(class_names), len(templates), -1).mean(1)
+    return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+
 class ZeroShot:
     """Batches carry `image` and an integer `label` indexing `class_names`."""
 
@@ -11,14 +18,8 @@ class ZeroShot:
     def __init__(self, class_names, templates=("a {}",)):
         self.class_names, self.templates = tuple(class_names), tuple(templates)
 
-    def class_embeddings(self, encoder) -> np.ndarray:
-        """[C, E] unit vectors, each the normalised mean over templates."""
-        prompts = [t.format(name) for name in self.class_names for t in self.templates]
-        z = encoder.encode_text(prompts).reshape(len(self.class_names), len(self.templates), -1).mean(1)
-        return z / np.linalg.norm(z, axis=-1, keepdims=True)
-
     def run(self, encoder, batches):
-        classes = self.class_embeddings(encoder)
+        classes = class_embeddings(encoder, self.class_names, self.templates)
         correct, top5 = [], []
         for batch in batches:
             valid = batch["valid"]

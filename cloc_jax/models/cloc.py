@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cloc_jax.models.layers import logical
+from cloc_jax.models.prompter import Prompter
 from cloc_jax.models.text import TextTower
 from cloc_jax.models.vit import ViT, vit_size
 
@@ -22,10 +23,14 @@ def normalize(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
 
 
+REGION_EXTRACTORS = ("none", "prompter")  # "roi_align" joins with models/region_pool.py (UMG-CLIP)
+
+
 class Model(nn.Module):
     image: ViT
     text: TextTower
     loss: str = "softmax"
+    prompter: Prompter | None = None
 
     def setup(self):
         if self.loss not in LOSSES:
@@ -36,7 +41,7 @@ class Model(nn.Module):
 
     def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """[B, H, W, 3] in [-1, 1] -> (unit embedding [B, E], token grid [B, h, w, D])."""
-        embedding, grid = self.image(images)
+        embedding, grid, _ = self.image(images)
         return normalize(embedding.astype(jnp.float32)), grid
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
@@ -44,16 +49,50 @@ class Model(nn.Module):
         embedding, _ = self.text(tokens)
         return normalize(embedding.astype(jnp.float32))
 
+    def encode_texts(self, tokens: jax.Array) -> jax.Array:
+        """[B, M, L] -> unit embeddings [B, M, E] (region captions, referring expressions)."""
+        batch, m, length = tokens.shape
+        return self.encode_text(tokens.reshape(batch * m, length)).reshape(batch, m, -1)
+
+    def encode_regions(self, grid: jax.Array, boxes: jax.Array) -> jax.Array:
+        """Token grid [B, h, w, D] + boxes [B, M, 4] (xyxy, [0, 1]) -> unit region embeddings [B, M, E]."""
+        pooled = self.prompter.pool(grid, self.prompter.box_prompts(boxes))
+        return normalize(self.prompter.embed(pooled).astype(jnp.float32))
+
+    def pool_regions(self, images: jax.Array, boxes: jax.Array) -> jax.Array:
+        """CLIP-only regions: box-weighted token averages through the image head -> [B, M, E] unit vectors."""
+        return normalize(self.image(images, boxes)[2].astype(jnp.float32))
+
+    def ground(self, grid: jax.Array, text_embeddings: jax.Array) -> jax.Array:
+        """Token grid [B, h, w, D] + text embeddings [B, M, E] -> boxes [B, M, 4] (xyxy, [0, 1])."""
+        return self.prompter.box_head(self.prompter.pool(grid, self.prompter.text_prompts(text_embeddings)))
+
     def logit_params(self) -> tuple[jax.Array, jax.Array | None]:
         scale = jnp.minimum(jnp.exp(self.log_scale), MAX_LOGIT_SCALE)
         return scale, self.bias
 
-    def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+    def __call__(
+        self,
+        images: jax.Array,
+        tokens: jax.Array,
+        boxes: jax.Array | None = None,
+        region_tokens: jax.Array | None = None,
+        ground_tokens: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
+        """One image forward serves the image embedding and every region prompt.
+
+        images [B, H, W, 3], tokens [B, L]; with a prompter also boxes [B, M, 4], region_tokens and
+        ground_tokens [B, M, L'] (texts of the regions; texts to ground).
+        """
         zimg, grid = self.encode_image(images)
         scale, bias = self.logit_params()
         out = dict(zimg=zimg, ztxt=self.encode_text(tokens), grid=grid, scale=scale)
         if bias is not None:
             out["bias"] = bias
+        if self.prompter is not None:
+            out["zregion"] = self.encode_regions(grid, boxes)
+            out["zregion_text"] = self.encode_texts(region_tokens)
+            out["pred_boxes"] = self.ground(grid, self.encode_texts(ground_tokens))
         return out
 
 
@@ -77,4 +116,9 @@ def build_model(model: ml_collections.ConfigDict, image_size: int, vocab_size: i
         **common,
         name="text",
     )
-    return Model(image=image, text=text, loss=model.loss)
+    if model.region_extractor not in REGION_EXTRACTORS:
+        raise ValueError(f"model.region_extractor={model.region_extractor!r}; choose one of {REGION_EXTRACTORS}")
+    prompter = None
+    if model.region_extractor == "prompter":
+        prompter = Prompter(width=vit_size(model.image.variant).width, out_dim=model.embed_dim, dtype=dtype)
+    return Model(image=image, text=text, loss=model.loss, prompter=prompter)

@@ -8,7 +8,7 @@ from cloc_jax.models.layers import Dtype, Encoder, constrain, layer_norm, logica
 
 
 class TextTower(nn.Module):
-    """Token ids [B, L] (0 = padding, ending in EOT) -> (embedding [B, out_dim], features [B, L, width]).
+    """Tokens [B, L <= context_length] (0 = padding, ending in EOT) -> (embedding [B, out_dim], features [B, L, D]).
 
     Causal attention means the EOT token sees the whole text and never the padding after it.
     """
@@ -26,8 +26,9 @@ class TextTower(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        if tokens.shape[-1] != self.context_length:
-            raise ValueError(f"tokens have length {tokens.shape[-1]}, the text tower expects {self.context_length}")
+        length = tokens.shape[-1]
+        if length > self.context_length:
+            raise ValueError(f"tokens have length {length}, the text tower takes at most {self.context_length}")
         x = nn.Embed(
             self.vocab_size,
             self.width,
@@ -38,7 +39,7 @@ class TextTower(nn.Module):
         posemb = self.param(
             "pos_embedding", logical(nn.initializers.normal(0.01), (None, "embed")), (self.context_length, self.width)
         )
-        x = constrain(x + posemb.astype(self.dtype), ("batch", "length", "embed"))
+        x = constrain(x + posemb[:length].astype(self.dtype), ("batch", "length", "embed"))
         x = Encoder(
             self.depth,
             self.heads,
@@ -50,8 +51,8 @@ class TextTower(nn.Module):
             name="encoder",
         )(x)
         x = layer_norm("ln_final", self.dtype)(x)
-        eot = self.context_length - 1 - jnp.argmax((tokens != 0)[:, ::-1], axis=-1)  # last non-pad token
-        pooled = jnp.einsum("bld,bl->bd", x, jax.nn.one_hot(eot, self.context_length, dtype=x.dtype))
+        eot = length - 1 - jnp.argmax((tokens != 0)[:, ::-1], axis=-1)  # last non-pad token
+        pooled = jnp.einsum("bld,bl->bd", x, jax.nn.one_hot(eot, length, dtype=x.dtype))
         embedding = nn.Dense(
             self.out_dim,
             use_bias=False,

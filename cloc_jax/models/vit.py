@@ -49,6 +49,20 @@ def resize_posemb(posemb: jax.Array, grid: tuple[int, int]) -> jax.Array:
     return jax.image.resize(posemb, (*grid, posemb.shape[-1]), method="bilinear")
 
 
+def x_grid(grid: jax.Array) -> jax.Array:
+    """[B, h, w, D] -> [B, h*w, D]"""
+    return grid.reshape(grid.shape[0], -1, grid.shape[-1])
+
+
+def box_weights(boxes: jax.Array, h: int, w: int) -> jax.Array:
+    """[B, M, 4] xyxy in [0, 1] -> [B, M, h*w]: each token cell's share of the box's covered area."""
+    ys0, xs0 = jnp.arange(h) / h, jnp.arange(w) / w
+    cover_x = jnp.clip(jnp.minimum(boxes[..., 2:3], xs0 + 1 / w) - jnp.maximum(boxes[..., 0:1], xs0), 0, None)
+    cover_y = jnp.clip(jnp.minimum(boxes[..., 3:4], ys0 + 1 / h) - jnp.maximum(boxes[..., 1:2], ys0), 0, None)
+    cover = (cover_y[..., :, None] * cover_x[..., None, :]).reshape(*boxes.shape[:-1], h * w)
+    return cover / jnp.maximum(cover.sum(-1, keepdims=True), 1e-9)
+
+
 class MapHead(nn.Module):
     """Multihead attention pooling: a learned probe attends over the tokens [B, N, D] -> [B, D]."""
 
@@ -79,7 +93,12 @@ class ViT(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, images: jax.Array, boxes: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """-> (embedding [B, out_dim], grid [B, h, w, D], box-pooled embeddings [B, M, out_dim] or None).
+
+        Box pooling is the CLIP-only way to get regions from tokens: each box averages the grid weighted
+        by how much of each token's cell it covers, then takes the same norm and projection as the image.
+        """
         if self.pool not in POOLS:
             raise ValueError(f"pool={self.pool!r}; choose one of {POOLS}")
         size = vit_size(self.variant)
@@ -110,18 +129,22 @@ class ViT(nn.Module):
             size.depth, size.heads, size.mlp_dim, scan=self.scan, remat=self.remat, dtype=self.dtype, name="encoder"
         )(x)
         grid = x[:, num_prefix:].reshape(batch, h, w, width)
-        x = layer_norm("ln_post", self.dtype)(x)
+        ln_post = layer_norm("ln_post", self.dtype)
+        x = ln_post(x)
         if self.pool == "cls":
             pooled = x[:, 0]
         elif self.pool == "gap":
             pooled = x.mean(axis=1)
         else:
             pooled = MapHead(size.heads, size.mlp_dim, self.dtype, name="map_head")(x)
-        embedding = nn.Dense(
+        proj = nn.Dense(
             self.out_dim,
             use_bias=False,
             dtype=self.dtype,
             kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "joint")),
             name="proj",
-        )(pooled)
-        return embedding, grid
+        )
+        regions = (
+            None if boxes is None else proj(ln_post(jnp.einsum("bmn,bnd->bmd", box_weights(boxes, h, w), x_grid(grid))))
+        )
+        return proj(pooled), grid, regions

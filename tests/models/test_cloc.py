@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from cloc_jax.models.cloc import build_model
-from cloc_jax.train import dummy_inputs
+from cloc_jax.train import dummy_batch, model_inputs
 from tests.conftest import tiny_config
 
 
 def _init(config):
     model = build_model(config.model, config.image_size, 384, config.tokenizer.context_length)
-    return model, model.init(jax.random.key(0), *dummy_inputs(config, 2))
+    return model, model.init(jax.random.key(0), **model_inputs(config, dummy_batch(config, 2)))
 
 
 def test_every_parameter_carries_logical_axis_names(config):
@@ -26,8 +26,8 @@ def test_every_parameter_carries_logical_axis_names(config):
 def test_outputs_are_unit_embeddings_with_temperature(loss, has_bias):
     config = tiny_config(**{"model.loss": loss})
     model, variables = _init(config)
-    images, tokens = dummy_inputs(config, 2)
-    out = model.apply(variables, images, tokens.at[:, 0].set(1))
+    batch = dummy_batch(config, 2)
+    out = model.apply(variables, **model_inputs(config, {**batch, "tokens": batch["tokens"].at[:, 0].set(1)}))
     assert out["zimg"].shape == out["ztxt"].shape == (2, config.model.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(out["zimg"], axis=-1), 1.0, rtol=1e-5)
     assert out["grid"].shape == (2, 4, 4, 128)
@@ -47,11 +47,11 @@ def test_scan_and_unrolled_layers_compute_the_same_function():
         for i in range(depth):
             params[tower]["encoder"][f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
     assert jax.tree.structure(params) == jax.tree.structure(unrolled)
-    images, tokens = dummy_inputs(scanned, 2)
-    images = jax.random.normal(jax.random.key(3), images.shape)
-    tokens = tokens.at[:, :3].set(7)
-    a = model_s.apply(variables, images, tokens)
-    b = model_u.apply({"params": params}, images, tokens)
+    batch = dummy_batch(scanned, 2)
+    batch["image"] = jax.random.normal(jax.random.key(3), batch["image"].shape)
+    batch["tokens"] = batch["tokens"].at[:, :3].set(7)
+    a = model_s.apply(variables, **model_inputs(scanned, batch))
+    b = model_u.apply({"params": params}, **model_inputs(scanned, batch))
     np.testing.assert_allclose(a["zimg"], b["zimg"], atol=1e-5)
     np.testing.assert_allclose(a["ztxt"], b["ztxt"], atol=1e-5)
 
@@ -66,7 +66,7 @@ def test_bfloat16_activations_keep_float32_parameters_and_embeddings():
     config = tiny_config(**{"model.dtype": "bfloat16"})
     model, variables = _init(config)
     assert {x.dtype for x in jax.tree.leaves(nn.unbox(variables["params"]))} == {np.dtype("float32")}
-    images, tokens = dummy_inputs(config, 2)
-    out = model.apply(variables, images, tokens.at[:, 0].set(1))
+    batch = dummy_batch(config, 2)
+    out = model.apply(variables, **model_inputs(config, {**batch, "tokens": batch["tokens"].at[:, 0].set(1)}))
     assert out["zimg"].dtype == out["ztxt"].dtype == np.float32
     assert out["grid"].dtype == jax.numpy.bfloat16

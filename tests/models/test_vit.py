@@ -17,7 +17,7 @@ def test_every_variant_returns_embedding_and_grid(name, patch):
     size = vit_size(f"{name}/{patch}")
     side = patch * 4
     model = ViT(variant=f"{name}/{patch}", posemb_grid=4, out_dim=64)
-    emb, grid = shapes(model, jnp.zeros((2, side, side, 3)))
+    emb, grid, _ = shapes(model, jnp.zeros((2, side, side, 3)))
     assert emb.shape == (2, 64)
     assert grid.shape == (2, 4, 4, size.width)
 
@@ -27,7 +27,7 @@ def test_pools_share_the_grid_without_prefix_tokens(pool):
     model = ViT(variant="mu/8", pool=pool, posemb_grid=4, out_dim=16)
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     variables = model.init(jax.random.key(0), images)
-    emb, grid = model.apply(variables, images)
+    emb, grid, _ = model.apply(variables, images)
     assert emb.shape == (2, 16) and grid.shape == (2, 4, 4, 128)
     assert np.isfinite(np.asarray(emb)).all()
 
@@ -35,7 +35,7 @@ def test_pools_share_the_grid_without_prefix_tokens(pool):
 def test_any_resolution_uses_interpolated_position_embeddings():
     model = ViT(variant="mu/8", posemb_grid=4, out_dim=16)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    _, grid = model.apply(variables, jnp.zeros((1, 56, 40, 3)))
+    _, grid, _ = model.apply(variables, jnp.zeros((1, 56, 40, 3)))
     assert grid.shape == (1, 7, 5, 128)
 
 
@@ -73,3 +73,31 @@ def test_posemb_same_grid_is_identity():
 def test_unknown_variant_is_a_one_line_error():
     with pytest.raises(ValueError, match="unknown ViT variant 'XL/16'"):
         vit_size("XL/16")
+
+
+def test_box_weights_are_the_covered_share_of_each_cell():
+    from cloc_jax.models.vit import box_weights
+
+    # A 2x2 grid; the box covers all of cell (0, 0) and half of cell (0, 1).
+    w = np.asarray(box_weights(jnp.array([[[0.0, 0.0, 0.75, 0.5]]]), 2, 2))[0, 0]
+    np.testing.assert_allclose(w, np.array([0.25, 0.125, 0.0, 0.0]) / 0.375, atol=1e-6)
+
+
+def test_box_pooling_is_the_image_head_applied_to_the_covered_tokens():
+    model = ViT(variant="mu/8", pool="map", posemb_grid=4, out_dim=16)
+    images = jax.random.normal(jax.random.key(2), (1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), images)
+    # Box 1: exactly token cell (row 1, col 2); box 2: cells (0, 0) and (0, 1) in equal parts.
+    boxes = jnp.array([[[0.5, 0.25, 0.75, 0.5], [0.0, 0.0, 0.5, 0.25]]])
+    _, grid, regions = model.apply(variables, images, boxes)
+    p = jax.tree.map(
+        lambda x: np.asarray(x.value, np.float64), variables["params"], is_leaf=lambda x: hasattr(x, "value")
+    )
+    g = np.asarray(grid, np.float64)[0]
+
+    def head(x):
+        x = (x - x.mean()) / np.sqrt(x.var() + 1e-6) * p["ln_post"]["scale"] + p["ln_post"]["bias"]
+        return x @ p["proj"]["kernel"]
+
+    np.testing.assert_allclose(regions[0, 0], head(g[1, 2]), atol=1e-4)
+    np.testing.assert_allclose(regions[0, 1], head((g[0, 0] + g[0, 1]) / 2), atol=1e-4)

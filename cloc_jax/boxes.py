@@ -1,0 +1,52 @@
+"""Boxes: xyxy in [0, 1] (normalised to the image). IoU / GIoU, format changes and input repair.
+
+Works on numpy and jax arrays alike (`xp` is picked from the input), so the data pipeline and the
+losses share one implementation.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+
+MIN_SIDE = 1e-3  # boxes thinner than this (in image fractions) carry no region
+
+
+def _xp(x):
+    return np if isinstance(x, np.ndarray) else jnp
+
+
+def area(boxes):
+    """[..., 4] xyxy -> [...]"""
+    xp = _xp(boxes)
+    return xp.clip(boxes[..., 2] - boxes[..., 0], 0, None) * xp.clip(boxes[..., 3] - boxes[..., 1], 0, None)
+
+
+def iou_and_giou(a, b):
+    """Elementwise over matching leading dims: ([..., 4], [..., 4]) -> (iou [...], giou [...])."""
+    xp = _xp(a)
+    lo, hi = xp.maximum(a[..., :2], b[..., :2]), xp.minimum(a[..., 2:], b[..., 2:])
+    inter = xp.prod(xp.clip(hi - lo, 0, None), axis=-1)
+    union = area(a) + area(b) - inter
+    iou = inter / xp.maximum(union, 1e-9)
+    hull = xp.prod(xp.maximum(a[..., 2:], b[..., 2:]) - xp.minimum(a[..., :2], b[..., :2]), axis=-1)
+    return iou, iou - (hull - union) / xp.maximum(hull, 1e-9)
+
+
+def cxcywh_to_xyxy(boxes):
+    xp = _xp(boxes)
+    centre, size = boxes[..., :2], boxes[..., 2:]
+    return xp.concatenate([centre - size / 2, centre + size / 2], axis=-1)
+
+
+def repair(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[K, 4] boxes from the wild -> (repaired boxes, keep [K] bool).
+
+    Swapped corners are reordered, coordinates clipped to [0, 1]; boxes with NaN/inf or (after
+    clipping) a side under MIN_SIDE are dropped, never passed on to poison a loss.
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    finite = np.isfinite(boxes).all(axis=1)
+    boxes = np.where(finite[:, None], boxes, 0.0)
+    lo, hi = np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:])
+    boxes = np.clip(np.concatenate([lo, hi], axis=1), 0.0, 1.0)
+    keep = finite & ((boxes[:, 2:] - boxes[:, :2]) >= MIN_SIDE).all(axis=1)
+    return boxes, keep
