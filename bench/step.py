@@ -55,6 +55,24 @@ def step_flops(config, batch) -> float:
     return float(compiled.cost_analysis()["flops"])
 
 
+def real_batch(config, mesh) -> dict:
+    """One batch from the real input pipeline, as global arrays."""
+    tokenizer, _, _ = build(config)
+    local = next(pipeline.train_iterator(config, tokenizer))
+    local.pop("dropped_boxes")
+    return sharding.global_batch(local, mesh)
+
+
+def step_runner(config, batch, mesh):
+    """A compiled, warmed-up training step as a no-argument callable (same state and batch each call)."""
+    _, model, tx = build(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+        state, _ = init_state(config, model, tx, mesh)
+        step = jax.jit(make_train_step(config, model, tx))
+        jax.block_until_ready(step(state, batch))
+    return lambda: step(state, batch)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -62,13 +80,8 @@ def main(argv):
     config.batch_size = _BATCH.value
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
-    tokenizer, model, tx = build(config)
-    batch = sharding.global_batch(next(pipeline.train_iterator(config, tokenizer)), mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
-        state, _ = init_state(config, model, tx, mesh)
-        step = jax.jit(make_train_step(config, model, tx))
-        jax.block_until_ready(step(state, batch))  # compile + warm-up
-        seconds = median_seconds(lambda: step(state, batch), _STEPS.value)
+    batch = real_batch(config, mesh)
+    seconds = median_seconds(step_runner(config, batch, mesh), _STEPS.value)
     flops = step_flops(config, batch)
     peak = matmul_peak_flops()
     achieved = flops / seconds

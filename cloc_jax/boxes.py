@@ -50,3 +50,13 @@ def repair(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     boxes = np.clip(np.concatenate([lo, hi], axis=1), 0.0, 1.0)
     keep = finite & ((boxes[:, 2:] - boxes[:, :2]) >= MIN_SIDE).all(axis=1)
     return boxes, keep
+
+
+def cell_coverage(boxes, h: int, w: int):
+    """[B, M, 4] xyxy in [0, 1] -> [B, M, h*w]: the share of each box's area falling in each cell of an
+    h x w grid (rows sum to 1 for boxes with area), for pooling a token grid inside boxes."""
+    ys0, xs0 = jnp.arange(h) / h, jnp.arange(w) / w
+    cover_x = jnp.clip(jnp.minimum(boxes[..., 2:3], xs0 + 1 / w) - jnp.maximum(boxes[..., 0:1], xs0), 0, None)
+    cover_y = jnp.clip(jnp.minimum(boxes[..., 3:4], ys0 + 1 / h) - jnp.maximum(boxes[..., 1:2], ys0), 0, None)
+    cover = (cover_y[..., :, None] * cover_x[..., None, :]).reshape(*boxes.shape[:-1], h * w)
+    return cover / jnp.maximum(cover.sum(-1, keepdims=True), 1e-9)

@@ -53,17 +53,24 @@ def base_config() -> ml_collections.ConfigDict:
         region_extractor="prompter",  # "none" for CLIP-only twins
     )
     # Region captions and referring expressions are short: a shorter context keeps the region texts cheap.
-    c.tokenizer = dict(type="bytes", path="", lowercase=True, context_length=77, region_context_length=32)
+    c.tokenizer = dict(type="bytes", path="", lowercase=True, context_length=77, region_context_length=16)
     # L = L_CLIP + weight * (images with regions / batch) * (L_region + grounding_weight * L_grounding)
     c.region_loss = dict(
         weight=1.0,
         filter_threshold=0.9,  # region texts more similar than this are not each other's negatives
         grounding="l2",  # the paper's L2; or "l1_giou"
         grounding_weight=1.0,
-        ground_text="referring",  # texts the grounding head learns from: "referring" or "region"
     )
     c.data = dict(
-        source="scenes", train_size=1_000_000, heldout_size=1024, seed=0, max_regions=4, num_threads=2, prefetch=4
+        source="scenes",
+        train_size=1_000_000,
+        heldout_size=1024,
+        seed=0,
+        max_regions=4,  # M regions sampled per training image (the paper's default; M = 2 does about as well)
+        eval_max_regions=4,  # evaluation keeps up to this many ground-truth regions per image
+        referring_prob=0.5,  # chance a region's text is its referring expression instead of its caption
+        num_threads=2,
+        prefetch=4,
     )
     # LAMB is the default. The CLOC paper's AdamW is one flag away:
     #   --config.optim.name=adamw --config.optim.b2=0.98 --config.optim.lr=5e-4

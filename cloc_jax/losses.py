@@ -76,12 +76,14 @@ def training_loss(out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg) -
     metrics = {"loss/image_text": loss}
     if "zregion" not in out:
         return loss, metrics
-    valid = batch["region_mask"].reshape(-1)
+    boxes = batch["boxes"]
+    valid = (batch["region_mask"] & jnp.isfinite(boxes).all(-1)).reshape(-1)  # a NaN box never reaches a loss
     flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
     region = region_text_loss(
         flat(out["zregion"]), flat(out["zregion_text"]), valid, out["scale"], cfg.filter_threshold
     )
-    ground = grounding_loss(flat(out["pred_boxes"]), flat(batch["boxes"]), valid, cfg.grounding)
-    lam = cfg.weight * jnp.mean(batch["region_mask"].any(axis=1))
+    target = jnp.where(valid[:, None], flat(boxes), 0.0)
+    ground = grounding_loss(flat(out["pred_boxes"]), target, valid, cfg.grounding)
+    lam = cfg.weight * jnp.mean(valid.reshape(boxes.shape[:2]).any(axis=1))
     metrics.update({"loss/region": region, "loss/grounding": ground})
     return loss + lam * (region + cfg.grounding_weight * ground), metrics

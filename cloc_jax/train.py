@@ -34,15 +34,11 @@ def build(config: ml_collections.ConfigDict):
     return tokenizer, model, make_optimizer(config.optim, config.num_steps)
 
 
-GROUND_TEXTS = {"referring": "referring_tokens", "region": "region_tokens"}
-
-
 def model_inputs(config: ml_collections.ConfigDict, batch: dict) -> dict:
     """The batch fields the model reads (regions only when it has a region extractor)."""
     inputs = dict(images=batch["image"], tokens=batch["tokens"])
     if config.model.region_extractor != "none":
-        key = GROUND_TEXTS[config.region_loss.ground_text]
-        inputs.update(boxes=batch["boxes"], region_tokens=batch["region_tokens"], ground_tokens=batch[key])
+        inputs.update(boxes=batch["boxes"], region_tokens=batch["region_tokens"])
     return inputs
 
 

@@ -21,7 +21,7 @@ def tiny_config(**overrides):
     c.batch_size = 16
     c.num_steps = 8
     c.tokenizer.update(context_length=24, region_context_length=24)
-    c.data.update(train_size=4096, heldout_size=40)
+    c.data.update(train_size=4096, heldout_size=40, max_regions=3, eval_max_regions=4)
     c.optim.warmup_steps = 2
     c.log_every = 4
     c.eval_every = 0

@@ -88,3 +88,28 @@ def test_export_then_load_gives_the_trained_model(trained, tmp_path):
     again = model.model.apply({"params": params}, images, method=type(model.model).encode_image)[0]
     np.testing.assert_allclose(zi, np.asarray(again), atol=1e-6)
     assert not np.allclose(zi[0], zi[1])
+
+
+def test_exported_model_encodes_regions_and_grounds_texts(trained, tmp_path):
+    model = load(export(trained[1], str(tmp_path / "export")))
+    images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    boxes = np.array([[[0.1, 0.1, 0.5, 0.5], [0.4, 0.2, 0.9, 0.8], [0, 0, 1, 1]]] * 2, np.float32)
+    regions = model.encode_regions(images, boxes)
+    assert regions.shape == (2, 3, trained[0].model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(regions, axis=-1), 1.0, rtol=1e-5)
+    # One image forward serves all prompts: a subset of boxes gives the same embeddings.
+    np.testing.assert_allclose(model.encode_regions(images, boxes[:, 1:2])[:, 0], regions[:, 1], atol=1e-5)
+    pred = model.ground(images, [["the red circle", "a blue square"], ["the cross", "a star"]])
+    assert pred.shape == (2, 2, 4) and (pred[..., 2:] >= pred[..., :2]).all()
+
+
+def test_clip_only_model_pools_regions_from_tokens_and_cannot_ground(tmp_path):
+    config = tiny_config(num_steps=2, **{"model.region_extractor": "none"})
+    config.unlock()
+    del config.evals["grounding"]
+    train_and_evaluate(config, str(tmp_path / "run"))
+    model = load(export(str(tmp_path / "run"), str(tmp_path / "export")))
+    images = np.zeros((1, 32, 32, 3), np.float32)
+    assert model.encode_regions(images, np.array([[[0, 0, 0.5, 0.5]]], np.float32)).shape == (1, 1, 128)
+    with pytest.raises(ValueError, match="ground needs a model with a region extractor"):
+        model.ground(images, [["a red circle"]])

@@ -33,8 +33,14 @@ class Preprocess(grain.transforms.RandomMap):
     (`random_map`); evaluation keeps the first M (`map`).
     """
 
-    def __init__(self, tokenizer: Tokenizer, tokenizer_cfg: ml_collections.ConfigDict, max_regions: int):
-        self.tokenizer, self.max_regions = tokenizer, max_regions
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        tokenizer_cfg: ml_collections.ConfigDict,
+        max_regions: int,
+        referring_prob: float = 0,
+    ):
+        self.tokenizer, self.max_regions, self.referring_prob = tokenizer, max_regions, referring_prob
         self.context_length, self.region_context_length = (
             tokenizer_cfg.context_length,
             tokenizer_cfg.region_context_length,
@@ -64,6 +70,9 @@ class Preprocess(grain.transforms.RandomMap):
         labels = np.full((m,), -1, np.int32)
         labels[:num] = np.asarray(record["region_labels"])[kept]
         pick = lambda key: [record[key][i] for i in kept]  # noqa: E731
+        texts, referring = pick("region_texts"), pick("referring")
+        if rng is not None:  # training: some regions are described by their referring expression instead
+            texts = [r if rng.random() < self.referring_prob else t for t, r in zip(texts, referring)]
         return dict(
             index=np.int64(record["index"]),
             image=record["image"].astype(np.float32) / 127.5 - 1.0,
@@ -72,8 +81,8 @@ class Preprocess(grain.transforms.RandomMap):
             boxes=padded_boxes,
             region_mask=np.arange(m) < num,
             region_labels=labels,
-            region_tokens=self._region_texts(pick("region_texts")),
-            referring_tokens=self._region_texts(pick("referring")),
+            region_tokens=self._region_texts(texts),
+            referring_tokens=self._region_texts(referring),
             dropped_boxes=np.int32(len(keep) - keep.sum()),
         )
 
@@ -89,7 +98,8 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> g
     source = make_source(config.data, "train", config.image_size)
     ds = grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()]
     ds = ds.shuffle(seed=config.data.seed).repeat()
-    ds = ds.random_map(Preprocess(tokenizer, config.tokenizer, config.data.max_regions), seed=config.data.seed)
+    prep = Preprocess(tokenizer, config.tokenizer, config.data.max_regions, config.data.referring_prob)
+    ds = ds.random_map(prep, seed=config.data.seed)
     ds = ds.batch(per_host_batch_size(config.batch_size), drop_remainder=True)
     options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
     return iter(ds.to_iter_dataset(options))
@@ -97,7 +107,7 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> g
 
 def eval_batches(config: ml_collections.ConfigDict, source, tokenizer: Tokenizer, batch_size: int) -> Iterator[dict]:
     """Every record of `source` once, in order; the last batch is padded and `valid` marks real rows."""
-    prep = Preprocess(tokenizer, config.tokenizer, config.data.max_regions)
+    prep = Preprocess(tokenizer, config.tokenizer, config.data.eval_max_regions)
     ds = grain.MapDataset.source(source).map(prep.map)  # deterministic: the first M regions
     for start in range(0, len(ds), batch_size):
         rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]

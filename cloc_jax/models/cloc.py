@@ -56,7 +56,7 @@ class Model(nn.Module):
 
     def encode_regions(self, grid: jax.Array, boxes: jax.Array) -> jax.Array:
         """Token grid [B, h, w, D] + boxes [B, M, 4] (xyxy, [0, 1]) -> unit region embeddings [B, M, E]."""
-        pooled = self.prompter.pool(grid, self.prompter.box_prompts(boxes))
+        pooled, _ = self.prompter.pool(grid, self.prompter.box_prompts(boxes), boxes)
         return normalize(self.prompter.embed(pooled).astype(jnp.float32))
 
     def pool_regions(self, images: jax.Array, boxes: jax.Array) -> jax.Array:
@@ -65,7 +65,8 @@ class Model(nn.Module):
 
     def ground(self, grid: jax.Array, text_embeddings: jax.Array) -> jax.Array:
         """Token grid [B, h, w, D] + text embeddings [B, M, E] -> boxes [B, M, 4] (xyxy, [0, 1])."""
-        return self.prompter.box_head(self.prompter.pool(grid, self.prompter.text_prompts(text_embeddings)))
+        pooled, attention = self.prompter.pool(grid, self.prompter.text_prompts(text_embeddings))
+        return self.prompter.box_head(pooled, attention, grid.shape[1:3])
 
     def logit_params(self) -> tuple[jax.Array, jax.Array | None]:
         scale = jnp.minimum(jnp.exp(self.log_scale), MAX_LOGIT_SCALE)
@@ -77,12 +78,12 @@ class Model(nn.Module):
         tokens: jax.Array,
         boxes: jax.Array | None = None,
         region_tokens: jax.Array | None = None,
-        ground_tokens: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """One image forward serves the image embedding and every region prompt.
 
-        images [B, H, W, 3], tokens [B, L]; with a prompter also boxes [B, M, 4], region_tokens and
-        ground_tokens [B, M, L'] (texts of the regions; texts to ground).
+        images [B, H, W, 3], tokens [B, L]; with a prompter also boxes [B, M, 4] and region_tokens
+        [B, M, L'], the texts of the regions. Each region text is both the region's contrastive
+        partner and the prompt the grounding head must turn back into the region's box.
         """
         zimg, grid = self.encode_image(images)
         scale, bias = self.logit_params()
@@ -90,9 +91,10 @@ class Model(nn.Module):
         if bias is not None:
             out["bias"] = bias
         if self.prompter is not None:
+            boxes = jnp.where(jnp.isfinite(boxes), boxes, 0.0)  # padding or bad input must not make NaNs
             out["zregion"] = self.encode_regions(grid, boxes)
             out["zregion_text"] = self.encode_texts(region_tokens)
-            out["pred_boxes"] = self.ground(grid, self.encode_texts(ground_tokens))
+            out["pred_boxes"] = self.ground(grid, out["zregion_text"])
         return out
 
 

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cloc_jax.boxes import cxcywh_to_xyxy
+from cloc_jax.boxes import cell_coverage, cxcywh_to_xyxy
 from cloc_jax.models.layers import Dtype, Mlp, layer_norm, logical
 
 
@@ -43,7 +43,7 @@ def _dense(features: int, names: tuple[str, str], dtype: Dtype, name: str, use_b
 
 
 class Prompter(nn.Module):
-    """Shared by box and text prompts. Call order: `box_prompts`/`text_prompts` -> `pool` -> `embed` / `box_head`."""
+    """Shared by box and text prompts: `box_prompts`/`text_prompts` -> `pool` -> `embed` / `box_head`."""
 
     width: int  # the ViT width D
     out_dim: int
@@ -64,7 +64,9 @@ class Prompter(nn.Module):
         self.mlp = Mlp(d * self.mlp_ratio, dt)
         self.proj = _dense(self.out_dim, ("embed", "joint"), dt, "proj", use_bias=False)
         self.head_hidden = _dense(d, ("embed", "mlp"), dt, "head_hidden")
-        self.head_out = _dense(4, ("mlp", None), dt, "head_out")
+        self.head_out = nn.Dense(
+            4, dtype=dt, kernel_init=logical(nn.initializers.zeros, ("mlp", None)), name="head_out"
+        )
 
     def box_prompts(self, boxes: jax.Array) -> jax.Array:
         """[B, M, 4] xyxy in [0, 1] -> [B, M, 2, D]: one token per corner."""
@@ -75,8 +77,12 @@ class Prompter(nn.Module):
         """[B, M, E] text-tower embeddings -> [B, M, 1, D]."""
         return self.text_proj(text_embeddings.astype(self.dtype))[:, :, None]
 
-    def pool(self, grid: jax.Array, prompts: jax.Array) -> jax.Array:
-        """grid [B, h, w, D], prompts [B, M, P, D] -> pooled prompt-token outputs [B, M, D]."""
+    def pool(self, grid: jax.Array, prompts: jax.Array, boxes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """grid [B, h, w, D], prompts [B, M, P, D] -> (pooled outputs [B, M, D], attention on the grid [B, M, N]).
+
+        With `boxes` [B, M, 4], attention to the image is biased by log(share of the box in each token
+        cell): a box prompt starts out reading its box and learns how to weigh what is inside.
+        """
         batch, h, w, width = grid.shape
         n = h * w
         kv_in = grid.reshape(batch, n, width).astype(self.dtype)
@@ -85,26 +91,37 @@ class Prompter(nn.Module):
         q = self.query(q_in)  # [B, M, P, D]
         k_img, v_img = self.key(kv_in), self.value(kv_in)  # [B, N, D], shared by all M prompts
         k_prm, v_prm = self.key(q_in), self.value(q_in)  # [B, M, P, D]: a prompt's tokens see each other
-        logits = jnp.concatenate(
-            [jnp.einsum("bmpd,bnd->bmpn", q, k_img), jnp.einsum("bmpd,bmqd->bmpq", q, k_prm)], axis=-1
-        )
-        attn = jax.nn.softmax(logits.astype(jnp.float32) * width**-0.5, axis=-1).astype(self.dtype)
+        image_logits = jnp.einsum("bmpd,bnd->bmpn", q, k_img).astype(jnp.float32) * width**-0.5
+        if boxes is not None:
+            image_logits = image_logits + jnp.log(cell_coverage(boxes, h, w) + 1e-6)[:, :, None]
+        prompt_logits = jnp.einsum("bmpd,bmqd->bmpq", q, k_prm).astype(jnp.float32) * width**-0.5
+        attn = jax.nn.softmax(jnp.concatenate([image_logits, prompt_logits], axis=-1), axis=-1).astype(self.dtype)
         mixed = jnp.einsum("bmpn,bnd->bmpd", attn[..., :n], v_img)
         mixed = mixed + jnp.einsum("bmpq,bmqd->bmpd", attn[..., n:], v_prm)
         x = prompts.astype(self.dtype) + self.out(mixed)
         x = x + self.mlp(self.ln_mlp(x))
-        return self.ln_out(x.mean(axis=2))
+        return self.ln_out(x.mean(axis=2)), attn[..., :n].astype(jnp.float32).mean(axis=2)
 
     def embed(self, pooled: jax.Array) -> jax.Array:
         """[B, M, D] -> region embeddings [B, M, out_dim] in the joint space (not normalised)."""
         return self.proj(pooled)
 
-    def box_head(self, pooled: jax.Array) -> jax.Array:
-        """[B, M, D] -> boxes [B, M, 4] xyxy in [0, 1] (predicted as sigmoid centre/size, so always valid)."""
-        cxcywh = jax.nn.sigmoid(self.head_out(nn.gelu(self.head_hidden(pooled))).astype(jnp.float32))
+    def box_head(self, pooled: jax.Array, attention: jax.Array, grid_shape: tuple[int, int]) -> jax.Array:
+        """pooled [B, M, D], attention [B, M, N] -> boxes [B, M, 4] xyxy in [0, 1].
+
+        Anchored on the grid (as OWL-ViT biases its boxes by token positions): the starting box is the
+        attention-weighted centre of the token cells and a size from their spread (a uniform interval of
+        length s has variance s^2 / 12); the MLP, initialised to zero, learns the correction.
+        """
+        centres = grid_centres(*grid_shape)  # [N, 2]
+        mean = attention @ centres
+        spread = jnp.sqrt(12 * jnp.clip(attention @ centres**2 - mean**2, 1e-6, None))
+        delta = self.head_out(nn.gelu(self.head_hidden(pooled))).astype(jnp.float32)
+        cxcywh = jnp.concatenate([mean + delta[..., :2], spread * jnp.exp(delta[..., 2:])], axis=-1)
         return jnp.clip(cxcywh_to_xyxy(cxcywh), 0.0, 1.0)
 
     def __call__(self, grid: jax.Array, boxes: jax.Array, text_embeddings: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Initialises every parameter: (region embeddings [B, M, E], grounded boxes [B, M, 4])."""
-        regions = self.embed(self.pool(grid, self.box_prompts(boxes)))
-        return regions, self.box_head(self.pool(grid, self.text_prompts(text_embeddings)))
+        regions = self.embed(self.pool(grid, self.box_prompts(boxes), boxes)[0])
+        pooled, attention = self.pool(grid, self.text_prompts(text_embeddings))
+        return regions, self.box_head(pooled, attention, grid.shape[1:3])

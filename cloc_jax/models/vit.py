@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cloc_jax.boxes import cell_coverage
 from cloc_jax.models.layers import Attention, Dtype, Encoder, Mlp, constrain, layer_norm, logical
 
 # name -> (width, depth, heads, mlp_dim); patch size comes after the slash: "B/16".
@@ -52,15 +53,6 @@ def resize_posemb(posemb: jax.Array, grid: tuple[int, int]) -> jax.Array:
 def x_grid(grid: jax.Array) -> jax.Array:
     """[B, h, w, D] -> [B, h*w, D]"""
     return grid.reshape(grid.shape[0], -1, grid.shape[-1])
-
-
-def box_weights(boxes: jax.Array, h: int, w: int) -> jax.Array:
-    """[B, M, 4] xyxy in [0, 1] -> [B, M, h*w]: each token cell's share of the box's covered area."""
-    ys0, xs0 = jnp.arange(h) / h, jnp.arange(w) / w
-    cover_x = jnp.clip(jnp.minimum(boxes[..., 2:3], xs0 + 1 / w) - jnp.maximum(boxes[..., 0:1], xs0), 0, None)
-    cover_y = jnp.clip(jnp.minimum(boxes[..., 3:4], ys0 + 1 / h) - jnp.maximum(boxes[..., 1:2], ys0), 0, None)
-    cover = (cover_y[..., :, None] * cover_x[..., None, :]).reshape(*boxes.shape[:-1], h * w)
-    return cover / jnp.maximum(cover.sum(-1, keepdims=True), 1e-9)
 
 
 class MapHead(nn.Module):
@@ -144,7 +136,7 @@ class ViT(nn.Module):
             kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "joint")),
             name="proj",
         )
-        regions = (
-            None if boxes is None else proj(ln_post(jnp.einsum("bmn,bnd->bmd", box_weights(boxes, h, w), x_grid(grid))))
-        )
+        regions = None
+        if boxes is not None:
+            regions = proj(ln_post(jnp.einsum("bmn,bnd->bmd", cell_coverage(boxes, h, w), x_grid(grid))))
         return proj(pooled), grid, regions

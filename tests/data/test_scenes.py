@@ -61,3 +61,38 @@ def test_eval_batches_cover_the_split_once_and_mark_padding(config):
     assert [b["image"].shape[0] for b in batches] == [16, 16, 16]
     ids = np.concatenate([b["index"][b["valid"]] for b in batches])
     np.testing.assert_array_equal(ids, np.arange(40))
+
+
+def test_bad_boxes_are_repaired_or_dropped_and_counted(config):
+    from cloc_jax.data.pipeline import Preprocess
+
+    record = Scenes("train", image_size=32)[3]
+    n = len(record["boxes"])
+    record["boxes"] = np.concatenate([record["boxes"], [[np.nan, 0, 1, 1], [0.5, 0.5, 0.5, 0.9], [0.9, 0.8, 0.2, 0.1]]])
+    record["region_texts"] += ["nan box", "flat box", "swapped box"]
+    record["referring"] += ["nan box", "flat box", "swapped box"]
+    record["region_labels"] = np.concatenate([record["region_labels"], [1, 2, 3]])
+    out = Preprocess(ByteTokenizer(), config.tokenizer, max_regions=8).map(record)
+    assert out["dropped_boxes"] == 2
+    assert out["region_mask"].sum() == n + 1 and np.isfinite(out["boxes"]).all()
+    np.testing.assert_allclose(out["boxes"][n], [0.2, 0.1, 0.9, 0.8])
+    assert out["region_labels"][n] == 3
+
+
+def test_training_samples_m_regions_and_mixes_in_referring_expressions(config):
+    from cloc_jax.data.pipeline import Preprocess
+
+    tok = ByteTokenizer()
+    config.tokenizer.region_context_length = 64  # long enough for whole referring expressions
+    prep = Preprocess(tok, config.tokenizer, max_regions=2, referring_prob=0.5)
+    source = Scenes("train", image_size=32)
+    index = next(i for i in range(100) if len(source[i]["boxes"]) == 4)
+    record = source[index]
+    seen_boxes, texts = set(), set()
+    for seed in range(30):
+        out = prep.random_map(source[index], np.random.default_rng(seed))
+        assert out["region_mask"].sum() == 2
+        seen_boxes.update(tuple(np.round(b, 4)) for b in out["boxes"])
+        texts.update(tok.decode(t) for t in out["region_tokens"])
+    assert len(seen_boxes) == 4  # every region gets sampled
+    assert set(record["region_texts"]) & texts and set(record["referring"]) & texts

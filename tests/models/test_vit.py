@@ -75,11 +75,11 @@ def test_unknown_variant_is_a_one_line_error():
         vit_size("XL/16")
 
 
-def test_box_weights_are_the_covered_share_of_each_cell():
-    from cloc_jax.models.vit import box_weights
+def test_cell_coverage_is_the_covered_share_of_each_cell():
+    from cloc_jax.boxes import cell_coverage
 
     # A 2x2 grid; the box covers all of cell (0, 0) and half of cell (0, 1).
-    w = np.asarray(box_weights(jnp.array([[[0.0, 0.0, 0.75, 0.5]]]), 2, 2))[0, 0]
+    w = np.asarray(cell_coverage(jnp.array([[[0.0, 0.0, 0.75, 0.5]]]), 2, 2))[0, 0]
     np.testing.assert_allclose(w, np.array([0.25, 0.125, 0.0, 0.0]) / 0.375, atol=1e-6)
 
 

@@ -1,0 +1,78 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cloc_jax.models.prompter import Prompter, grid_centres, sincos
+
+
+def _setup(m=3):
+    prompter = Prompter(width=32, out_dim=16)
+    grid = jax.random.normal(jax.random.key(1), (2, 4, 4, 32))
+    boxes = jnp.tile(jnp.array([0.1, 0.2, 0.5, 0.9]), (2, m, 1)) * jnp.arange(1, m + 1)[None, :, None] / m
+    texts = jax.random.normal(jax.random.key(2), (2, m, 16))
+    variables = prompter.init(jax.random.key(0), grid, boxes, texts)
+    return prompter, variables, grid, boxes, texts
+
+
+def test_sincos_reference():
+    points = np.array([[0.25, 0.75]])
+    got = np.asarray(sincos(jnp.asarray(points), 8))
+    freqs = 10_000.0 ** (-np.arange(2) / 2)
+    want = []
+    for v in points[0]:
+        angles = 2 * np.pi * v * freqs
+        want += [*np.sin(angles), *np.cos(angles)]
+    np.testing.assert_allclose(got[0], want, atol=1e-6)
+    np.testing.assert_allclose(grid_centres(2, 2), [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
+
+
+def test_shapes_and_boxes_are_valid():
+    prompter, variables, grid, boxes, texts = _setup()
+    regions, pred = prompter.apply(variables, grid, boxes, texts)
+    assert regions.shape == (2, 3, 16) and pred.shape == (2, 3, 4)
+    pred = np.asarray(pred)
+    assert (pred >= 0).all() and (pred <= 1).all() and (pred[..., 2:] >= pred[..., :2]).all()
+
+
+def test_each_prompt_is_independent_so_padding_changes_nothing():
+    prompter, variables, grid, boxes, texts = _setup()
+    a, ga = prompter.apply(variables, grid, boxes, texts)
+    b, gb = prompter.apply(
+        variables, grid, boxes.at[:, 2].set(jnp.array([0.9, 0.0, 0.95, 0.3])), texts.at[:, 2].set(5.0)
+    )
+    np.testing.assert_allclose(a[:, :2], b[:, :2], atol=1e-6)
+    np.testing.assert_allclose(ga[:, :2], gb[:, :2], atol=1e-6)
+    assert not np.allclose(a[:, 2], b[:, 2])
+    # And the result does not depend on how many prompts share the image forward.
+    one, _ = prompter.apply(variables, grid, boxes[:, :1], texts[:, :1])
+    np.testing.assert_allclose(one[:, 0], a[:, 0], atol=1e-6)
+
+
+def test_region_embedding_reads_the_image_inside_the_box():
+    prompter, variables, grid, boxes, texts = _setup()
+    a, _ = prompter.apply(variables, grid, boxes, texts)
+    b, _ = prompter.apply(variables, grid.at[:, 3, 3].add(10.0), boxes, texts)
+    assert not np.allclose(a, b)
+
+
+def test_prompter_matches_a_full_single_layer_encoder_on_the_prompt_rows():
+    """The shortcut (prompt rows only, shared image keys) equals attention over [prompt; image] tokens."""
+    prompter, variables, grid, boxes, _ = _setup(m=1)
+    params = jax.tree.map(lambda x: getattr(x, "value", x), variables["params"], is_leaf=lambda x: hasattr(x, "value"))
+
+    def full(grid, prompts):
+        bound = prompter.bind({"params": params})
+        n = grid.shape[1] * grid.shape[2]
+        img = grid.reshape(2, n, 32) + bound.key_pos(sincos(grid_centres(4, 4), 32))
+        seq_kv = jnp.concatenate([bound.ln_kv(img), bound.ln_q(prompts)], axis=1)  # [B, N + P, D]
+        q = bound.query(bound.ln_q(prompts))
+        att = jax.nn.softmax(jnp.einsum("bpd,bsd->bps", q, bound.key(seq_kv)) / np.sqrt(32), -1)
+        x = prompts + bound.out(jnp.einsum("bps,bsd->bpd", att, bound.value(seq_kv)))
+        x = x + bound.mlp(bound.ln_mlp(x))
+        return bound.proj(bound.ln_out(x.mean(1)))
+
+    prompts = prompter.apply(variables, boxes, method=Prompter.box_prompts)
+    got = prompter.apply(
+        variables, prompter.apply(variables, grid, prompts, method=Prompter.pool), method=Prompter.embed
+    )
+    np.testing.assert_allclose(got[:, 0], full(grid, prompts[:, 0]), atol=1e-5)

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+
+from cloc_jax.evals.regions import (
+    CropClassification,
+    Grounding,
+    RegionClassification,
+    RegionRetrieval,
+    crop_and_resize,
+    mean_class_accuracy,
+    same_text,
+)
+
+
+def test_mean_class_accuracy_by_hand():
+    labels = np.array([0, 0, 0, 0, 1, 2, 2])
+    pred = np.array([0, 0, 0, 1, 1, 0, 2])
+    assert mean_class_accuracy(pred, labels) == pytest.approx((3 / 4 + 1 + 1 / 2) / 3)
+
+
+def test_crop_and_resize_reference():
+    image = np.arange(4 * 6 * 1, dtype=np.float32).reshape(4, 6, 1)
+    whole = crop_and_resize(image, np.array([0, 0, 1, 1]), 4)
+    # Resizing the full 4x6 image to 4x4: rows unchanged, columns at x = (j + 0.5) * 1.5 - 0.5.
+    xs = (np.arange(4) + 0.5) * 1.5 - 0.5
+    np.testing.assert_allclose(whole[:, :, 0], np.arange(4)[:, None] * 6 + xs[None, :], atol=1e-5)
+    cell = crop_and_resize(image, np.array([2 / 6, 1 / 4, 3 / 6, 2 / 4]), 1)  # exactly pixel (1, 2)
+    assert cell[0, 0, 0] == pytest.approx(image[1, 2, 0])
+
+
+class FakeEncoder:
+    """Regions embed to one-hot vectors of their colour channel; ground() returns preset boxes."""
+
+    def __init__(self, boxes=None):
+        self.boxes = boxes
+
+    def encode_text(self, texts):
+        if isinstance(texts, np.ndarray):  # token rows: the first token picks the axis
+            return np.eye(3, dtype=np.float32)[texts[:, 0] % 3]
+        return np.stack([np.eye(3, dtype=np.float32)[int(t.split()[-1])] for t in texts])
+
+    def encode_regions(self, images, boxes):
+        return np.eye(3, dtype=np.float32)[(boxes[..., 0] * 10).astype(int) % 3]
+
+    def encode_image(self, images):  # a crop's mean colour picks the axis
+        return np.eye(3, dtype=np.float32)[np.round(images.mean((1, 2, 3))).astype(int) % 3]
+
+    def ground(self, images, tokens):
+        return self.boxes
+
+
+def _batch():
+    boxes = np.zeros((2, 2, 4), np.float32)
+    boxes[..., 2:] = 1.0
+    boxes[0, 0, 0], boxes[0, 1, 0], boxes[1, 0, 0] = 0.0, 0.1, 0.2  # region axes 0, 1, 2
+    return dict(
+        image=np.zeros((2, 4, 4, 3), np.float32),
+        boxes=boxes,
+        region_mask=np.array([[True, True], [True, False]]),
+        valid=np.array([True, True]),
+        region_labels=np.array([[0, 2], [2, -1]]),
+        region_tokens=np.array([[[0, 1], [1, 1]], [[2, 1], [0, 0]]]),
+        referring_tokens=np.zeros((2, 2, 2), np.int32),
+    )
+
+
+def test_region_classification_by_hand():
+    results = dict(RegionClassification(["c 0", "c 1", "c 2"], ("{}",)).run(FakeEncoder(), [_batch()]))
+    # predictions 0, 1, 2 against labels 0, 2, 2: class 0 right, class 2 half right.
+    assert results["macc"] == pytest.approx((1 + 0.5) / 2) and results["acc"] == pytest.approx(2 / 3)
+
+
+def test_crop_classification_encodes_each_valid_box():
+    batch = _batch()
+    batch["image"][0] = 2.0  # crops of image 0 predict class 2, of image 1 class 0
+    results = dict(CropClassification(["c 0", "c 1", "c 2"], ("{}",)).run(FakeEncoder(), [batch]))
+    # predictions 2, 2, 0 against labels 0, 2, 2 -> class 0: 0/1, class 2: 1/2
+    assert results["macc_crop"] == pytest.approx(0.25)
+
+
+def test_region_retrieval_counts_identical_texts_as_hits():
+    np.testing.assert_array_equal(same_text(np.array([[1, 2], [3, 4], [1, 2]])), [[1, 0, 1], [0, 1, 0], [1, 0, 1]])
+    results = dict(RegionRetrieval(ks=(1,)).run(FakeEncoder(), [_batch()]))
+    assert results["r2t_r1"] == 1.0 and results["t2r_r1"] == 1.0
+
+
+def test_grounding_accuracy_at_iou_half():
+    batch = _batch()
+    pred = batch["boxes"].copy()
+    pred[0, 1] = [0.6, 0.0, 1.0, 1.0]  # IoU with [0.1, 0, 1, 1] is 0.4/0.9 < 0.5
+    results = dict(Grounding().run(FakeEncoder(pred), [batch]))
+    assert results["acc50"] == pytest.approx(2 / 3)
