@@ -111,3 +111,30 @@ def test_unknown_config_key_is_one_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         'error: --config.optim.nme: no such config key. Did you mean "name" instead of "nme"?'
     )
+
+
+def test_a_nan_box_that_bypasses_the_pipeline_does_not_poison_the_step():
+    import flax.linen as nn
+
+    from cloc_jax import sharding
+    from cloc_jax.train import build, dummy_batch, init_state, make_train_step
+
+    config = tiny_config()
+    mesh = sharding.make_mesh(config.mesh)
+    _, model, tx = build(config)
+    batch = dummy_batch(config, 16)
+    batch["image"] = jax.random.normal(jax.random.key(0), batch["image"].shape)
+    batch["tokens"] = batch["tokens"].at[:, :4].set(jax.random.randint(jax.random.key(1), (16, 4), 2, 200))
+    batch["region_tokens"] = batch["region_tokens"].at[:, :, :3].set(5)
+    batch["region_mask"] = batch["region_mask"].at[:, 0].set(True)
+    batch["boxes"] = batch["boxes"].at[:, 0].set(jax.numpy.array([0.1, 0.1, 0.6, 0.7])).at[3, 0, 0].set(np.nan)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+        state, _ = init_state(config, model, tx, mesh)
+        state, metrics = jax.jit(make_train_step(config, model, tx))(state, sharding.global_batch(batch, mesh))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_roi_align_extractor_is_not_here_yet(tmp_path):
+    with pytest.raises(ValueError, match="needs the RoIAlign op"):
+        train_and_evaluate(tiny_config(**{"model.region_extractor": "roi_align"}), str(tmp_path))

@@ -118,6 +118,10 @@ def build_model(model: ml_collections.ConfigDict, image_size: int, vocab_size: i
         **common,
         name="text",
     )
+    if model.region_extractor == "roi_align":
+        raise ValueError(
+            "model.region_extractor='roi_align' needs the RoIAlign op of the UMG-CLIP issue; use 'prompter'"
+        )
     if model.region_extractor not in REGION_EXTRACTORS:
         raise ValueError(f"model.region_extractor={model.region_extractor!r}; choose one of {REGION_EXTRACTORS}")
     prompter = None

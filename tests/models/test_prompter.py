@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cloc_jax.boxes import cell_coverage
 from cloc_jax.models.prompter import Prompter, grid_centres, sincos
 
 
@@ -51,8 +52,11 @@ def test_each_prompt_is_independent_so_padding_changes_nothing():
 def test_region_embedding_reads_the_image_inside_the_box():
     prompter, variables, grid, boxes, texts = _setup()
     a, _ = prompter.apply(variables, grid, boxes, texts)
-    b, _ = prompter.apply(variables, grid.at[:, 3, 3].add(10.0), boxes, texts)
-    assert not np.allclose(a, b)
+    noise = 3.0 * jax.random.normal(jax.random.key(9), (32,))  # not a constant: layer norm would remove it
+    inside, _ = prompter.apply(variables, grid.at[:, 1, 1].add(noise), boxes, texts)  # in the third box only
+    outside, _ = prompter.apply(variables, grid.at[:, 3, 3].add(noise), boxes, texts)  # in no box
+    assert np.abs(inside[:, 2] - a[:, 2]).max() > 1e-2
+    np.testing.assert_allclose(outside, a, atol=1e-3)
 
 
 def test_prompter_matches_a_full_single_layer_encoder_on_the_prompt_rows():
@@ -66,13 +70,33 @@ def test_prompter_matches_a_full_single_layer_encoder_on_the_prompt_rows():
         img = grid.reshape(2, n, 32) + bound.key_pos(sincos(grid_centres(4, 4), 32))
         seq_kv = jnp.concatenate([bound.ln_kv(img), bound.ln_q(prompts)], axis=1)  # [B, N + P, D]
         q = bound.query(bound.ln_q(prompts))
-        att = jax.nn.softmax(jnp.einsum("bpd,bsd->bps", q, bound.key(seq_kv)) / np.sqrt(32), -1)
+        bias = jnp.concatenate([jnp.log(cell_coverage(boxes, 4, 4)[:, 0] + 1e-6), jnp.zeros((2, 2))], axis=-1)
+        att = jax.nn.softmax(jnp.einsum("bpd,bsd->bps", q, bound.key(seq_kv)) / np.sqrt(32) + bias[:, None], -1)
         x = prompts + bound.out(jnp.einsum("bps,bsd->bpd", att, bound.value(seq_kv)))
         x = x + bound.mlp(bound.ln_mlp(x))
         return bound.proj(bound.ln_out(x.mean(1)))
 
     prompts = prompter.apply(variables, boxes, method=Prompter.box_prompts)
-    got = prompter.apply(
-        variables, prompter.apply(variables, grid, prompts, method=Prompter.pool), method=Prompter.embed
-    )
+    pooled, _ = prompter.apply(variables, grid, prompts, boxes, method=Prompter.pool)
+    got = prompter.apply(variables, pooled, method=Prompter.embed)
     np.testing.assert_allclose(got[:, 0], full(grid, prompts[:, 0]), atol=1e-5)
+
+
+def test_box_head_starts_from_the_attended_cells():
+    prompter, variables, *_ = _setup(m=1)
+    attention = np.zeros((2, 1, 16), np.float32)
+    attention[:, 0, [0, 1, 4, 5]] = 0.25  # the top-left 2x2 cells of the 4x4 grid
+    pooled = jnp.zeros((2, 1, 32))
+    pred = np.asarray(prompter.apply(variables, pooled, jnp.asarray(attention), (4, 4), method=Prompter.box_head))
+    # Zero-initialised correction: centre (0.25, 0.25); cell centres 0.125 and 0.375 have variance 1/64.
+    half = np.sqrt(12 / 64) / 2
+    np.testing.assert_allclose(pred[0, 0], [0.25 - half, 0.25 - half, 0.25 + half, 0.25 + half], atol=1e-5)
+
+
+def test_box_prompts_attend_inside_their_box():
+    prompter, variables, grid, *_ = _setup(m=1)
+    box = jnp.array([[[0.0, 0.0, 0.5, 0.5]]] * 2)
+    prompts = prompter.apply(variables, box, method=Prompter.box_prompts)
+    _, attention = prompter.apply(variables, grid, prompts, box, method=Prompter.pool)
+    attention = np.asarray(attention).reshape(2, 4, 4)
+    assert (attention[:, :2, :2].sum((1, 2)) > 0.99 * attention.sum((1, 2))).all()
