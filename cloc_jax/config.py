@@ -24,6 +24,10 @@ AXIS_RULES = (
 )
 
 
+# Class prompts phrased like the scenes' region captions ("large red circle"), averaged over sizes.
+SCENE_TEMPLATES = ("large {}", "small {}")
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """ "variant=L/14,batch_size=256" -> ConfigDict over `defaults`; values take the default's type."""
     out = ml_collections.ConfigDict(defaults)
@@ -94,9 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 256
     c.evals = dict(
         retrieval=dict(type="retrieval", split="heldout"),
-        zeroshot=dict(type="zeroshot", split="heldout", templates=("a {}",)),
-        region=dict(type="region_classification", split="heldout", templates=("a {}",)),
-        region_crop=dict(type="region_crop", split="heldout", templates=("a {}",)),
+        zeroshot=dict(type="zeroshot", split="heldout", templates=SCENE_TEMPLATES),
+        region=dict(type="region_classification", split="heldout", templates=SCENE_TEMPLATES),
+        region_crop=dict(type="region_crop", split="heldout", templates=SCENE_TEMPLATES),
         region_retrieval=dict(type="region_retrieval", split="heldout"),
         grounding=dict(type="grounding", split="heldout"),
     )

@@ -51,7 +51,13 @@ def _abstract_params(model, spec: dict):
     side, context = spec["image_size"], spec["tokenizer"]["context_length"]
     images = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((1, context), jnp.int32)
-    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"])
+    regions = {}
+    if model.prompter is not None:
+        regions = dict(
+            boxes=jax.ShapeDtypeStruct((1, 1, 4), jnp.float32),
+            region_tokens=jax.ShapeDtypeStruct((1, 1, context), jnp.int32),
+        )
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images, tokens, **regions)["params"])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
 

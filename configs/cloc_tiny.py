@@ -15,6 +15,7 @@ def get_config(arg: str | None = None):
     c.tokenizer.update(context_length=48, region_context_length=48)  # byte tokens: referring expressions are long
     c.data.update(train_size=200_000, heldout_size=512, max_regions=2)  # M = 2 keeps the byte-level texts cheap
     c.optim.update(lr=2e-3, warmup_steps=100, weight_decay=0.05)
+    c.region_loss.grounding = "l1_giou"  # learns boxes faster than the paper's L2 in a 1,000-step run
     c.log_every = 50
     c.eval_every = 250
     c.eval_batch_size = 128
