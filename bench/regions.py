@@ -10,8 +10,8 @@ import json
 import statistics
 
 from absl import app, flags, logging
+from common import median_seconds, real_batch, step_runner
 from ml_collections import config_flags
-from step import median_seconds, real_batch, step_runner
 
 from cloc_jax import sharding
 from cloc_jax.config import clip_twin

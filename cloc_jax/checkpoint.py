@@ -23,6 +23,11 @@ def model_spec(config: ml_collections.ConfigDict) -> dict:
 
 def build_from_spec(spec: dict) -> tuple[Tokenizer, Model]:
     """Spec -> (tokenizer, model): training, export and loading all build models here."""
+    if spec["tokenizer"]["region_context_length"] > spec["tokenizer"]["context_length"]:
+        raise ValueError(
+            f"tokenizer.region_context_length={spec['tokenizer']['region_context_length']} exceeds "
+            f"tokenizer.context_length={spec['tokenizer']['context_length']}"
+        )
     tokenizer = tokenizers.from_spec(spec["tokenizer"])
     model_config = ml_collections.ConfigDict(spec["model"])
     context = spec["tokenizer"]["context_length"]

@@ -65,7 +65,11 @@ class Prompter(nn.Module):
         self.proj = _dense(self.out_dim, ("embed", "joint"), dt, "proj", use_bias=False)
         self.head_hidden = _dense(d, ("embed", "mlp"), dt, "head_hidden")
         self.head_out = nn.Dense(
-            4, dtype=dt, kernel_init=logical(nn.initializers.zeros, ("mlp", None)), name="head_out"
+            4,
+            dtype=dt,
+            kernel_init=logical(nn.initializers.zeros, ("mlp", None)),
+            bias_init=logical(nn.initializers.zeros, (None,)),
+            name="head_out",
         )
 
     def box_prompts(self, boxes: jax.Array) -> jax.Array:

@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmarks (no flags here: each benchmark script defines its own)."""
+
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cloc_jax import sharding
+from cloc_jax.data import pipeline
+from cloc_jax.train import abstract_state, build, init_state, make_train_step
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(n: int = 4096, repeats: int = 5) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(mm(a))
+    return 2 * n**3 / median_seconds(lambda: mm(a), repeats)
+
+
+def step_flops(config, batch) -> float:
+    """FLOPs of one step from XLA's cost analysis, compiled with layers unrolled."""
+    unrolled = config.copy_and_resolve_references()
+    unrolled.model.scan = False
+    unrolled.model.remat = "none"
+    mesh = sharding.make_mesh(unrolled.mesh)
+    _, model, tx = build(unrolled)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(unrolled.axis_rules):
+        _, shapes = abstract_state(unrolled, model, tx, mesh)
+        compiled = jax.jit(make_train_step(unrolled, model, tx)).lower(shapes, batch).compile()
+    return float(compiled.cost_analysis()["flops"])
+
+
+def real_batch(config, mesh) -> dict:
+    """One batch from the real input pipeline, as global arrays."""
+    tokenizer, _, _ = build(config)
+    local = next(pipeline.train_iterator(config, tokenizer))
+    local.pop("dropped_boxes")
+    return sharding.global_batch(local, mesh)
+
+
+def step_runner(config, batch, mesh):
+    """A compiled, warmed-up training step as a no-argument callable (same state and batch each call)."""
+    _, model, tx = build(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+        state, _ = init_state(config, model, tx, mesh)
+        step = jax.jit(make_train_step(config, model, tx))
+        jax.block_until_ready(step(state, batch))
+    return lambda: step(state, batch)
