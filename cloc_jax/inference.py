@@ -23,8 +23,8 @@ class Encoder:
     """Jitted `encode_image` / `encode_text` for a model and its parameters.
 
     Images are [B, H, W, 3] floats in [-1, 1]; texts are strings or token ids [B, L]; boxes are
-    [B, M, 4] xyxy normalised to [0, 1]. Embeddings are unit-norm numpy arrays. Region methods need a
-    model trained with a region extractor.
+    [B, M, 4] xyxy normalised to [0, 1]. Embeddings are unit-norm numpy arrays. `ground` needs a model
+    trained with a region extractor.
     """
 
     def __init__(self, model: Model, params, tokenizer: Tokenizer, context_length: int, axis_rules=()):
@@ -47,10 +47,6 @@ class Encoder:
         with nn.logical_axis_rules(self.axis_rules):
             return np.asarray(self._text(self.params, jnp.asarray(tokens)))
 
-    def _with_prompter(self, what: str) -> None:
-        if self.model.prompter is None:
-            raise ValueError(f"{what} needs a model with a region extractor (model.region_extractor='none')")
-
     def encode_regions(self, images, boxes) -> np.ndarray:
         """[B, H, W, 3] + [B, M, 4] -> [B, M, E]: one image forward serves every box.
 
@@ -61,7 +57,8 @@ class Encoder:
 
     def ground(self, images, texts) -> np.ndarray:
         """[B, H, W, 3] + texts ([B][M] strings or [B, M, L] tokens) -> boxes [B, M, 4] xyxy in [0, 1]."""
-        self._with_prompter("ground")
+        if self.model.prompter is None:
+            raise ValueError("ground needs a model with a region extractor; this one has model.region_extractor='none'")
         if not isinstance(texts, np.ndarray | jax.Array):
             texts = np.stack([self.tokenize(row) for row in texts])
         with nn.logical_axis_rules(self.axis_rules):

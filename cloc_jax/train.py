@@ -45,14 +45,12 @@ def model_inputs(config: ml_collections.ConfigDict, batch: dict) -> dict:
 def dummy_batch(config: ml_collections.ConfigDict, batch: int = 1) -> dict:
     """Zeros shaped like a real batch (for initialisation and compilation)."""
     side, m = config.image_size, config.data.max_regions
-    regions = jnp.zeros((batch, m, config.tokenizer.region_context_length), jnp.int32)
     return dict(
         image=jnp.zeros((batch, side, side, 3), jnp.float32),
         tokens=jnp.zeros((batch, config.tokenizer.context_length), jnp.int32),
         boxes=jnp.zeros((batch, m, 4), jnp.float32),
         region_mask=jnp.zeros((batch, m), bool),
-        region_tokens=regions,
-        referring_tokens=regions,
+        region_tokens=jnp.zeros((batch, m, config.tokenizer.region_context_length), jnp.int32),
     )
 
 
