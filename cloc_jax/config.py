@@ -91,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
         image_lr_mult=1.0,
         text_lr_mult=1.0,
     )
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # In-slice mesh (one axis may be -1 = the rest) x `slices` data-parallel copies over DCN.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, slices=1)
+    c.contrastive = "global"  # or "ring": chunked losses that never hold [B, B] logits on one device
     c.axis_rules = AXIS_RULES
     c.log_every = 100
     c.eval_every = 5000

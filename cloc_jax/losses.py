@@ -1,14 +1,23 @@
-"""Image-text contrastive losses over the global batch.
+"""Contrastive (image-text, region-text) and grounding losses.
 
-Under jit with a batch sharded over the `data` axis these arrays are global: XLA gathers what the
-[B, B] similarity needs. The ring-chunked version that never materialises [B, B] comes with scale.
+Two implementations of each contrastive loss, chosen by `config.contrastive`:
+- "global": under jit the sharded embeddings are global arrays and XLA gathers what the [B, B]
+  similarity needs. Simple, and the reference.
+- "ring": shard_map over the batch axes; each device keeps its own rows and the other devices'
+  embedding chunks travel around a ring (ppermute), so a device only ever holds [b, b] logits
+  (b = B / devices) and log-sum-exps are accumulated chunk by chunk. Same values and gradients.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from cloc_jax.boxes import iou_and_giou
+from cloc_jax.sharding import BATCH_AXES
+
+CONTRASTIVE = ("global", "ring")
 
 
 def softmax_clip_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array) -> jax.Array:
@@ -27,11 +36,89 @@ def sigmoid_siglip_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array, bias
     return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]
 
 
-def image_text_loss(out: dict[str, jax.Array]) -> jax.Array:
+def _ring(local_fn, *arrays, scalars=()):
+    """shard_map of `local_fn(ring, *local_arrays, *scalars)` over the batch axes of the current mesh.
+
+    `ring(carry, chunks, fn)` runs `fn(carry, chunks, k)` for k = 0..n-1 while `chunks` (arrays of
+    the device k steps back along the ring) rotate; its body is rematerialised, so the backward pass
+    keeps the travelling chunks, never the [b, b] blocks."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise ValueError('contrastive="ring" needs a mesh (jax.set_mesh) with the batch axes')
+    n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    perm = [(i, (i + 1) % n) for i in range(n)]
+
+    def ring(carry, chunks, fn):
+        def body(state, k):
+            carry, chunks = state
+            carry = fn(carry, chunks, k)
+            chunks = jax.tree.map(lambda x: jax.lax.ppermute(x, BATCH_AXES, perm), chunks)
+            return (carry, chunks), None
+
+        return jax.lax.scan(jax.checkpoint(body), (carry, chunks), jnp.arange(n))[0][0]
+
+    specs = (P(BATCH_AXES),) * len(arrays) + (P(),) * len(scalars)
+    fn = jax.shard_map(lambda *xs: local_fn(ring, *xs), in_specs=specs, out_specs=P())
+    return fn(*arrays, *scalars)
+
+
+def ring_softmax_loss(
+    za: jax.Array, zb: jax.Array, valid: jax.Array, scale: jax.Array, filter_threshold: float | None = None
+) -> jax.Array:
+    """The ring version of the symmetric InfoNCE (image-text with all rows valid and no filter, or
+    region-text with padding and negative filtering). za, zb [R, E] sharded over the batch axes."""
+
+    def local(ring, za, zb, valid, scale):
+        eye = jnp.eye(za.shape[0], dtype=bool)
+
+        def accumulate(lses, chunk, k):
+            ca, cb, cv = chunk
+            allowed = valid[:, None] & cv[None, :]
+            if filter_threshold is not None:
+                similar = jax.lax.stop_gradient(zb @ cb.T) > filter_threshold
+                allowed &= ~similar | (eye & (k == 0))
+            a2b = jnp.where(allowed, scale * za @ cb.T, -1e9)
+            b2a = jnp.where(allowed, scale * zb @ ca.T, -1e9)
+            return tuple(jnp.logaddexp(lse, jax.nn.logsumexp(x, axis=1)) for lse, x in zip(lses, (a2b, b2a)))
+
+        start = jnp.full_like(za[:, 0], -jnp.inf)  # derived from za: varies over the ring like the chunks
+        lse_a, lse_b = ring((start, start), (za, zb, valid), accumulate)
+        positive = scale * jnp.sum(za * zb, axis=-1)
+        total = jnp.sum(jnp.where(valid, lse_a + lse_b - 2 * positive, 0.0))
+        count = jax.lax.psum(valid.sum(), BATCH_AXES)
+        return jax.lax.psum(total, BATCH_AXES) / (2 * jnp.maximum(count, 1))
+
+    return _ring(local, za, zb, valid, scalars=(scale,))
+
+
+def ring_sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """The ring version of `sigmoid_siglip_loss` (big_vision's chunked SigLIP)."""
+
+    def local(ring, zimg, ztxt, scale, bias):
+        eye = jnp.eye(zimg.shape[0], dtype=bool)
+
+        def accumulate(total, chunk, k):
+            signs = jnp.where(eye & (k == 0), 1.0, -1.0)
+            return total + jnp.sum(jax.nn.log_sigmoid(signs * (scale * zimg @ chunk.T + bias)))
+
+        total = ring(jnp.zeros_like(zimg[0, 0]), ztxt, accumulate)
+        return -jax.lax.psum(total, BATCH_AXES) / jax.lax.psum(zimg.shape[0], BATCH_AXES)
+
+    return _ring(local, zimg, ztxt, scalars=(scale, bias))
+
+
+def image_text_loss(out: dict[str, jax.Array], contrastive: str = "global") -> jax.Array:
     """Dispatches on whether the model has a SigLIP bias (the model's `loss` setting decides)."""
+    if contrastive not in CONTRASTIVE:
+        raise ValueError(f"contrastive={contrastive!r}; choose one of {CONTRASTIVE}")
+    zimg, ztxt, scale = out["zimg"], out["ztxt"], out["scale"]
+    if contrastive == "ring":
+        if "bias" in out:
+            return ring_sigmoid_loss(zimg, ztxt, scale, out["bias"])
+        return ring_softmax_loss(zimg, ztxt, jnp.ones(zimg.shape[:1], bool), scale)
     if "bias" in out:
-        return sigmoid_siglip_loss(out["zimg"], out["ztxt"], out["scale"], out["bias"])
-    return softmax_clip_loss(out["zimg"], out["ztxt"], out["scale"])
+        return sigmoid_siglip_loss(zimg, ztxt, scale, out["bias"])
+    return softmax_clip_loss(zimg, ztxt, scale)
 
 
 def region_text_loss(
@@ -70,18 +157,19 @@ def grounding_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, kind: s
     return jnp.sum(jnp.where(valid, per_box, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
-def training_loss(out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg) -> tuple[jax.Array, dict]:
+def training_loss(
+    out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg, contrastive: str = "global"
+) -> tuple[jax.Array, dict]:
     """L = L_CLIP + lambda (L_region + w L_grounding), lambda = weight x fraction of images with regions."""
-    loss = image_text_loss(out)
+    loss = image_text_loss(out, contrastive)
     metrics = {"loss/image_text": loss}
     if "zregion" not in out:
         return loss, metrics
     boxes = batch["boxes"]
     valid = (batch["region_mask"] & jnp.isfinite(boxes).all(-1)).reshape(-1)  # a NaN box never reaches a loss
     flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-    region = region_text_loss(
-        flat(out["zregion"]), flat(out["zregion_text"]), valid, out["scale"], cfg.filter_threshold
-    )
+    region_loss = ring_softmax_loss if contrastive == "ring" else region_text_loss
+    region = region_loss(flat(out["zregion"]), flat(out["zregion_text"]), valid, out["scale"], cfg.filter_threshold)
     target = jnp.where(valid[:, None], flat(boxes), 0.0)
     ground = grounding_loss(flat(out["pred_boxes"]), target, valid, cfg.grounding)
     lam = cfg.weight * jnp.mean(valid.reshape(boxes.shape[:2]).any(axis=1))

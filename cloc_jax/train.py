@@ -81,7 +81,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: Model, tx: optax.G
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params):
             out = model.apply({"params": params}, **model_inputs(config, batch))
-            loss, parts = training_loss(out, batch, config.region_loss)
+            loss, parts = training_loss(out, batch, config.region_loss, config.contrastive)
             return loss, (out, parts)
 
         (loss, (out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -5,7 +5,12 @@ python launch/tpu.py --config=configs/cloc_b16.py:batch_size=4096 --config.optim
 """
 
 import json
+import os
 import sys
+
+# The CPU backend's concurrency-optimised scheduler can deadlock the collectives of multi-axis meshes
+# on simulated devices; the flag only touches the CPU backend. It must be set before jax starts.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 import jax
 from absl import app, flags, logging

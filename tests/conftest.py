@@ -3,7 +3,13 @@
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# The CPU backend's concurrency-optimised scheduler can order the collectives of a multi-axis mesh
+# differently on different simulated devices and deadlock them (seen on (2, 2, 2)); launch/tpu.py
+# sets the same flag.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
