@@ -112,8 +112,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def paper_config(variant: str, image_size: int, text: dict, embed_dim: int) -> ml_collections.ConfigDict:
-    """The CLOC paper's pretraining recipe (batch 32,768, 77 tokens, warmup 2k, cosine, wd 0.2)."""
+    """The CLOC paper's pretraining recipe (batch 32,768, 77 tokens, warmup 2k, cosine, wd 0.2), laid
+    out for a pod: bf16 activations (f32 parameters and optimizer state), parameters and optimizer
+    state sharded over every device (FSDP), matmul outputs saved for the backward pass (remat)."""
     c = base_config()
+    c.model.update(dtype="bfloat16", remat="dots_no_batch")
+    c.mesh.update(data=1, fsdp=-1)
     c.image_size = image_size
     c.model.image.variant = variant
     c.model.text.update(text)

@@ -61,7 +61,7 @@ def abstract_state(config, model: Model, tx: optax.GradientTransformation, mesh)
         params = model.init(rng, **model_inputs(config, dummy_batch(config)))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    boxed = jax.eval_shape(init, jax.random.key(0))
+    boxed = jax.eval_shape(lambda: init(jax.random.key(0)))  # traced: works for abstract (AOT) devices too
     shardings = sharding.logical_shardings(boxed, mesh, config.axis_rules)
     unboxed = lambda rng: nn.unbox(init(rng))  # noqa: E731
     shapes = jax.tree.map(

@@ -1,7 +1,8 @@
-"""Entry point: trains a config on TPU if present, else GPU, else CPU.
+"""Entry point: trains a config on TPU if present, else GPU, else CPU; or compiles it for a TPU topology.
 
 python launch/tpu.py --config=configs/cloc_tiny.py --workdir=/tmp/cloc_tiny
 python launch/tpu.py --config=configs/cloc_b16.py:batch_size=4096 --config.optim.name=adamw --workdir=gs://...
+python launch/tpu.py --config=configs/cloc_l14.py --aot_topology=v5p:8x8x16   # no TPU needed
 """
 
 import json
@@ -16,12 +17,19 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cloc_jax import aot, distributed
 from cloc_jax.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file, optionally FILE:key=value,...", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go; reused to resume", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go; reused to resume")
+_AOT_TOPOLOGY = flags.DEFINE_string(
+    "aot_topology", None, "compile the training step for this TPU topology (e.g. v5p:8x8x16) and report; no training"
+)
+_AOT_ESTIMATE = flags.DEFINE_bool(
+    "aot_estimate", False, "also compile with layers unrolled for XLA's cost-model step time (slower)"
+)
 
 
 def describe_platform() -> str:
@@ -36,8 +44,18 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    print(f"Running on {describe_platform()}", flush=True)
-    results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    if _AOT_TOPOLOGY.value:
+        devices = aot.topology_devices(_AOT_TOPOLOGY.value, config.mesh.slices)  # --config.mesh.slices=N: N slices
+        report = aot.compile_for(config, devices, estimate=_AOT_ESTIMATE.value)
+        print(aot.format_report(f"{_AOT_TOPOLOGY.value} x {config.mesh.slices} slice(s)", report), flush=True)
+        print(json.dumps(report), flush=True)
+        return
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required for training")
+    kind = distributed.initialize()
+    print(f"Running on {describe_platform()} [{kind}]", flush=True)
+    results = train_and_evaluate(config, _WORKDIR.value)
     print(json.dumps(results), flush=True)
 
 

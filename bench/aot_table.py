@@ -1,0 +1,52 @@
+"""The README's pod table: each paper config compiled for TPU topologies at the paper's batch of 32,768.
+
+    python bench/aot_table.py                       # memory and FLOPs for every row (~2 min per row)
+    python bench/aot_table.py --estimate=v5p:8x8x16 # plus XLA's cost-model step time on that topology
+
+Needs libtpu (pip install -e ".[tpu]"); no TPU. Prints one markdown row per (config, topology).
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+
+from cloc_jax import aot
+from cloc_jax.config import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIGS = flags.DEFINE_list("configs", ["cloc_b16", "cloc_l14", "cloc_h14"], "config names under configs/")
+_TOPOLOGIES = flags.DEFINE_list("topologies", ["v4:8x8x8", "v5e:16x16", "v5p:8x8x16"], "libtpu topology names")
+_ESTIMATE = flags.DEFINE_list("estimate", [], "topologies that also get the (slow) cost-model estimate")
+_OVERRIDES = flags.DEFINE_string("overrides", "", "key=value,... applied to every config, e.g. model.remat=full")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    print("| config | topology | devices | mesh | GiB / device (HBM) | fits | TFLOP/step | est. s/step | est. MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in _CONFIGS.value:
+        for topology in _TOPOLOGIES.value:
+            config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+            for item in filter(None, _OVERRIDES.value.split(",")):
+                key, value = item.split("=")
+                *path, last = key.split(".")
+                target = config
+                for p in path:
+                    target = target[p]
+                target[last] = type(target[last])(value)
+            r = aot.compile_for(config, aot.topology_devices(topology), estimate=topology in _ESTIMATE.value)
+            mesh = "x".join(str(v) for v in r["mesh"].values())
+            step = f"{r['estimated_step_seconds']:.2f}" if r["estimated_step_seconds"] > 0 else "-"
+            mfu = f"{r['estimated_mfu']:.2f}" if r["estimated_step_seconds"] > 0 else "-"
+            print(
+                f"| {name} | {topology} | {r['devices']} | {mesh} | {r['per_device_gib']:.1f} ({r['hbm_gib']:.0f}) |"
+                f" {'yes' if r['fits'] else 'no'} | {r['model_tflops_per_step']:.0f} | {step} | {mfu} |",
+                flush=True,
+            )
+            logging.info(json.dumps(r))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,146 @@
+"""Ahead-of-time compilation of the real training step for a TPU topology, on a machine without TPUs.
+
+libtpu describes any topology ("v5p:8x8x16") as abstract devices; the step is lowered and compiled
+for them exactly as on the pod, and XLA reports per-device memory. FLOPs come from `model_flops`
+(analytic): XLA's cost analysis counts a scanned layer once. XLA's TPU cost model cannot price a
+loop (it returns -1 per unpriced op), so the step-time estimate compiles the step a second time with
+the layers unrolled (`estimate=True`, slower to compile).
+"""
+
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from cloc_jax import sharding
+from cloc_jax.models.vit import vit_size
+from cloc_jax.train import abstract_state, build, dummy_batch, make_train_step
+
+GIB = 2**30
+# device_kind -> (peak bf16 FLOP/s, HBM bytes) per JAX device, from the Cloud TPU documentation.
+# libtpu's abstract v4 topologies list each TensorCore as a device (half a chip: v4:8x8x8 is 512
+# chips, 1024 devices); v5e and v5p list chips.
+DEVICES = {
+    "TPU v4": (137.5e12, 16 * GIB),
+    "TPU v5 lite": (197e12, 16 * GIB),
+    "TPU v5": (459e12, 95 * GIB),
+    "TPU v6 lite": (918e12, 32 * GIB),
+}
+
+
+def _encoder_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
+    """Forward matmul FLOPs of `depth` pre-LN blocks over `tokens` tokens (QKV + out, MLP, scores)."""
+    return depth * (2 * tokens * 4 * width**2 + 2 * tokens * 2 * width * mlp + 2 * 2 * tokens**2 * width)
+
+
+def model_flops(config: ml_collections.ConfigDict) -> float:
+    """Training FLOPs per example (3 x forward matmuls; remat recomputation is not model FLOPs)."""
+    model, tok = config.model, config.tokenizer
+    size = vit_size(model.image.variant)
+    d, e, t = size.width, model.embed_dim, model.text
+    n = (config.image_size // size.patch) ** 2
+    image = 2 * n * size.patch**2 * 3 * d + _encoder_flops(n + (model.image.pool == "cls"), d, size.depth, size.mlp_dim)
+    if model.image.pool == "map":  # one probe attending over n tokens, then its MLP
+        image += 2 * 2 * d**2 + 2 * 2 * n * d**2 + 2 * 2 * n * d + 2 * 2 * d * size.mlp_dim
+    image += 2 * d * e
+    text = _encoder_flops(tok.context_length, t.width, t.depth, t.mlp_dim) + 2 * t.width * e
+    contrastive = 2 * config.batch_size * e  # this example's row of the [B, B] logits
+    forward = image + text + contrastive
+    if model.region_extractor != "none":
+        m, lr = config.data.max_regions, tok.region_context_length
+        region_texts = m * (_encoder_flops(lr, t.width, t.depth, t.mlp_dim) + 2 * t.width * e)
+        # Prompter: image keys/values once; 2 box-corner rows and 1 text row per region; heads.
+        rows = 3 * m
+        prompter = 2 * 2 * n * d**2 + rows * (2 * 4 * d**2 + 2 * 2 * n * d + 2 * 2 * d * 4 * d)
+        prompter += 2 * m * (d * e + d * d)
+        region_logits = 2 * 2 * m * (config.batch_size * m) * e  # region-text logits and text-text filter
+        forward += region_texts + prompter + region_logits
+    return 3.0 * forward
+
+
+def topology_devices(topology: str, slices: int = 1) -> list:
+    """Abstract TPU devices of a topology such as "v5p:8x8x16"; one-line error without libtpu."""
+    from jax.experimental import topologies
+
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise ValueError(f"compiling for TPU topology {topology!r} needs libtpu: pip install -e '.[tpu]'") from None
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=slices)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot describe TPU topology {topology!r}: {first}") from None
+    return list(desc.devices)
+
+
+def _compile(config: ml_collections.ConfigDict, devices: list):
+    """(compiled training step for `devices`, its mesh, seconds the compilation took)."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    sharding.check_batch_size(config.batch_size, mesh)
+    _, model, tx = build(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+        _, state = abstract_state(config, model, tx, mesh)
+        batch = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)),
+            jax.eval_shape(lambda: dummy_batch(config, config.batch_size)),
+        )
+        start = time.perf_counter()
+        compiled = jax.jit(make_train_step(config, model, tx), donate_argnums=0).lower(state, batch).compile()
+    return compiled, mesh, time.perf_counter() - start
+
+
+def compile_for(config: ml_collections.ConfigDict, devices: list, estimate: bool = False) -> dict:
+    """Compiles the training step for `devices` (real or abstract) -> memory, FLOPs and, with
+    `estimate`, XLA's cost-model step time and the MFU it implies."""
+    compiled, mesh, seconds = _compile(config, devices)
+    memory = compiled.memory_analysis()
+    kind = devices[0].device_kind
+    peak, hbm = DEVICES.get(kind, (float("nan"), float("nan")))
+    per_device = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+    per_device += memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
+    flops = model_flops(config) * config.batch_size
+    step = float("nan")
+    if estimate:
+        unrolled = config.copy_and_resolve_references()
+        unrolled.model.scan = False
+        step = float(_compile(unrolled, devices)[0].cost_analysis().get("optimal_seconds", -1))
+        step = step if step > 0 else float("nan")  # negative: some op the cost model cannot price
+    return dict(
+        device_kind=kind,
+        devices=len(devices),
+        mesh=dict(mesh.shape),
+        batch_size=config.batch_size,
+        arguments_gib=memory.argument_size_in_bytes / GIB,
+        outputs_gib=memory.output_size_in_bytes / GIB,
+        aliased_gib=memory.alias_size_in_bytes / GIB,
+        temporaries_gib=memory.temp_size_in_bytes / GIB,
+        per_device_gib=per_device / GIB,
+        hbm_gib=hbm / GIB,
+        fits=per_device <= hbm,
+        model_tflops_per_step=flops / 1e12,
+        estimated_step_seconds=step,
+        estimated_mfu=flops / (len(devices) * peak * step),
+        compile_seconds=seconds,
+    )
+
+
+def format_report(name: str, report: dict) -> str:
+    """The report as the lines `launch/tpu.py --aot_topology` prints."""
+    r = report
+    return "\n".join(
+        [
+            f"{name}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, batch {r['batch_size']}",
+            f"  per device: {r['per_device_gib']:.2f} GiB of {r['hbm_gib']:.0f} GiB HBM"
+            f" ({'fits' if r['fits'] else 'DOES NOT FIT'})"
+            f" = arguments {r['arguments_gib']:.2f} + outputs {r['outputs_gib']:.2f} - aliased {r['aliased_gib']:.2f}"
+            f" + temporaries {r['temporaries_gib']:.2f}",
+            f"  model FLOPs per step: {r['model_tflops_per_step']:.4g} TFLOP",
+            f"  XLA cost model (layers unrolled): {r['estimated_step_seconds']:.3f} s/step,"
+            f" MFU {r['estimated_mfu']:.2f}"
+            if r["estimated_step_seconds"] == r["estimated_step_seconds"]
+            else "  step time: pass --aot_estimate for XLA's cost model (compiles again with layers unrolled)",
+            f"  compiled in {r['compile_seconds']:.0f} s",
+        ]
+    )

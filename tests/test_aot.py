@@ -1,0 +1,50 @@
+"""AOT: the real training step compiles for abstract TPU topologies (libtpu, no TPU), and FLOPs add up."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from cloc_jax import aot, sharding
+from cloc_jax.train import abstract_state, build, dummy_batch, make_train_step
+from tests.conftest import tiny_config
+
+
+def test_tiny_step_compiles_for_two_v5e_slices_joined_by_dcn():
+    config = tiny_config(**{"mesh.slices": 2, "mesh.data": 2, "mesh.fsdp": 2})
+    devices = aot.topology_devices("v5e:2x2", slices=2)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slice_of[:2] == slice_of[0, 0, 0]).all() and (slice_of[2:] != slice_of[0, 0, 0]).all()  # DCN = data
+    report = aot.compile_for(config, devices)
+    assert report["chips"] == 8 and report["device_kind"] == "TPU v5 lite" and report["fits"]
+    assert 0 < report["per_chip_gib"] < 1
+    assert report["model_tflops_per_step"] == pytest.approx(aot.model_flops(config) * 16 / 1e12)
+
+
+def test_bad_topology_and_slice_count_are_one_line():
+    with pytest.raises(ValueError, match="cannot describe TPU topology 'v5e:3x3'"):
+        aot.topology_devices("v5e:3x3")
+    with pytest.raises(ValueError, match=r"mesh\.slices=2 but the devices form 1 slice"):
+        sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, slices=2), aot.topology_devices("v5e:2x2"))
+    with pytest.raises(ValueError, match=r"mesh\.slices=2 but the devices form 1 slice"):
+        sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, slices=2))  # 8 CPU devices of one process
+
+
+@pytest.mark.parametrize("extractor", ["none", "prompter"])
+def test_analytic_flops_match_xla_on_an_unrolled_step(extractor):
+    """XLA counts every multiply-add of the unrolled program (also norms and softmaxes, which the
+    analytic count leaves out): the analytic matmul count must be within 10% below it."""
+    config = tiny_config(**{"model.scan": False, "model.region_extractor": extractor, "mesh.data": 1})
+    config.model.image.variant = "S/16"  # wide enough that matmuls dominate, as in real models
+    config.image_size = 64
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    _, model, tx = build(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+        _, state = abstract_state(config, model, tx, mesh)
+        batch = jax.eval_shape(lambda: dummy_batch(config, config.batch_size))
+        compiled = jax.jit(make_train_step(config, model, tx)).lower(state, batch).compile()
+    xla = compiled.cost_analysis()["flops"]
+    analytic = aot.model_flops(config) * config.batch_size
+    assert 0.9 * xla < analytic <= 1.01 * xla, (analytic, xla)
