@@ -21,7 +21,8 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.40"],
+        # libtpu (through jax[tpu]) lets the tests compile for TPU topologies on a machine without TPUs.
+        "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.40", "jax[tpu]"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

@@ -18,8 +18,8 @@ def test_tiny_step_compiles_for_two_v5e_slices_joined_by_dcn():
     slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
     assert (slice_of[:2] == slice_of[0, 0, 0]).all() and (slice_of[2:] != slice_of[0, 0, 0]).all()  # DCN = data
     report = aot.compile_for(config, devices)
-    assert report["chips"] == 8 and report["device_kind"] == "TPU v5 lite" and report["fits"]
-    assert 0 < report["per_chip_gib"] < 1
+    assert report["devices"] == 8 and report["device_kind"] == "TPU v5 lite" and report["fits"]
+    assert 0 < report["per_device_gib"] < 1
     assert report["model_tflops_per_step"] == pytest.approx(aot.model_flops(config) * 16 / 1e12)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from cloc_jax import losses, sharding
 from cloc_jax.data import pipeline
-from cloc_jax.train import build, init_state, make_train_step
+from cloc_jax.train import build, init_state, make_train_step, model_inputs
 from tests.conftest import tiny_config
 
 
@@ -106,3 +106,21 @@ def test_ring_loss_without_a_mesh_is_one_line():
         losses.ring_softmax_loss(za, zb, valid, 1.0)
     with pytest.raises(ValueError, match="contrastive='chunked'"):
         losses.image_text_loss(dict(zimg=za, ztxt=zb, scale=1.0), "chunked")
+
+
+def test_bf16_activations_keep_float32_parameters_and_optimizer_state():
+    config = tiny_config(**{"model.dtype": "bfloat16", "model.remat": "dots_no_batch"})
+    tokenizer, model, tx = build(config)
+    local = next(pipeline.train_iterator(config, tokenizer))
+    local.pop("dropped_boxes")
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+        state, _ = init_state(config, model, tx, mesh)
+        batch = sharding.global_batch(local, mesh)
+        out = jax.jit(lambda p, b: model.apply({"params": p}, **model_inputs(config, b)))(state.params, batch)
+        state, metrics = jax.jit(make_train_step(config, model, tx))(state, batch)
+    assert out["grid"].dtype == jnp.bfloat16  # activations
+    assert out["zimg"].dtype == out["zregion"].dtype == jnp.float32  # embeddings and losses in f32
+    floats = [x for x in jax.tree.leaves((state.params, state.opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+    assert np.isfinite(float(metrics["loss"]))
