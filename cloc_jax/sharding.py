@@ -49,7 +49,10 @@ def make_mesh(mesh: ml_collections.ConfigDict, devices: list | None = None) -> M
     ici = _ici_sizes(mesh, len(devices) // slices)
     types = (AxisType.Auto,) * len(MESH_AXES)
     if slices == 1:
-        return jax.make_mesh(tuple(ici), MESH_AXES, axis_types=types, devices=devices)
+        try:
+            return jax.make_mesh(tuple(ici), MESH_AXES, axis_types=types, devices=devices)
+        except AssertionError:  # libtpu's abstract v4 lists both cores of a chip: no physical layout known
+            return Mesh(np.asarray(devices).reshape(ici), MESH_AXES, axis_types=types)
     if _granules(devices) != slices:
         raise ValueError(f"mesh.slices={slices} but the devices form {_granules(devices)} slice(s)/host(s)")
     grid = mesh_utils.create_hybrid_device_mesh(
