@@ -52,7 +52,7 @@ def _abstract_params(model, spec: dict):
     images = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((1, context), jnp.int32)
     regions = {}
-    if model.prompter is not None:
+    if model.region_extractor != "none":
         regions = dict(
             boxes=jax.ShapeDtypeStruct((1, 1, 4), jnp.float32),
             region_tokens=jax.ShapeDtypeStruct((1, 1, context), jnp.int32),

@@ -58,7 +58,9 @@ class Encoder:
     def ground(self, images, texts) -> np.ndarray:
         """[B, H, W, 3] + texts ([B][M] strings or [B, M, L] tokens) -> boxes [B, M, 4] xyxy in [0, 1]."""
         if self.model.prompter is None:
-            raise ValueError("ground needs a model with a region extractor; this one has model.region_extractor='none'")
+            raise ValueError(
+                f"ground needs the Prompter's box head; this model has region_extractor={self.model.region_extractor!r}"
+            )
         if not isinstance(texts, np.ndarray | jax.Array):
             texts = np.stack([self.tokenize(row) for row in texts])
         with nn.logical_axis_rules(self.axis_rules):

@@ -170,8 +170,11 @@ def training_loss(
     flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
     region_loss = ring_softmax_loss if contrastive == "ring" else region_text_loss
     region = region_loss(flat(out["zregion"]), flat(out["zregion_text"]), valid, out["scale"], cfg.filter_threshold)
+    lam = cfg.weight * jnp.mean(valid.reshape(boxes.shape[:2]).any(axis=1))
+    metrics["loss/region"] = region
+    if "pred_boxes" not in out:  # RoIAlign regions have no grounding head
+        return loss + lam * region, metrics
     target = jnp.where(valid[:, None], flat(boxes), 0.0)
     ground = grounding_loss(flat(out["pred_boxes"]), target, valid, cfg.grounding)
-    lam = cfg.weight * jnp.mean(valid.reshape(boxes.shape[:2]).any(axis=1))
-    metrics.update({"loss/region": region, "loss/grounding": ground})
+    metrics["loss/grounding"] = ground
     return loss + lam * (region + cfg.grounding_weight * ground), metrics

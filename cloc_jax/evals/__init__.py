@@ -31,6 +31,8 @@ def run_all(config: ml_collections.ConfigDict, encoder) -> dict[str, float]:
     """Runs every configured evaluator on its split; returns {"<prefix>/<metric>": value}."""
     results = {}
     for cfg in config.evals.values():
+        if cfg.type == "grounding" and encoder.model.prompter is None:
+            continue  # only the Prompter has a grounding head (RoIAlign and CLIP-only models do not)
         source = pipeline.make_source(config.data, cfg.split, config.image_size)
         evaluator = build(cfg, source)
         batches = pipeline.eval_batches(config, source, encoder.tokenizer, config.eval_batch_size)

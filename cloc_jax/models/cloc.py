@@ -23,14 +23,15 @@ def normalize(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
 
 
-REGION_EXTRACTORS = ("none", "prompter")  # "roi_align" joins with models/region_pool.py (UMG-CLIP)
+REGION_EXTRACTORS = ("none", "prompter", "roi_align")
 
 
 class Model(nn.Module):
     image: ViT
     text: TextTower
     loss: str = "softmax"
-    prompter: Prompter | None = None
+    region_extractor: str = "none"
+    prompter: Prompter | None = None  # with region_extractor="prompter"
 
     def setup(self):
         if self.loss not in LOSSES:
@@ -85,15 +86,23 @@ class Model(nn.Module):
         [B, M, L'], the texts of the regions. Each region text is both the region's contrastive
         partner and the prompt the grounding head must turn back into the region's box.
         """
-        zimg, grid = self.encode_image(images)
+        if self.region_extractor != "none":
+            boxes = jnp.where(jnp.isfinite(boxes), boxes, 0.0)  # padding or bad input must not make NaNs
+        if self.region_extractor == "roi_align":  # RoIAlign regions come out of the same image forward
+            embedding, grid, regions = self.image(images, boxes)
+            zimg = normalize(embedding.astype(jnp.float32))
+        else:
+            zimg, grid = self.encode_image(images)
         scale, bias = self.logit_params()
         out = dict(zimg=zimg, ztxt=self.encode_text(tokens), grid=grid, scale=scale)
         if bias is not None:
             out["bias"] = bias
-        if self.prompter is not None:
-            boxes = jnp.where(jnp.isfinite(boxes), boxes, 0.0)  # padding or bad input must not make NaNs
-            out["zregion"] = self.encode_regions(grid, boxes)
+        if self.region_extractor != "none":
             out["zregion_text"] = self.encode_texts(region_tokens)
+        if self.region_extractor == "roi_align":
+            out["zregion"] = normalize(regions.astype(jnp.float32))
+        elif self.prompter is not None:
+            out["zregion"] = self.encode_regions(grid, boxes)
             out["pred_boxes"] = self.ground(grid, out["zregion_text"])
         return out
 
@@ -104,9 +113,16 @@ def build_model(model: ml_collections.ConfigDict, image_size: int, vocab_size: i
     patch = vit_size(model.image.variant).patch
     if image_size % patch:
         raise ValueError(f"image_size={image_size} is not divisible by the patch size {patch} of {model.image.variant}")
+    if model.region_extractor not in REGION_EXTRACTORS:
+        raise ValueError(f"model.region_extractor={model.region_extractor!r}; choose one of {REGION_EXTRACTORS}")
     common = dict(out_dim=model.embed_dim, scan=model.scan, remat=model.remat, dtype=dtype)
     image = ViT(
-        variant=model.image.variant, pool=model.image.pool, posemb_grid=image_size // patch, **common, name="image"
+        variant=model.image.variant,
+        pool=model.image.pool,
+        posemb_grid=image_size // patch,
+        region_pool="roi_align" if model.region_extractor == "roi_align" else "coverage",
+        **common,
+        name="image",
     )
     text = TextTower(
         vocab_size=vocab_size,
@@ -118,13 +134,7 @@ def build_model(model: ml_collections.ConfigDict, image_size: int, vocab_size: i
         **common,
         name="text",
     )
-    if model.region_extractor == "roi_align":
-        raise ValueError(
-            "model.region_extractor='roi_align' needs the RoIAlign op of the UMG-CLIP issue; use 'prompter'"
-        )
-    if model.region_extractor not in REGION_EXTRACTORS:
-        raise ValueError(f"model.region_extractor={model.region_extractor!r}; choose one of {REGION_EXTRACTORS}")
     prompter = None
     if model.region_extractor == "prompter":
         prompter = Prompter(width=vit_size(model.image.variant).width, out_dim=model.embed_dim, dtype=dtype)
-    return Model(image=image, text=text, loss=model.loss, prompter=prompter)
+    return Model(image=image, text=text, loss=model.loss, region_extractor=model.region_extractor, prompter=prompter)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from cloc_jax.boxes import cell_coverage
 from cloc_jax.models.layers import Attention, Dtype, Encoder, Mlp, constrain, layer_norm, logical
+from cloc_jax.models.region_pool import roi_align
 
 # name -> (width, depth, heads, mlp_dim); patch size comes after the slash: "B/16".
 VARIANTS = {
@@ -24,6 +25,8 @@ VARIANTS = {
     "So400m": (1152, 27, 16, 4304),
 }
 POOLS = ("cls", "map", "gap")
+REGION_POOLS = ("coverage", "roi_align")
+ROI_SIZE = 4  # RoIAlign bins per side (2 samples each), averaged into one region token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +85,16 @@ class ViT(nn.Module):
     out_dim: int = 512
     scan: bool = True
     remat: str = "none"
+    region_pool: str = "coverage"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array, boxes: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """-> (embedding [B, out_dim], grid [B, h, w, D], box-pooled embeddings [B, M, out_dim] or None).
 
-        Box pooling is the CLIP-only way to get regions from tokens: each box averages the grid weighted
-        by how much of each token's cell it covers, then takes the same norm and projection as the image.
+        Boxes [B, M, 4] (xyxy in [0, 1]) pool the grid, then take the same norm and projection as the
+        image: "coverage" averages tokens weighted by how much of each token's cell the box covers (the
+        CLIP-only baseline); "roi_align" is UMG-CLIP's RoIAlign on the token grid.
         """
         if self.pool not in POOLS:
             raise ValueError(f"pool={self.pool!r}; choose one of {POOLS}")
@@ -138,5 +143,10 @@ class ViT(nn.Module):
         )
         regions = None
         if boxes is not None:
-            regions = proj(ln_post(jnp.einsum("bmn,bnd->bmd", cell_coverage(boxes, h, w), x_grid(grid))))
+            if self.region_pool == "roi_align":
+                scale = jnp.array([w, h, w, h], jnp.float32)
+                pooled_regions = roi_align(grid, boxes * scale, ROI_SIZE).mean(axis=(2, 3))
+            else:
+                pooled_regions = jnp.einsum("bmn,bnd->bmd", cell_coverage(boxes, h, w), x_grid(grid))
+            regions = proj(ln_post(pooled_regions))
         return proj(pooled), grid, regions
