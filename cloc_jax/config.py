@@ -47,7 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 32_768
     c.num_steps = 439_087
     c.model = dict(
-        image=dict(variant="B/16", pool="map"),
+        # cluster_ratio > 0: UMG-CLIP token clustering (that fraction of tokens merged after cluster_layer)
+        image=dict(variant="B/16", pool="map", cluster_ratio=0.0, cluster_layer=2),
         text=dict(width=512, depth=12, heads=8, mlp_dim=2048),
         embed_dim=512,
         loss="softmax",  # or "sigmoid" (SigLIP, adds a learnable bias)

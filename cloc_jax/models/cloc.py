@@ -121,6 +121,8 @@ def build_model(model: ml_collections.ConfigDict, image_size: int, vocab_size: i
         pool=model.image.pool,
         posemb_grid=image_size // patch,
         region_pool="roi_align" if model.region_extractor == "roi_align" else "coverage",
+        cluster_ratio=model.image.cluster_ratio,
+        cluster_layer=model.image.cluster_layer,
         **common,
         name="image",
     )

@@ -120,7 +120,9 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; (x, carry) signature so `nn.scan` can stack it."""
+    """Pre-LayerNorm transformer block; (x, bias) -> (x, None) so `nn.scan` can stack it.
+
+    `bias` (broadcastable to [B, heads, T, T], or None) is added to the attention logits."""
 
     heads: int
     mlp_dim: int
@@ -128,10 +130,10 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> tuple[jax.Array, None]:
         x = constrain(x, ("batch", "length", "embed"))
         y = layer_norm("ln1", self.dtype)(x)
-        x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(y, y)
+        x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(y, y, bias)
         y = layer_norm("ln2", self.dtype)(x)
         x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
         return constrain(x, ("batch", "length", "embed")), None
@@ -152,7 +154,7 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
         block = Block
         if self.remat != "none":
             if self.remat not in REMAT_POLICIES:
@@ -164,11 +166,12 @@ class Encoder(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,),
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(**kwargs, name="blocks")(x, None)
+            x, _ = stack(**kwargs, name="blocks")(x, bias)
         else:
             for i in range(self.depth):
-                x, _ = block(**kwargs, name=f"block_{i}")(x, None)
+                x, _ = block(**kwargs, name=f"block_{i}")(x, bias)
         return x

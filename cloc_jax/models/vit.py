@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cloc_jax.boxes import cell_coverage
+from cloc_jax.models.clustering import cluster, num_clusters, unfold
 from cloc_jax.models.layers import Attention, Dtype, Encoder, Mlp, constrain, layer_norm, logical
 from cloc_jax.models.region_pool import roi_align
 
@@ -76,6 +77,12 @@ class MapHead(nn.Module):
         return x[:, 0]
 
 
+def _check_clustering(ratio: float, layer: int, depth: int, tokens: int) -> None:
+    num_clusters(tokens, ratio)  # validates the ratio
+    if ratio > 0 and not 0 < layer < depth:
+        raise ValueError(f"cluster_layer={layer} must be between 1 and depth - 1 = {depth - 1}")
+
+
 class ViT(nn.Module):
     """Images [B, H, W, 3] -> (embedding [B, out_dim], token grid [B, H/p, W/p, width])."""
 
@@ -86,6 +93,8 @@ class ViT(nn.Module):
     scan: bool = True
     remat: str = "none"
     region_pool: str = "coverage"
+    cluster_ratio: float = 0.0  # UMG-CLIP token clustering: drop this fraction of tokens after cluster_layer
+    cluster_layer: int = 2
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -122,9 +131,7 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)).astype(x.dtype), x], axis=1)
             num_prefix = 1
         x = constrain(layer_norm("ln_pre", self.dtype)(x), ("batch", "length", "embed"))
-        x = Encoder(
-            size.depth, size.heads, size.mlp_dim, scan=self.scan, remat=self.remat, dtype=self.dtype, name="encoder"
-        )(x)
+        x = self._encode(x, size, num_prefix)
         grid = x[:, num_prefix:].reshape(batch, h, w, width)
         ln_post = layer_norm("ln_post", self.dtype)
         x = ln_post(x)
@@ -150,3 +157,17 @@ class ViT(nn.Module):
                 pooled_regions = jnp.einsum("bmn,bnd->bmd", cell_coverage(boxes, h, w), x_grid(grid))
             regions = proj(ln_post(pooled_regions))
         return proj(pooled), grid, regions
+
+    def _encode(self, x: jax.Array, size: ViTSize, num_prefix: int) -> jax.Array:
+        """The transformer, with token clustering after `cluster_layer` when `cluster_ratio` > 0."""
+        blocks = dict(heads=size.heads, mlp_dim=size.mlp_dim, scan=self.scan, remat=self.remat, dtype=self.dtype)
+        _check_clustering(self.cluster_ratio, self.cluster_layer, size.depth, x.shape[1] - num_prefix)
+        if self.cluster_ratio == 0:
+            return Encoder(size.depth, **blocks, name="encoder")(x)
+        x = Encoder(self.cluster_layer, **blocks, name="encoder")(x)
+        prefix, tokens = x[:, :num_prefix], x[:, num_prefix:]
+        merged, assign, log_sizes = cluster(tokens, self.cluster_ratio)
+        log_sizes = jnp.concatenate([jnp.zeros((x.shape[0], num_prefix)), log_sizes], axis=1)
+        y = jnp.concatenate([prefix, merged], axis=1)
+        y = Encoder(size.depth - self.cluster_layer, **blocks, name="encoder_clustered")(y, log_sizes[:, None, None, :])
+        return jnp.concatenate([y[:, :num_prefix], unfold(y[:, num_prefix:], assign)], axis=1)

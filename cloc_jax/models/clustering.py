@@ -1,0 +1,54 @@
+"""Token clustering that reduces, then unfolds (UMG-CLIP, after AiluRus / DPC-kNN).
+
+At an intermediate layer the N tokens are summarised by K = round((1 - r) N) representatives chosen by
+density peaks: a token scores high when its k nearest neighbours are close (dense) and every denser
+token is far (a peak, not a slope). Each token joins its nearest representative; clusters are merged
+by mean, the remaining layers run on K tokens with attention biased by log(cluster size) (a merged
+token counts for its members), and at the end every token takes its cluster's output, so region
+heads see the full grid. All shapes are static (top-k, one-hot assignment matrices, einsums).
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def num_clusters(tokens: int, ratio: float) -> int:
+    """K = round((1 - ratio) * tokens); one-line error for a ratio outside [0, 1)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"cluster ratio r={ratio} must be in [0, 1)")
+    return max(1, round((1.0 - ratio) * tokens))
+
+
+def density_peak_centres(x: jax.Array, k: int, knn: int = 5) -> jax.Array:
+    """x [B, N, D] -> indices [B, K] of the K density peaks (highest density x separation first)."""
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
+    n, dim = x.shape[1], x.shape[2]
+    sq = jnp.sum(x * x, axis=-1)
+    dist = jnp.sqrt(jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2 * x @ x.transpose(0, 2, 1), 0.0) / dim)
+    nearest = -jax.lax.top_k(-dist, min(knn + 1, n))[0][..., 1:]  # k nearest, excluding itself
+    density = jnp.exp(-jnp.mean(nearest**2, axis=-1))
+    density = density + jnp.arange(n) * 1e-6 * jnp.max(density, axis=-1, keepdims=True) / n  # break ties
+    denser = density[:, None, :] > density[:, :, None]  # [B, i, j]: j is denser than i
+    far = jnp.max(dist, axis=-1, keepdims=True)
+    separation = jnp.min(jnp.where(denser, dist, far), axis=-1)  # the densest token gets the largest distance
+    return jax.lax.top_k(density * separation, k)[1]
+
+
+def cluster(x: jax.Array, ratio: float, knn: int = 5) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, N, D] -> (merged tokens [B, K, D], assignment one-hot [B, N, K], log cluster sizes [B, K])."""
+    k = num_clusters(x.shape[1], ratio)
+    centres = density_peak_centres(x, k, knn)
+    xf = jax.lax.stop_gradient(x).astype(jnp.float32)
+    is_centre = jax.nn.one_hot(centres, x.shape[1], dtype=jnp.float32).transpose(0, 2, 1)  # [B, N, K]
+    picked = jnp.einsum("bnk,bnd->bkd", is_centre, xf)  # a one-hot matmul, not a gather
+    dist = jnp.sum(picked * picked, -1)[:, None, :] - 2 * jnp.einsum("bnd,bkd->bnk", xf, picked)  # + |x|^2
+    dist = jnp.where(is_centre > 0, -jnp.inf, dist)  # a representative always belongs to its own cluster
+    assign = jax.nn.one_hot(jnp.argmin(dist, axis=-1), k, dtype=x.dtype)  # [B, N, K]
+    sizes = jnp.sum(assign, axis=1)  # [B, K], each >= 1
+    merged = jnp.einsum("bnk,bnd->bkd", assign, x) / sizes[..., None]
+    return merged, assign, jnp.log(sizes.astype(jnp.float32))
+
+
+def unfold(merged: jax.Array, assign: jax.Array) -> jax.Array:
+    """[B, K, D] + assignment [B, N, K] -> [B, N, D]: every token takes its cluster's output."""
+    return jnp.einsum("bnk,bkd->bnd", assign, merged)

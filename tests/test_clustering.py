@@ -1,0 +1,92 @@
+"""Token clustering: density peaks against a NumPy loop, merge/unfold, the log-size attention bias, ViT."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cloc_jax.models.clustering import cluster, density_peak_centres, num_clusters, unfold
+from cloc_jax.models.layers import Attention
+from cloc_jax.models.vit import ViT
+
+
+def reference_centres(x: np.ndarray, k: int, knn: int) -> set[int]:
+    """DPC-kNN in float64 loops: density from the k nearest neighbours, separation from denser tokens."""
+    n, dim = x.shape
+    dist = np.array([[np.linalg.norm(x[i] - x[j]) / np.sqrt(dim) for j in range(n)] for i in range(n)])
+    density = np.array([np.exp(-np.mean(np.sort(dist[i])[1 : knn + 1] ** 2)) for i in range(n)])
+    density = density + np.arange(n) * 1e-6 * density.max() / n
+    score = []
+    for i in range(n):
+        denser = [dist[i, j] for j in range(n) if density[j] > density[i]]
+        score.append(density[i] * (min(denser) if denser else dist[i].max()))
+    return set(np.argsort(score)[::-1][:k].tolist())
+
+
+def test_density_peaks_match_the_reference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 40, 8))
+    got = np.asarray(density_peak_centres(jnp.asarray(x, jnp.float32), 10, knn=4))
+    for b in range(2):
+        assert set(got[b].tolist()) == reference_centres(x[b], 10, 4)
+
+
+def test_clusters_recover_well_separated_groups_and_merge_by_mean():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 16)) * 10
+    labels = rng.permutation(np.repeat(np.arange(4), 8))  # 32 tokens, 4 groups of 8
+    x = centres[labels] + rng.normal(size=(32, 16)) * 0.01
+    merged, assign, log_sizes = cluster(jnp.asarray(x[None], jnp.float32), ratio=0.875, knn=3)  # K = 4
+    assign = np.asarray(assign[0]).argmax(-1)
+    for group in range(4):  # one cluster per group, and the group is whole
+        assert len(set(assign[labels == group])) == 1
+    assert len(set(assign)) == 4
+    np.testing.assert_allclose(np.exp(log_sizes[0]), 8.0, rtol=1e-6)
+    for c in range(4):
+        np.testing.assert_allclose(merged[0, c], x[assign == c].mean(0), atol=1e-4)
+    unfolded = np.asarray(unfold(merged, jax.nn.one_hot(assign[None], 4)))
+    np.testing.assert_allclose(unfolded[0], np.asarray(merged[0])[assign], atol=1e-6)
+
+
+def test_log_size_bias_makes_merged_tokens_count_for_their_members():
+    """With identical tokens inside each cluster, attending to K merged tokens biased by log(size)
+    is exactly attending to all N tokens."""
+    rng = np.random.default_rng(2)
+    groups = rng.normal(size=(1, 5, 32)).astype(np.float32)
+    sizes = np.array([1, 2, 3, 4, 6])
+    full = np.repeat(groups, sizes, axis=1)  # [1, 16, 32]
+    queries = rng.normal(size=(1, 3, 32)).astype(np.float32)
+    attn = Attention(heads=4)
+    params = attn.init(jax.random.key(0), queries, full)
+    want = attn.apply(params, queries, full)
+    bias = jnp.log(jnp.asarray(sizes, jnp.float32))[None, None, None, :]
+    got = attn.apply(params, queries, groups, bias)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_vit_with_clustering_returns_the_full_grid_and_trains():
+    vit = ViT(variant="mu/8", posemb_grid=4, out_dim=16, cluster_ratio=0.75, cluster_layer=2, scan=False)
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    params = vit.init(jax.random.key(0), images)
+    assert "encoder_clustered" in params["params"]
+    emb, grid, _ = jax.jit(vit.apply)(params, images)
+    assert emb.shape == (2, 16) and grid.shape == (2, 4, 4, 128)
+    flat = np.asarray(grid).reshape(2, 16, 128)
+    assert len({tuple(np.round(t, 5)) for t in flat[0]}) == num_clusters(16, 0.75)  # 4 distinct token outputs
+    grads = jax.grad(lambda p: jnp.sum(vit.apply(p, images)[0] ** 2))(params)
+    leaves = jax.tree.leaves(grads["params"]["encoder"])
+    assert all(np.isfinite(g).all() for g in leaves) and any(np.abs(g).max() > 0 for g in leaves)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(cluster_ratio=1.0), r"cluster ratio r=1.0 must be in \[0, 1\)"),
+        (dict(cluster_ratio=-0.5), r"cluster ratio r=-0.5 must be in \[0, 1\)"),
+        (dict(cluster_ratio=0.5, cluster_layer=4), "cluster_layer=4 must be between 1 and depth - 1 = 3"),
+    ],
+)
+def test_bad_clustering_settings_are_one_line(kwargs, message):
+    vit = ViT(variant="mu/8", posemb_grid=4, out_dim=16, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        vit.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
