@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
         grounding="l2",  # the paper's L2; or "l1_giou"
         grounding_weight=1.0,
     )
+    # UMG-CLIP tag supervision: image tags and region class labels embedded by the text tower, Smooth L1
+    # (beta) between cosine similarity and the multi-hot target; 0 weights turn it off.
+    c.tags = dict(image_weight=0.0, region_weight=0.0, beta=0.1)
     c.data = dict(
         source="scenes",
         train_size=1_000_000,

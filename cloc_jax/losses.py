@@ -157,12 +157,41 @@ def grounding_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, kind: s
     return jnp.sum(jnp.where(valid, per_box, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
+def tag_loss(z: jax.Array, ztag: jax.Array, target: jax.Array, valid: jax.Array, beta: float) -> jax.Array:
+    """UMG-CLIP's tag loss: Smooth L1 between cosine similarity and a multi-hot target (labels overlap,
+    so each tag is its own regression). z [R, E], ztag [T, E] unit vectors, target [R, T], valid [R]."""
+    per_tag = optax.huber_loss(z @ ztag.T, target, delta=beta) / beta
+    return jnp.sum(jnp.where(valid[:, None], per_tag, 0.0)) / (jnp.maximum(valid.sum(), 1) * ztag.shape[0])
+
+
+def _tag_losses(out: dict, batch: dict, tags) -> dict[str, jax.Array]:
+    """Weighted image-tag and region-tag losses, keyed by metric name."""
+    losses = {}
+    if tags.image_weight > 0:
+        valid = jnp.ones(out["zimg"].shape[:1], bool)
+        losses["loss/image_tags"] = tag_loss(out["zimg"], out["ztag"], batch["image_tags"], valid, tags.beta)
+    if tags.region_weight > 0:
+        if "zregion" not in out:
+            raise ValueError("tags.region_weight > 0 needs region embeddings: set model.region_extractor")
+        labels = batch["region_labels"].reshape(-1)
+        target = jax.nn.one_hot(labels, out["ztag"].shape[0])  # label -1 (padding) is all zeros
+        z = out["zregion"].reshape(-1, out["zregion"].shape[-1])
+        losses["loss/region_tags"] = tag_loss(z, out["ztag"], target, labels >= 0, tags.beta)
+    return losses
+
+
 def training_loss(
-    out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg, contrastive: str = "global"
+    out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg, contrastive: str = "global", tags=None
 ) -> tuple[jax.Array, dict]:
-    """L = L_CLIP + lambda (L_region + w L_grounding), lambda = weight x fraction of images with regions."""
+    """L = L_CLIP + lambda (L_region + w L_grounding) + tag losses, lambda = weight x fraction of images
+    with regions; `tags` (config.tags) weighs the image- and region-tag losses."""
     loss = image_text_loss(out, contrastive)
     metrics = {"loss/image_text": loss}
+    if tags is not None:
+        tag_terms = _tag_losses(out, batch, tags)
+        metrics.update(tag_terms)
+        weights = {"loss/image_tags": tags.image_weight, "loss/region_tags": tags.region_weight}
+        loss = loss + sum(weights[k] * v for k, v in tag_terms.items())
     if "zregion" not in out:
         return loss, metrics
     boxes = batch["boxes"]

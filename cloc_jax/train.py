@@ -12,7 +12,7 @@ import ml_collections
 import optax
 from tqdm import tqdm
 
-from cloc_jax import evals, sharding
+from cloc_jax import evals, sharding, tokenizers
 from cloc_jax.checkpoint import Checkpoints, build_from_spec, model_spec
 from cloc_jax.data import pipeline
 from cloc_jax.inference import Encoder
@@ -45,7 +45,12 @@ def model_inputs(config: ml_collections.ConfigDict, batch: dict) -> dict:
 def dummy_batch(config: ml_collections.ConfigDict, batch: int = 1) -> dict:
     """Zeros shaped like a real batch (for initialisation and compilation)."""
     side, m = config.image_size, config.data.max_regions
+    tags = {}
+    if pipeline.tags_enabled(config):
+        num_tags = len(pipeline.make_source(config.data, "train", config.image_size).class_names)
+        tags["image_tags"] = jnp.zeros((batch, num_tags), jnp.float32)
     return dict(
+        **tags,
         image=jnp.zeros((batch, side, side, 3), jnp.float32),
         tokens=jnp.zeros((batch, config.tokenizer.context_length), jnp.int32),
         boxes=jnp.zeros((batch, m, 4), jnp.float32),
@@ -78,10 +83,16 @@ def init_state(config, model: Model, tx: optax.GradientTransformation, mesh) -> 
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: Model, tx: optax.GradientTransformation):
+    tags = None
+    if pipeline.tags_enabled(config):  # the tag vocabulary is a constant of the step
+        tags = jnp.asarray(pipeline.tag_tokens(config, tokenizers.from_spec(config.tokenizer.to_dict())))
+
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params):
-            out = model.apply({"params": params}, **model_inputs(config, batch))
-            loss, parts = training_loss(out, batch, config.region_loss, config.contrastive)
+            out = model.apply({"params": params}, **model_inputs(config, batch), tag_tokens=tags)
+            loss, parts = training_loss(
+                out, batch, config.region_loss, config.contrastive, config.tags if tags is not None else None
+            )
             return loss, (out, parts)
 
         (loss, (out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

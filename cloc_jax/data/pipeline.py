@@ -39,8 +39,10 @@ class Preprocess(grain.transforms.RandomMap):
         tokenizer_cfg: ml_collections.ConfigDict,
         max_regions: int,
         referring_prob: float = 0,
+        num_tags: int = 0,
     ):
         self.tokenizer, self.max_regions, self.referring_prob = tokenizer, max_regions, referring_prob
+        self.num_tags = num_tags  # > 0: a multi-hot `image_tags` [num_tags] from the record's tag indices
         self.context_length, self.region_context_length = (
             tokenizer_cfg.context_length,
             tokenizer_cfg.region_context_length,
@@ -73,7 +75,7 @@ class Preprocess(grain.transforms.RandomMap):
         texts, referring = pick("region_texts"), pick("referring")
         if rng is not None:  # training: some regions are described by their referring expression instead
             texts = [r if rng.random() < self.referring_prob else t for t, r in zip(texts, referring)]
-        return dict(
+        out = dict(
             index=np.int64(record["index"]),
             image=record["image"].astype(np.float32) / 127.5 - 1.0,
             tokens=tokenize(self.tokenizer, [record["caption"]], self.context_length)[0],
@@ -85,6 +87,20 @@ class Preprocess(grain.transforms.RandomMap):
             referring_tokens=self._region_texts(referring),
             dropped_boxes=np.int32(len(keep) - keep.sum()),
         )
+        if self.num_tags:
+            out["image_tags"] = np.zeros(self.num_tags, np.float32)
+            out["image_tags"][np.asarray(record["tags"], np.int64)] = 1.0
+        return out
+
+
+def tags_enabled(config: ml_collections.ConfigDict) -> bool:
+    return config.tags.image_weight > 0 or config.tags.region_weight > 0
+
+
+def tag_tokens(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> np.ndarray:
+    """The tag vocabulary (the source's class names) as region-length tokens [T, L']."""
+    names = make_source(config.data, "train", config.image_size).class_names
+    return tokenize(tokenizer, list(names), config.tokenizer.region_context_length)
 
 
 def per_host_batch_size(batch_size: int) -> int:
@@ -98,7 +114,8 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> g
     source = make_source(config.data, "train", config.image_size)
     ds = grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()]
     ds = ds.shuffle(seed=config.data.seed).repeat()
-    prep = Preprocess(tokenizer, config.tokenizer, config.data.max_regions, config.data.referring_prob)
+    num_tags = len(source.class_names) if tags_enabled(config) else 0
+    prep = Preprocess(tokenizer, config.tokenizer, config.data.max_regions, config.data.referring_prob, num_tags)
     ds = ds.random_map(prep, seed=config.data.seed)
     ds = ds.batch(per_host_batch_size(config.batch_size), drop_remainder=True)
     options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)

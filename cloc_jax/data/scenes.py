@@ -119,6 +119,7 @@ class Scenes:
             boxes=boxes.clip(0, 1),
             region_texts=region_texts,
             region_labels=np.array(kept, np.int32),
+            tags=np.unique(np.array(kept, np.int32)),  # image-level tags: indices into class_names
             referring=referring,
             label=np.int32(kept[int(np.argmax(areas))]),  # the largest object names the image
         )

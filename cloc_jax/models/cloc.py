@@ -79,12 +79,14 @@ class Model(nn.Module):
         tokens: jax.Array,
         boxes: jax.Array | None = None,
         region_tokens: jax.Array | None = None,
+        tag_tokens: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """One image forward serves the image embedding and every region prompt.
 
         images [B, H, W, 3], tokens [B, L]; with a prompter also boxes [B, M, 4] and region_tokens
         [B, M, L'], the texts of the regions. Each region text is both the region's contrastive
-        partner and the prompt the grounding head must turn back into the region's box.
+        partner and the prompt the grounding head must turn back into the region's box. With
+        tag_tokens [T, L'] (a tag vocabulary) the text tower also embeds the tags -> ztag [T, E].
         """
         if self.region_extractor != "none":
             boxes = jnp.where(jnp.isfinite(boxes), boxes, 0.0)  # padding or bad input must not make NaNs
@@ -97,6 +99,8 @@ class Model(nn.Module):
         out = dict(zimg=zimg, ztxt=self.encode_text(tokens), grid=grid, scale=scale)
         if bias is not None:
             out["bias"] = bias
+        if tag_tokens is not None:
+            out["ztag"] = self.encode_text(tag_tokens)
         if self.region_extractor != "none":
             out["zregion_text"] = self.encode_texts(region_tokens)
         if self.region_extractor == "roi_align":

@@ -1,0 +1,83 @@
+"""UMG-CLIP tag supervision: Smooth L1 against multi-hot targets (float64 reference), and a step with tags."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cloc_jax.data import pipeline
+from cloc_jax.losses import tag_loss, training_loss
+from cloc_jax.train import build
+from tests.conftest import tiny_config
+
+
+def _smooth_l1(x, beta):
+    return np.where(np.abs(x) < beta, 0.5 * x**2 / beta, np.abs(x) - 0.5 * beta)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_tag_loss_matches_a_float64_reference_with_masking():
+    rng = np.random.default_rng(0)
+    z, ztag = _unit(rng.normal(size=(6, 8))), _unit(rng.normal(size=(5, 8)))
+    target = (rng.random((6, 5)) < 0.4).astype(np.float64)  # overlapping labels: several tags per row
+    valid = np.array([1, 1, 0, 1, 0, 1], bool)
+    total = 0.0
+    for r in np.flatnonzero(valid):
+        for t in range(5):
+            total += _smooth_l1(z[r] @ ztag[t] - target[r, t], 0.1)
+    want = total / (valid.sum() * 5)
+    got = tag_loss(*(jnp.asarray(a, jnp.float32) for a in (z, ztag, target)), jnp.asarray(valid), 0.1)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_training_loss_adds_weighted_image_and_region_tag_terms():
+    rng = np.random.default_rng(1)
+    out = dict(
+        zimg=_unit(rng.normal(size=(2, 8))),
+        ztxt=_unit(rng.normal(size=(2, 8))),
+        scale=10.0,
+        zregion=_unit(rng.normal(size=(2, 3, 8))),
+        zregion_text=_unit(rng.normal(size=(2, 3, 8))),
+        ztag=_unit(rng.normal(size=(4, 8))),
+    )
+    batch = dict(
+        boxes=np.tile(np.array([0.1, 0.1, 0.5, 0.5], np.float32), (2, 3, 1)),
+        region_mask=np.array([[1, 1, 0], [1, 0, 0]], bool),
+        region_labels=np.array([[2, 0, -1], [3, -1, -1]]),
+        image_tags=np.array([[1, 0, 1, 0], [0, 0, 0, 1]], np.float32),
+    )
+    out, batch = jax.tree.map(jnp.asarray, (out, batch))
+    region_cfg = ml_collections.ConfigDict(dict(weight=1.0, filter_threshold=0.9, grounding="l2", grounding_weight=1.0))
+    tags = ml_collections.ConfigDict(dict(image_weight=0.5, region_weight=2.0, beta=0.1))
+    base, _ = training_loss(out, batch, region_cfg)
+    loss, parts = training_loss(out, batch, region_cfg, tags=tags)
+    image = tag_loss(out["zimg"], out["ztag"], batch["image_tags"], jnp.ones(2, bool), 0.1)
+    labels = np.array([2, 0, 3])
+    region = tag_loss(out["zregion"][np.array([0, 0, 1]), np.array([0, 1, 0])], out["ztag"], np.eye(4)[labels],
+                      jnp.ones(3, bool), 0.1)  # fmt: skip
+    assert float(parts["loss/image_tags"]) == pytest.approx(float(image), rel=1e-6)
+    assert float(parts["loss/region_tags"]) == pytest.approx(float(region), rel=1e-6)
+    assert float(loss) == pytest.approx(float(base + 0.5 * image + 2.0 * region), rel=1e-6)
+
+
+def test_pipeline_makes_multi_hot_image_tags_from_the_objects():
+    config = tiny_config(**{"tags.image_weight": 1.0})
+    tokenizer, _, _ = build(config)
+    batch = next(pipeline.train_iterator(config, tokenizer))
+    source = pipeline.make_source(config.data, "train", config.image_size)
+    assert batch["image_tags"].shape == (16, len(source.class_names))
+    for row in range(16):
+        record = source[int(batch["index"][row])]
+        assert set(np.flatnonzero(batch["image_tags"][row])) == set(record["region_labels"].tolist())
+    assert pipeline.tag_tokens(config, tokenizer).shape == (len(source.class_names), 24)
+
+
+def test_region_tags_without_regions_are_one_line():
+    out = dict(zimg=jnp.ones((2, 4)) / 2, ztxt=jnp.ones((2, 4)) / 2, scale=1.0, ztag=jnp.ones((3, 4)) / 2)
+    tags = ml_collections.ConfigDict(dict(image_weight=0.0, region_weight=1.0, beta=0.1))
+    with pytest.raises(ValueError, match="needs region embeddings"):
+        training_loss(out, dict(region_labels=jnp.zeros((2, 1), int)), None, tags=tags)
