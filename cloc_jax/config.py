@@ -48,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_steps = 439_087
     c.model = dict(
         # cluster_ratio > 0: UMG-CLIP token clustering (that fraction of tokens merged after cluster_layer)
-        image=dict(variant="B/16", pool="map", cluster_ratio=0.0, cluster_layer=2),
+        # adapter_dim > 0: Convpass adapters in every image block (PET; train them with optim.trainable)
+        image=dict(variant="B/16", pool="map", cluster_ratio=0.0, cluster_layer=2, adapter_dim=0),
         text=dict(width=512, depth=12, heads=8, mlp_dim=2048),
         embed_dim=512,
         loss="softmax",  # or "sigmoid" (SigLIP, adds a learnable bias)
@@ -94,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
         clip_norm=1.0,
         image_lr_mult=1.0,
         text_lr_mult=1.0,
+        trainable=(),  # () trains everything; ("adapter", "map_head") trains only matching parameters
     )
     # In-slice mesh (one axis may be -1 = the rest) x `slices` data-parallel copies over DCN.
     c.mesh = dict(data=-1, fsdp=1, tensor=1, slices=1)
@@ -110,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
         region_retrieval=dict(type="region_retrieval", split="heldout"),
         grounding=dict(type="grounding", split="heldout"),
     )
+    c.init_from = ""  # an exported model (python -m cloc_jax.export) to start from, e.g. for adapter tuning
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     return c
@@ -137,6 +140,18 @@ def clip_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.unlock()
     c.model.region_extractor = "none"
     del c.evals["grounding"]
+    c.lock()
+    return c
+
+
+def umg(c: ml_collections.ConfigDict, cluster_ratio: float = 0.75) -> ml_collections.ConfigDict:
+    """UMG-CLIP on top of a CLOC config: RoIAlign regions, token clustering after the 2nd layer (as
+    AiluRus), image and region tag losses. From scratch (EVA-CLIP initialisation needs weight import)."""
+    c.unlock()
+    c.model.region_extractor = "roi_align"
+    c.model.image.update(cluster_ratio=cluster_ratio, cluster_layer=2)
+    c.tags.update(image_weight=1.0, region_weight=1.0)
+    del c.evals["grounding"]  # RoIAlign regions have no grounding head
     c.lock()
     return c
 

@@ -57,7 +57,8 @@ def _abstract_params(model, spec: dict):
             boxes=jax.ShapeDtypeStruct((1, 1, 4), jnp.float32),
             region_tokens=jax.ShapeDtypeStruct((1, 1, context), jnp.int32),
         )
-    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images, tokens, **regions)["params"])
+    init = lambda *args, **kw: model.init(jax.random.key(0), *args, **kw)  # noqa: E731 (key traced too)
+    shapes = nn.unbox(jax.eval_shape(init, images, tokens, **regions)["params"])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
 

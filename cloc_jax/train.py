@@ -15,10 +15,12 @@ from tqdm import tqdm
 from cloc_jax import evals, sharding, tokenizers
 from cloc_jax.checkpoint import Checkpoints, build_from_spec, model_spec
 from cloc_jax.data import pipeline
+from cloc_jax.export import load
 from cloc_jax.inference import Encoder
 from cloc_jax.losses import training_loss
 from cloc_jax.metrics import MetricWriter
 from cloc_jax.models.cloc import Model
+from cloc_jax.models.vit import merge_clustered_encoder
 from cloc_jax.optim import learning_rate, make_optimizer
 
 
@@ -82,6 +84,27 @@ def init_state(config, model: Model, tx: optax.GradientTransformation, mesh) -> 
     return state, shapes
 
 
+def init_from(state: TrainState, pretrained, directory: str) -> TrainState:
+    """Copies an exported model's parameters (`pretrained`, loaded from `directory`, the output of
+    `python -m cloc_jax.export`) into a fresh state.
+
+    Parameters the new model adds (adapters, new heads) keep their initialisation; an exported
+    parameter the new model lacks, or one with another shape, is an error. A model trained with
+    token clustering can continue without it (its two encoder stacks become one)."""
+    loaded = flax.traverse_util.flatten_dict(pretrained, sep="/")
+    fresh = flax.traverse_util.flatten_dict(state.params, sep="/")
+    if any("encoder_clustered" in k for k in loaded) and not any("encoder_clustered" in k for k in fresh):
+        loaded = merge_clustered_encoder(loaded)  # trained with token clustering, continued without
+    if missing := sorted(set(loaded) - set(fresh)):
+        raise ValueError(f"init_from={directory}: the model has no parameter {missing[0]} (different model?)")
+    for key, value in loaded.items():
+        if value.shape != fresh[key].shape:
+            raise ValueError(f"init_from={directory}: {key} is {value.shape}, the model wants {fresh[key].shape}")
+        fresh[key] = jax.device_put(value, fresh[key].sharding)
+    print(f"Initialised {len(loaded)} of {len(fresh)} parameter arrays from {directory}")
+    return state.replace(params=flax.traverse_util.unflatten_dict(fresh, sep="/"))
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: Model, tx: optax.GradientTransformation):
     tags = None
     if pipeline.tags_enabled(config):  # the tag vocabulary is a constant of the step
@@ -119,10 +142,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every)
     writer = MetricWriter(workdir)
     data_iter = pipeline.train_iterator(config, tokenizer)
+    latest = ckpt.latest_step()
+    pretrained = load(config.init_from).params if config.init_from and latest is None else None
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
-        latest = ckpt.latest_step()
         if latest is None:
             state, _ = init_state(config, model, tx, mesh)
+            if config.init_from:
+                state = init_from(state, pretrained, config.init_from)
         else:
             ckpt.check_spec(latest, spec)
             state = ckpt.restore(latest, abstract_state(config, model, tx, mesh)[1], data_iter)

@@ -18,11 +18,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/ is a folder of files, not an installed package
 
 
-def tiny_config(**overrides):
-    """cloc_tiny shrunk further for unit tests: 32 px images, short texts, 8-device data parallel."""
-    from configs.cloc_tiny import get_config
+def tiny_config(name: str = "cloc_tiny", **overrides):
+    """A tiny config (cloc_tiny, umg_tiny, ...) shrunk further for unit tests: 32 px images, short
+    texts, 8-device data parallel."""
+    from cloc_jax.config import load_config_file
 
-    c = get_config()
+    c = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
     c.image_size = 32
     c.batch_size = 16
     c.num_steps = 8

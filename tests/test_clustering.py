@@ -1,5 +1,7 @@
 """Token clustering: density peaks against a NumPy loop, merge/unfold, the log-size attention bias, ViT."""
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 from cloc_jax.models.clustering import cluster, density_peak_centres, num_clusters, unfold
 from cloc_jax.models.layers import Attention
-from cloc_jax.models.vit import ViT
+from cloc_jax.models.vit import ViT, merge_clustered_encoder
 
 
 def reference_centres(x: np.ndarray, k: int, knn: int) -> set[int]:
@@ -90,3 +92,22 @@ def test_bad_clustering_settings_are_one_line(kwargs, message):
     vit = ViT(variant="mu/8", posemb_grid=4, out_dim=16, **kwargs)
     with pytest.raises(ValueError, match=message):
         vit.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_clustered_parameters_merge_into_one_encoder_in_layer_order(scan):
+    images = jnp.zeros((1, 32, 32, 3))
+    clustered = ViT(variant="mu/8", posemb_grid=4, out_dim=16, cluster_ratio=0.75, cluster_layer=1, scan=scan)
+    plain = ViT(variant="mu/8", posemb_grid=4, out_dim=16, scan=scan)
+    flat = lambda p: flax.traverse_util.flatten_dict(nn.unbox(p)["params"], sep="/")  # noqa: E731
+    params = flat(clustered.init(jax.random.key(0), images))
+    merged = merge_clustered_encoder(params)
+    target = flat(plain.init(jax.random.key(1), images))
+    assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in target.items()}
+    if scan:  # the last clustered layer is the last layer
+        last, want = merged["encoder/blocks/mlp/fc1/kernel"][-1], params["encoder_clustered/blocks/mlp/fc1/kernel"][-1]
+    else:
+        last, want = merged["encoder/block_3/mlp/fc1/kernel"], params["encoder_clustered/block_2/mlp/fc1/kernel"]
+    np.testing.assert_array_equal(last, want)
+    # the merged weights run as a plain ViT
+    assert plain.apply({"params": flax.traverse_util.unflatten_dict(merged, sep="/")}, images)[0].shape == (1, 16)

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cloc_jax.models.adapters import Convpass
+
 Dtype = Any
 
 REMAT_POLICIES = {
@@ -127,15 +129,23 @@ class Block(nn.Module):
     heads: int
     mlp_dim: int
     causal: bool = False
+    adapter_dim: int = 0  # > 0: Convpass adapters beside attention and MLP (needs adapter_grid)
+    adapter_grid: tuple[int, int] | None = None
+    adapter_scale: float = 0.1
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> tuple[jax.Array, None]:
+        def adapter(name: str, y: jax.Array) -> jax.Array:
+            if not self.adapter_dim:
+                return 0.0
+            return self.adapter_scale * Convpass(self.adapter_dim, self.adapter_grid, self.dtype, name=name)(y)
+
         x = constrain(x, ("batch", "length", "embed"))
         y = layer_norm("ln1", self.dtype)(x)
-        x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(y, y, bias)
+        x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(y, y, bias) + adapter("adapter_attn", y)
         y = layer_norm("ln2", self.dtype)(x)
-        x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
+        x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(y) + adapter("adapter_mlp", y)
         return constrain(x, ("batch", "length", "embed")), None
 
 
@@ -151,6 +161,8 @@ class Encoder(nn.Module):
     causal: bool = False
     scan: bool = True
     remat: str = "none"
+    adapter_dim: int = 0
+    adapter_grid: tuple[int, int] | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -160,7 +172,14 @@ class Encoder(nn.Module):
             if self.remat not in REMAT_POLICIES:
                 raise ValueError(f"remat={self.remat!r}; choose none or one of {sorted(REMAT_POLICIES)}")
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-        kwargs = dict(heads=self.heads, mlp_dim=self.mlp_dim, causal=self.causal, dtype=self.dtype)
+        kwargs = dict(
+            heads=self.heads,
+            mlp_dim=self.mlp_dim,
+            causal=self.causal,
+            adapter_dim=self.adapter_dim,
+            adapter_grid=self.adapter_grid,
+            dtype=self.dtype,
+        )
         if self.scan:
             stack = nn.scan(
                 block,

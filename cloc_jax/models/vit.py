@@ -9,6 +9,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cloc_jax.boxes import cell_coverage
 from cloc_jax.models.clustering import cluster, num_clusters, unfold
@@ -95,6 +96,7 @@ class ViT(nn.Module):
     region_pool: str = "coverage"
     cluster_ratio: float = 0.0  # UMG-CLIP token clustering: drop this fraction of tokens after cluster_layer
     cluster_layer: int = 2
+    adapter_dim: int = 0  # > 0: Convpass adapters (parameter-efficient tuning) in every block
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -131,7 +133,7 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)).astype(x.dtype), x], axis=1)
             num_prefix = 1
         x = constrain(layer_norm("ln_pre", self.dtype)(x), ("batch", "length", "embed"))
-        x = self._encode(x, size, num_prefix)
+        x = self._encode(x, size, num_prefix, (h, w))
         grid = x[:, num_prefix:].reshape(batch, h, w, width)
         ln_post = layer_norm("ln_post", self.dtype)
         x = ln_post(x)
@@ -158,12 +160,15 @@ class ViT(nn.Module):
             regions = proj(ln_post(pooled_regions))
         return proj(pooled), grid, regions
 
-    def _encode(self, x: jax.Array, size: ViTSize, num_prefix: int) -> jax.Array:
+    def _encode(self, x: jax.Array, size: ViTSize, num_prefix: int, grid: tuple[int, int]) -> jax.Array:
         """The transformer, with token clustering after `cluster_layer` when `cluster_ratio` > 0."""
         blocks = dict(heads=size.heads, mlp_dim=size.mlp_dim, scan=self.scan, remat=self.remat, dtype=self.dtype)
         _check_clustering(self.cluster_ratio, self.cluster_layer, size.depth, x.shape[1] - num_prefix)
         if self.cluster_ratio == 0:
-            return Encoder(size.depth, **blocks, name="encoder")(x)
+            adapters = dict(adapter_dim=self.adapter_dim, adapter_grid=grid)
+            return Encoder(size.depth, **blocks, **adapters, name="encoder")(x)
+        if self.adapter_dim:
+            raise ValueError("adapters need the full token grid: set cluster_ratio=0 for adaptation")
         x = Encoder(self.cluster_layer, **blocks, name="encoder")(x)
         prefix, tokens = x[:, :num_prefix], x[:, num_prefix:]
         merged, assign, log_sizes = cluster(tokens, self.cluster_ratio)
@@ -171,3 +176,23 @@ class ViT(nn.Module):
         y = jnp.concatenate([prefix, merged], axis=1)
         y = Encoder(size.depth - self.cluster_layer, **blocks, name="encoder_clustered")(y, log_sizes[:, None, None, :])
         return jnp.concatenate([y[:, :num_prefix], unfold(y[:, num_prefix:], assign)], axis=1)
+
+
+def merge_clustered_encoder(flat: dict) -> dict:
+    """Parameters of a ViT trained with clustering ({"a/b/c": array}) -> the same weights laid out as
+    one encoder, for running it without clustering (evaluation, adapter tuning): the layers after the
+    clustering point follow the layers before it."""
+    tail = "encoder_clustered/"
+    out = {k: v for k, v in flat.items() if tail not in k}
+    first = len({k.split("encoder/")[1].split("/")[0] for k in out if "encoder/block_" in k})  # unrolled depth
+    for key, value in flat.items():
+        if tail not in key:
+            continue
+        if "/blocks/" in key:  # scanned: stack along the layers axis
+            base = key.replace(tail, "encoder/")
+            out[base] = np.concatenate([np.asarray(out[base]), np.asarray(value)], axis=0)
+        else:  # unrolled: block_i after the clustering point becomes block_(first + i)
+            prefix, rest = key.split(tail + "block_")
+            index, rest = rest.split("/", 1)
+            out[f"{prefix}encoder/block_{int(index) + first}/{rest}"] = value
+    return out
