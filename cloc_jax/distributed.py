@@ -16,7 +16,7 @@ import jax
 EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def _on_tpu_vm() -> bool:
+def on_tpu_vm() -> bool:
     """Cloud TPU VMs expose their chips as /dev/accel* (v2-v4) or /dev/vfio/* (v5+)."""
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
@@ -31,7 +31,7 @@ def cluster_kind(env: Mapping[str, str]) -> str:
         return "explicit"
     if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
         return "slurm"
-    if _on_tpu_vm():
+    if on_tpu_vm():
         return "tpu"
     return "single"
 

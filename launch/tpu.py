@@ -44,6 +44,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    if not os.environ.get("JAX_PLATFORMS") and not distributed.on_tpu_vm():
+        jax.config.update("jax_platforms", "cuda,cpu")  # no TPU here: GPU if any, else CPU; libtpu stays quiet
     config = _CONFIG.value
     if _AOT_TOPOLOGY.value:
         devices = aot.topology_devices(_AOT_TOPOLOGY.value, config.mesh.slices)  # --config.mesh.slices=N: N slices

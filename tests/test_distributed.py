@@ -24,7 +24,7 @@ def test_slurm_with_several_tasks_lets_jax_read_slurm(monkeypatch):
     monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
     assert distributed.initialize({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == "slurm"
     assert calls == [{}]
-    monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: False)
+    monkeypatch.setattr(distributed, "on_tpu_vm", lambda: False)
     assert distributed.initialize({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) == "single"
     assert distributed.initialize({}) == "single"
     assert len(calls) == 1  # a single process never starts the distributed runtime
