@@ -7,6 +7,7 @@ loop (it returns -1 per unpriced op), so the step-time estimate compiles the ste
 the layers unrolled (`estimate=True`, slower to compile).
 """
 
+import re
 import time
 
 import flax.linen as nn
@@ -94,10 +95,16 @@ def _compile(config: ml_collections.ConfigDict, devices: list):
 def compile_for(config: ml_collections.ConfigDict, devices: list, estimate: bool = False) -> dict:
     """Compiles the training step for `devices` (real or abstract) -> memory, FLOPs and, with
     `estimate`, XLA's cost-model step time and the MFU it implies."""
-    compiled, mesh, seconds = _compile(config, devices)
-    memory = compiled.memory_analysis()
     kind = devices[0].device_kind
     peak, hbm = DEVICES.get(kind, (float("nan"), float("nan")))
+    try:
+        compiled, mesh, seconds = _compile(config, devices)
+    except jax.errors.JaxRuntimeError as e:  # XLA refuses programs that cannot fit in HBM
+        needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not needed:
+            raise
+        return _out_of_memory(config, devices, float(needed.group(1)) * 1e9 / GIB, hbm)
+    memory = compiled.memory_analysis()
     per_device = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     per_device += memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
     flops = model_flops(config) * config.batch_size
@@ -123,6 +130,28 @@ def compile_for(config: ml_collections.ConfigDict, devices: list, estimate: bool
         estimated_step_seconds=step,
         estimated_mfu=flops / (len(devices) * peak * step),
         compile_seconds=seconds,
+    )
+
+
+def _out_of_memory(config: ml_collections.ConfigDict, devices: list, temporaries_gib: float, hbm: float) -> dict:
+    """The report of a step XLA refused to compile: its temporaries alone exceed HBM."""
+    nan = float("nan")
+    return dict(
+        device_kind=devices[0].device_kind,
+        devices=len(devices),
+        mesh=dict(sharding.make_mesh(config.mesh, devices).shape),
+        batch_size=config.batch_size,
+        arguments_gib=nan,
+        outputs_gib=nan,
+        aliased_gib=nan,
+        temporaries_gib=temporaries_gib,
+        per_device_gib=temporaries_gib,  # at least
+        hbm_gib=hbm / GIB,
+        fits=False,
+        model_tflops_per_step=model_flops(config) * config.batch_size / 1e12,
+        estimated_step_seconds=nan,
+        estimated_mfu=nan,
+        compile_seconds=nan,
     )
 
 
