@@ -42,7 +42,8 @@ def main(argv):
             mfu = f"{r['estimated_mfu']:.2f}" if r["estimated_step_seconds"] > 0 else "-"
             at_least = ">" if r["arguments_gib"] != r["arguments_gib"] else ""  # NaN: XLA refused, too big
             print(
-                f"| {name} | {topology} | {r['devices']} | {mesh} | {at_least}{r['per_device_gib']:.1f} ({r['hbm_gib']:.0f}) |"
+                f"| {name} | {topology} | {r['devices']} | {mesh} |"
+                f" {at_least}{r['per_device_gib']:.1f} ({r['hbm_gib']:.0f}) |"
                 f" {'yes' if r['fits'] else 'no'} | {r['model_tflops_per_step']:.0f} | {step} | {mfu} |",
                 flush=True,
             )
