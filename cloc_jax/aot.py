@@ -158,18 +158,27 @@ def _out_of_memory(config: ml_collections.ConfigDict, devices: list, temporaries
 def format_report(name: str, report: dict) -> str:
     """The report as the lines `launch/tpu.py --aot_topology` prints."""
     r = report
-    return "\n".join(
-        [
-            f"{name}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, batch {r['batch_size']}",
+    known = lambda x: x == x  # noqa: E731 (NaN marks what is unknown)
+    lines = [f"{name}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, batch {r['batch_size']}"]
+    if known(r["arguments_gib"]):
+        lines.append(
             f"  per device: {r['per_device_gib']:.2f} GiB of {r['hbm_gib']:.0f} GiB HBM"
             f" ({'fits' if r['fits'] else 'DOES NOT FIT'})"
             f" = arguments {r['arguments_gib']:.2f} + outputs {r['outputs_gib']:.2f} - aliased {r['aliased_gib']:.2f}"
-            f" + temporaries {r['temporaries_gib']:.2f}",
-            f"  model FLOPs per step: {r['model_tflops_per_step']:.4g} TFLOP",
-            f"  XLA cost model (layers unrolled): {r['estimated_step_seconds']:.3f} s/step,"
-            f" MFU {r['estimated_mfu']:.2f}"
-            if r["estimated_step_seconds"] == r["estimated_step_seconds"]
-            else "  step time: pass --aot_estimate for XLA's cost model (compiles again with layers unrolled)",
-            f"  compiled in {r['compile_seconds']:.0f} s",
-        ]
-    )
+            f" + temporaries {r['temporaries_gib']:.2f}"
+        )
+    else:
+        lines.append(
+            f"  per device: DOES NOT FIT: XLA refused it, its temporaries alone need {r['temporaries_gib']:.2f} GiB"
+            f" of {r['hbm_gib']:.0f} GiB HBM (try model.remat=full, a larger mesh.fsdp, or a smaller batch)"
+        )
+    lines.append(f"  model FLOPs per step: {r['model_tflops_per_step']:.4g} TFLOP")
+    if known(r["estimated_step_seconds"]):
+        lines.append(
+            f"  XLA cost model (layers unrolled): {r['estimated_step_seconds']:.3f} s/step, MFU {r['estimated_mfu']:.2f}"
+        )
+    elif known(r["arguments_gib"]):
+        lines.append("  step time: pass --aot_estimate for XLA's cost model (compiles again with layers unrolled)")
+    if known(r["compile_seconds"]):
+        lines.append(f"  compiled in {r['compile_seconds']:.0f} s")
+    return "\n".join(lines)

@@ -48,3 +48,10 @@ def test_analytic_flops_match_xla_on_an_unrolled_step(extractor):
     xla = compiled.cost_analysis()["flops"]
     analytic = aot.model_flops(config) * config.batch_size
     assert 0.9 * xla < analytic <= 1.01 * xla, (analytic, xla)
+
+
+def test_a_step_too_big_for_hbm_is_reported_not_raised():
+    config = tiny_config(batch_size=2**17, **{"model.region_extractor": "none"})  # 32,768 images per v5e chip
+    report = aot.compile_for(config, aot.topology_devices("v5e:2x2"))
+    assert not report["fits"] and report["per_device_gib"] > report["hbm_gib"] == 16
+    assert "DOES NOT FIT" in aot.format_report("tiny", report)
