@@ -175,7 +175,8 @@ def format_report(name: str, report: dict) -> str:
     lines.append(f"  model FLOPs per step: {r['model_tflops_per_step']:.4g} TFLOP")
     if known(r["estimated_step_seconds"]):
         lines.append(
-            f"  XLA cost model (layers unrolled): {r['estimated_step_seconds']:.3f} s/step, MFU {r['estimated_mfu']:.2f}"
+            f"  XLA cost model (layers unrolled): {r['estimated_step_seconds']:.3f} s/step,"
+            f" MFU {r['estimated_mfu']:.2f}"
         )
     elif known(r["arguments_gib"]):
         lines.append("  step time: pass --aot_estimate for XLA's cost model (compiles again with layers unrolled)")
