@@ -7,6 +7,7 @@ loop (it returns -1 per unpriced op), so the step-time estimate compiles the ste
 the layers unrolled (`estimate=True`, slower to compile).
 """
 
+import os
 import re
 import time
 
@@ -68,6 +69,7 @@ def topology_devices(topology: str, slices: int = 1) -> list:
         import libtpu  # noqa: F401
     except ImportError:
         raise ValueError(f"compiling for TPU topology {topology!r} needs libtpu: pip install -e '.[tpu]'") from None
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no chips to guard from others
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=slices)
     except Exception as e:
