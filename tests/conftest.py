@@ -5,10 +5,12 @@ import sys
 
 # The CPU backend's concurrency-optimised scheduler can order the collectives of a multi-axis mesh
 # differently on different simulated devices and deadlock them (seen on (2, 2, 2)); launch/tpu.py
-# sets the same flag.
+# sets the same flag. Eight simulated devices on a busy 2-core machine can keep a collective waiting
+# longer than XLA's default 40 s before it aborts the process, hence the longer timeout.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=900"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
