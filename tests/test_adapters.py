@@ -4,6 +4,7 @@ from an exported model trains only the adapters and the image head."""
 import os
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +26,8 @@ def test_convpass_matches_a_numpy_reference():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 1 + 3 * 4, 6)).astype(np.float32)  # one prefix token + a 3 x 4 grid
     module = Convpass(dim=5, grid=(3, 4))
-    params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 0.3,
-                          flax.core.unfreeze(module.init(jax.random.key(0), x)))  # fmt: skip
-    params = nn_unbox(params)
+    params = nn.unbox(module.init(jax.random.key(0), x))
+    params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 0.3, params)
     p = params["params"]
     down = _gelu(x @ p["down"]["kernel"] + p["down"]["bias"])
     kernel = p["conv"]["kernel"]  # [3, 3, in, out]
@@ -45,11 +45,6 @@ def test_convpass_matches_a_numpy_reference():
     want = _gelu(want_mid) @ p["up"]["kernel"] + p["up"]["bias"]
     got = module.apply(params, x)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-
-
-def nn_unbox(tree):
-    return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, tree,
-                        is_leaf=lambda x: hasattr(x, "unbox"))  # fmt: skip
 
 
 def test_zero_initialised_adapters_leave_a_pretrained_vit_unchanged():
