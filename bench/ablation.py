@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from common import median_seconds, real_batch, step_runner
 
 from cloc_jax import sharding
-from cloc_jax.config import load_config_file
+from cloc_jax.config import load_config_file, set_dotted
 from cloc_jax.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,12 +42,7 @@ COLUMNS = (
 
 def variant_config(config_name: str, overrides: dict):
     config = load_config_file(os.path.join(ROOT, "configs", f"{config_name}.py"), f"num_steps={_STEPS.value}")
-    for key, value in overrides.items():
-        *path, last = key.split(".")
-        target = config
-        for p in path:
-            target = target[p]
-        target[last] = value
+    set_dotted(config, overrides)
     config.eval_every = _STEPS.value
     return config
 

@@ -6,13 +6,14 @@
 Needs libtpu (pip install -e ".[tpu]"); no TPU. Prints one markdown row per (config, topology).
 """
 
+import functools
 import json
 import os
 
 from absl import app, flags, logging
 
 from cloc_jax import aot
-from cloc_jax.config import load_config_file
+from cloc_jax.config import load_config_file, set_dotted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIGS = flags.DEFINE_list("configs", ["cloc_b16", "cloc_l14", "cloc_h14"], "config names under configs/")
@@ -31,11 +32,8 @@ def main(argv):
             config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
             for item in filter(None, _OVERRIDES.value.split(",")):
                 key, value = item.split("=")
-                *path, last = key.split(".")
-                target = config
-                for p in path:
-                    target = target[p]
-                target[last] = type(target[last])(value)
+                current = functools.reduce(lambda c, part: c[part], key.split("."), config)
+                set_dotted(config, {key: type(current)(value)})
             r = aot.compile_for(config, aot.topology_devices(topology), estimate=topology in _ESTIMATE.value)
             mesh = "x".join(str(v) for v in r["mesh"].values())
             step = f"{r['estimated_step_seconds']:.2f}" if r["estimated_step_seconds"] > 0 else "-"

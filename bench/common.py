@@ -7,9 +7,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cloc_jax import sharding
+from cloc_jax import aot, sharding
 from cloc_jax.data import pipeline
-from cloc_jax.train import abstract_state, build, init_state, make_train_step
+from cloc_jax.train import build, init_state, make_train_step
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -28,17 +28,13 @@ def matmul_peak_flops(n: int = 4096, repeats: int = 5) -> float:
     return 2 * n**3 / median_seconds(lambda: mm(a), repeats)
 
 
-def step_flops(config, batch) -> float:
-    """FLOPs of one step from XLA's cost analysis, compiled with layers unrolled."""
+def step_flops(config) -> float:
+    """FLOPs of one step from XLA's cost analysis, compiled with layers unrolled (a scanned stack is
+    counted once) for this machine's devices."""
     unrolled = config.copy_and_resolve_references()
     unrolled.model.scan = False
     unrolled.model.remat = "none"
-    mesh = sharding.make_mesh(unrolled.mesh)
-    _, model, tx = build(unrolled)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(unrolled.axis_rules):
-        _, shapes = abstract_state(unrolled, model, tx, mesh)
-        compiled = jax.jit(make_train_step(unrolled, model, tx)).lower(shapes, batch).compile()
-    return float(compiled.cost_analysis()["flops"])
+    return float(aot.compile_step(unrolled, jax.devices())[0].cost_analysis()["flops"])
 
 
 def real_batch(config, mesh) -> dict:

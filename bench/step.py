@@ -30,7 +30,7 @@ def main(argv):
     sharding.check_batch_size(config.batch_size, mesh)
     batch = real_batch(config, mesh)
     seconds = median_seconds(step_runner(config, batch, mesh), _STEPS.value)
-    flops = step_flops(config, batch)
+    flops = step_flops(config)
     peak = matmul_peak_flops()
     achieved = flops / seconds
     print(

@@ -78,7 +78,7 @@ def topology_devices(topology: str, slices: int = 1) -> list:
     return list(desc.devices)
 
 
-def _compile(config: ml_collections.ConfigDict, devices: list):
+def compile_step(config: ml_collections.ConfigDict, devices: list):
     """(compiled training step for `devices`, its mesh, seconds the compilation took)."""
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.batch_size, mesh)
@@ -100,7 +100,7 @@ def compile_for(config: ml_collections.ConfigDict, devices: list, estimate: bool
     kind = devices[0].device_kind
     peak, hbm = DEVICES.get(kind, (float("nan"), float("nan")))
     try:
-        compiled, mesh, seconds = _compile(config, devices)
+        compiled, mesh, seconds = compile_step(config, devices)
     except jax.errors.JaxRuntimeError as e:  # XLA refuses programs that cannot fit in HBM
         needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
         if "RESOURCE_EXHAUSTED" not in str(e) or not needed:
@@ -114,7 +114,7 @@ def compile_for(config: ml_collections.ConfigDict, devices: list, estimate: bool
     if estimate:
         unrolled = config.copy_and_resolve_references()
         unrolled.model.scan = False
-        step = float(_compile(unrolled, devices)[0].cost_analysis().get("optimal_seconds", -1))
+        step = float(compile_step(unrolled, devices)[0].cost_analysis().get("optimal_seconds", -1))
         step = step if step > 0 else float("nan")  # negative: some op the cost model cannot price
     return dict(
         device_kind=kind,

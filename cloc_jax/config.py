@@ -156,6 +156,17 @@ def umg(c: ml_collections.ConfigDict, cluster_ratio: float = 0.75) -> ml_collect
     return c
 
 
+def set_dotted(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """{"model.image.cluster_ratio": 0.0, ...} -> those keys set (an unknown key is an error: locked)."""
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        target = c
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return c
+
+
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of a config file by path (config files are not an importable package)."""
     spec = importlib.util.spec_from_file_location(os.path.basename(path).removesuffix(".py"), path)

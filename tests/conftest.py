@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)  # configs/ is a folder of files, not an installed pack
 def tiny_config(name: str = "cloc_tiny", **overrides):
     """A tiny config (cloc_tiny, umg_tiny, ...) shrunk further for unit tests: 32 px images, short
     texts, 8-device data parallel."""
-    from cloc_jax.config import load_config_file
+    from cloc_jax.config import load_config_file, set_dotted
 
     c = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
     c.image_size = 32
@@ -36,13 +36,7 @@ def tiny_config(name: str = "cloc_tiny", **overrides):
     c.eval_every = 0
     c.eval_batch_size = 16
     c.checkpoint_every = 2
-    for key, value in overrides.items():
-        target = c
-        *path, last = key.split(".")
-        for p in path:
-            target = target[p]
-        target[last] = value
-    return c
+    return set_dotted(c, overrides)
 
 
 @pytest.fixture

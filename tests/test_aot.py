@@ -1,12 +1,10 @@
 """AOT: the real training step compiles for abstract TPU topologies (libtpu, no TPU), and FLOPs add up."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from cloc_jax import aot, sharding
-from cloc_jax.train import abstract_state, build, dummy_batch, make_train_step
 from tests.conftest import tiny_config
 
 
@@ -39,13 +37,7 @@ def test_analytic_flops_match_xla_on_an_unrolled_step(extractor):
     config = tiny_config(**{"model.scan": False, "model.region_extractor": extractor, "mesh.data": 1})
     config.model.image.variant = "S/16"  # wide enough that matmuls dominate, as in real models
     config.image_size = 64
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    _, model, tx = build(config)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
-        _, state = abstract_state(config, model, tx, mesh)
-        batch = jax.eval_shape(lambda: dummy_batch(config, config.batch_size))
-        compiled = jax.jit(make_train_step(config, model, tx)).lower(state, batch).compile()
-    xla = compiled.cost_analysis()["flops"]
+    xla = aot.compile_step(config, jax.devices()[:1])[0].cost_analysis()["flops"]
     analytic = aot.model_flops(config) * config.batch_size
     assert 0.9 * xla < analytic <= 1.01 * xla, (analytic, xla)
 
