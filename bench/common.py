@@ -41,7 +41,6 @@ def real_batch(config, mesh) -> dict:
     """One batch from the real input pipeline, as global arrays."""
     tokenizer, _, _ = build(config)
     local = next(pipeline.train_iterator(config, tokenizer))
-    local.pop("dropped_boxes")
     return sharding.global_batch(local, mesh)
 
 

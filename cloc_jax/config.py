@@ -70,14 +70,21 @@ def base_config() -> ml_collections.ConfigDict:
     # UMG-CLIP tag supervision: image tags and region class labels embedded by the text tower, Smooth L1
     # (beta) between cosine similarity and the multi-hot target; 0 weights turn it off.
     c.tags = dict(image_weight=0.0, region_weight=0.0, beta=0.1)
+    # Sources are spec strings (cloc_jax/data/sources.py): scenes, array_record:GLOB, tfds:NAME:SPLIT,
+    # coco:ANN.json[,...]@IMAGE_DIR, webdataset:TARS, or a mixture "0.7*array_record:... + 0.3*scenes".
     c.data = dict(
-        source="scenes",
-        train_size=1_000_000,
+        train="scenes:train",
+        heldout="scenes:heldout",
+        train_size=1_000_000,  # sizes of the embedded scenes splits (other sources have their own)
         heldout_size=1024,
         seed=0,
         max_regions=4,  # M regions sampled per training image (the paper's default; M = 2 does about as well)
         eval_max_regions=4,  # evaluation keeps up to this many ground-truth regions per image
         referring_prob=0.5,  # chance a region's text is its referring expression instead of its caption
+        # Training-time geometry: "pad" = long-side resize + pad (CLOC), "crop" = random resized crop
+        # (CLIP; boxes keeping < min_visible of their area are dropped). A flip swaps left/right in the
+        # texts ("swap") or is not done to images whose texts say left/right ("skip").
+        augment=dict(resize="pad", crop_scale=(0.9, 1.0), min_visible=0.3, flip=0.0, flip_texts="swap"),
         num_threads=2,
         prefetch=4,
     )

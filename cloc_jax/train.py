@@ -141,7 +141,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     spec = model_spec(config)
     ckpt = Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every)
     writer = MetricWriter(workdir)
-    data_iter = pipeline.train_iterator(config, tokenizer)
+    data_stats = pipeline.DataStats()
+    data_iter = pipeline.train_iterator(config, tokenizer, data_stats)
     latest = ckpt.latest_step()
     pretrained = load(config.init_from).params if config.init_from and latest is None else None
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
@@ -165,30 +166,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             disable=jax.process_index() != 0,
             mininterval=1 if sys.stderr.isatty() else 60,  # a log file gets a line a minute, not a flood
         )
-        tick, tick_step, dropped_boxes = time.perf_counter(), first, 0
+        tick, tick_step, waited = time.perf_counter(), first, 0.0
         for step in progress:
+            before = time.perf_counter()
             local = next(data_iter)
-            dropped_boxes += int(local.pop("dropped_boxes").sum())
+            waited += time.perf_counter() - before
             batch = sharding.global_batch(local, mesh)
             state, metrics = step_fn(state, batch)
             done = step + 1
             if step == first:  # compilation is not throughput
                 jax.block_until_ready(metrics)
-                tick, tick_step = time.perf_counter(), done
+                tick, tick_step, waited = time.perf_counter(), done, 0.0
             if done % config.log_every == 0 or done == config.num_steps:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
-                metrics["data/dropped_boxes"] = dropped_boxes  # invalid boxes skipped so far (this process)
+                metrics.update(data_stats.snapshot())  # repaired and skipped inputs so far (this process)
                 if done > tick_step:
                     metrics["images_per_s"] = (done - tick_step) * config.batch_size / (now - tick)
-                tick, tick_step = now, done
+                    metrics["data/wait_fraction"] = waited / (now - tick)  # share of wall time spent waiting for input
+                tick, tick_step, waited = now, done, 0.0
                 writer.write(done, metrics, echo=progress.write)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}")
             if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
                 encoder.params = state.params
                 results = evals.run_all(config, encoder)
                 writer.write(done, results, echo=progress.write)
-                tick = time.perf_counter()  # evaluation time is not training throughput
+                tick, waited = time.perf_counter(), 0.0  # evaluation time is not training throughput
             ckpt.save(done, state, data_iter, spec, force=done == config.num_steps)
         progress.close()
     ckpt.wait()

@@ -18,7 +18,6 @@ def one_step(mesh_sizes: dict, devices: list, contrastive: str = "global"):
     config.mesh.update(mesh_sizes)
     tokenizer, model, tx = build(config)
     local = next(pipeline.train_iterator(config, tokenizer))
-    local.pop("dropped_boxes")
     mesh = sharding.make_mesh(config.mesh, devices)
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
         state, _ = init_state(config, model, tx, mesh)
@@ -112,7 +111,6 @@ def test_bf16_activations_keep_float32_parameters_and_optimizer_state():
     config = tiny_config(**{"model.dtype": "bfloat16", "model.remat": "dots_no_batch"})
     tokenizer, model, tx = build(config)
     local = next(pipeline.train_iterator(config, tokenizer))
-    local.pop("dropped_boxes")
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
         state, _ = init_state(config, model, tx, mesh)

@@ -1,9 +1,12 @@
-"""grain pipelines: records -> static-shape numpy batches (regions padded to `max_regions` with a mask).
+"""grain pipelines: records (records.py) -> static-shape numpy batches (regions padded with a mask).
 
 Train batches come from a checkpointable grain iterator (its state is saved with the model), sharded
-across hosts by index, so a resumed run continues at exactly the next batch.
+across hosts by index, so a resumed run continues at exactly the next batch. Records that cannot be
+used (broken image, no text) are skipped and counted in `DataStats`, which the training loop logs.
 """
 
+import collections
+import threading
 from collections.abc import Iterator
 
 import grain
@@ -12,41 +15,76 @@ import ml_collections
 import numpy as np
 
 from cloc_jax.boxes import repair
-from cloc_jax.data.scenes import Scenes
+from cloc_jax.data import sources, transforms
 from cloc_jax.tokenizers import Tokenizer, tokenize
 
-SOURCES = ("scenes",)
+SPLITS = ("train", "heldout")
 
 
 def make_source(data: ml_collections.ConfigDict, split: str, image_size: int):
-    if data.source not in SOURCES:
-        raise ValueError(f"data.source={data.source!r}; choose one of {SOURCES}")
+    """The source of `split` from its spec (`data.train` / `data.heldout`, see sources.py)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; choose one of {SPLITS}")
     size = data.train_size if split == "train" else data.heldout_size
-    return Scenes(split, size=size, image_size=image_size, seed=data.seed)
+    return sources.from_spec(data[split], image_size, scenes_size=size, seed=data.seed)
+
+
+class DataStats:
+    """Thread-safe counters of repaired and skipped inputs (grain maps records in worker threads)."""
+
+    def __init__(self):
+        self._lock, self._counts = threading.Lock(), collections.Counter()
+
+    def add(self, key: str, amount: int = 1) -> None:
+        if amount:
+            with self._lock:
+                self._counts[key] += amount
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {f"data/{k}": v for k, v in sorted(self._counts.items())}
+
+
+def _fit(values, n: int, fill) -> list:
+    """A per-box list cut or padded to the number of boxes (sources can disagree with themselves)."""
+    values = list(values)[:n]
+    return values + [fill] * (n - len(values))
 
 
 class Preprocess(grain.transforms.RandomMap):
-    """One record -> fixed shapes: image [H, W, 3] float32 in [-1, 1], tokens [L], regions [M, ...].
+    """One record -> fixed shapes: image [S, S, 3] float32 in [-1, 1], tokens [L], regions [M, ...].
 
-    Boxes are repaired (corners reordered, clipped to [0, 1]); unusable ones (NaN, no area) are
-    dropped and counted in `dropped_boxes`. Training samples M of an image's regions at random
-    (`random_map`); evaluation keeps the first M (`map`).
+    Training (`random_map`, `augment` set) resizes as `augment.resize` says, may flip, samples one caption
+    and M regions; evaluation (`map`) is deterministic: long-side resize + pad, first caption, first M
+    regions. Boxes are repaired (corners reordered, clipped); unusable ones are dropped and counted; a
+    record without a usable image or any text becomes None (grain skips it) and is counted.
     """
 
     def __init__(
         self,
         tokenizer: Tokenizer,
         tokenizer_cfg: ml_collections.ConfigDict,
+        image_size: int,
         max_regions: int,
         referring_prob: float = 0,
         num_tags: int = 0,
+        augment: ml_collections.ConfigDict | None = None,
+        stats: DataStats | None = None,
     ):
-        self.tokenizer, self.max_regions, self.referring_prob = tokenizer, max_regions, referring_prob
+        self.tokenizer, self.image_size, self.max_regions = tokenizer, image_size, max_regions
+        self.referring_prob, self.augment, self.stats = referring_prob, augment, stats or DataStats()
+        if augment is not None:
+            if augment.resize not in transforms.RESIZES:
+                raise ValueError(f"data.augment.resize={augment.resize!r}; choose one of {transforms.RESIZES}")
+            if augment.flip_texts not in transforms.FLIP_TEXTS:
+                raise ValueError(
+                    f"data.augment.flip_texts={augment.flip_texts!r}; choose one of {transforms.FLIP_TEXTS}"
+                )
+            if not 0 <= augment.flip <= 1:
+                raise ValueError(f"data.augment.flip={augment.flip} is a probability: use a value in [0, 1]")
         self.num_tags = num_tags  # > 0: a multi-hot `image_tags` [num_tags] from the record's tag indices
-        self.context_length, self.region_context_length = (
-            tokenizer_cfg.context_length,
-            tokenizer_cfg.region_context_length,
-        )
+        self.context_length = tokenizer_cfg.context_length
+        self.region_context_length = tokenizer_cfg.region_context_length
 
     def _region_texts(self, texts: list[str]) -> np.ndarray:
         """[M, L'] tokens; padded regions are all zeros."""
@@ -54,42 +92,86 @@ class Preprocess(grain.transforms.RandomMap):
         out[: len(texts)] = tokenize(self.tokenizer, texts, self.region_context_length)
         return out
 
-    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict | None:
         return self._process(record, rng)
 
-    def map(self, record: dict) -> dict:
+    def map(self, record: dict) -> dict | None:
         return self._process(record, None)
 
-    def _process(self, record: dict, rng: np.random.Generator | None) -> dict:
+    def _geometry(self, image: np.ndarray, boxes: np.ndarray, texts: list, rng) -> tuple:
+        """(image [S, S, 3] uint8, boxes, keep [N], flipped)."""
+        aug = self.augment
+        if rng is not None and aug.resize == "crop":
+            image, boxes = transforms.random_resized_crop(image, boxes, self.image_size, rng, tuple(aug.crop_scale))
+            boxes, keep = transforms.clip_boxes(boxes, aug.min_visible)
+        else:
+            image, boxes = transforms.resize_pad(image, boxes, self.image_size)
+            keep = np.ones(len(boxes), bool)
+        flip = rng is not None and aug.flip > 0 and rng.random() < aug.flip
+        if flip and aug.flip_texts == "skip" and transforms.mentions_left_right(texts):
+            flip = False
+        if flip:
+            image, boxes = transforms.hflip(image, boxes)
+        return image, boxes, keep, flip
+
+    def _process(self, record: dict, rng: np.random.Generator | None) -> dict | None:
+        try:
+            image = transforms.decode_image(record["image"], self.image_size)
+        except transforms.BadImage as error:
+            self.stats.add(f"skipped/{error.reason}")
+            return None
         boxes, keep = repair(record["boxes"])
-        kept = np.flatnonzero(keep)
+        n = len(boxes)
+        region_texts = [str(t).strip() for t in _fit(record["region_texts"], n, "")]
+        referring = [str(t).strip() for t in _fit(record["referring"], n, "")]
+        labels = np.asarray(_fit(record["region_labels"], n, -1), np.int32)
+        captions = [c.strip() for c in record["captions"] if isinstance(c, str) and c.strip()]
+        texts = captions + region_texts + referring
+        self.stats.add("repaired/text", sum("\ufffd" in t for t in texts))
+        image, boxes, visible, flipped = self._geometry(image, boxes, texts, rng)
+        if flipped:
+            captions, region_texts, referring = (
+                list(map(transforms.swap_left_right, t)) for t in (captions, region_texts, referring)
+            )
+        usable = keep & visible & np.array([bool(t) for t in region_texts], bool).reshape(n)
+        self.stats.add("dropped/boxes", int((~keep).sum()))
+        self.stats.add("dropped/boxes_outside_crop", int((keep & ~visible).sum()))
+        self.stats.add("dropped/boxes_without_text", int((keep & visible & ~usable).sum()))
+        kept = np.flatnonzero(usable)
+        if not captions:  # detection-style data: describe the image by its regions
+            if not len(kept):
+                self.stats.add("skipped/no_text")
+                return None
+            captions = ["a photo of " + ", ".join(dict.fromkeys(region_texts[i] for i in kept))]
+            self.stats.add("repaired/caption_from_regions")
+        caption = captions[int(rng.integers(len(captions)))] if rng is not None else captions[0]
         if rng is not None and len(kept) > self.max_regions:
             kept = np.sort(rng.choice(kept, self.max_regions, replace=False))
         kept = kept[: self.max_regions]
         m, num = self.max_regions, len(kept)
         padded_boxes = np.zeros((m, 4), np.float32)
         padded_boxes[:num] = boxes[kept]
-        labels = np.full((m,), -1, np.int32)
-        labels[:num] = np.asarray(record["region_labels"])[kept]
-        pick = lambda key: [record[key][i] for i in kept]  # noqa: E731
-        texts, referring = pick("region_texts"), pick("referring")
+        padded_labels = np.full((m,), -1, np.int32)
+        padded_labels[:num] = labels[kept]
+        chosen = [region_texts[i] for i in kept]
+        refs = [referring[i] or region_texts[i] for i in kept]
         if rng is not None:  # training: some regions are described by their referring expression instead
-            texts = [r if rng.random() < self.referring_prob else t for t, r in zip(texts, referring)]
+            chosen = [r if rng.random() < self.referring_prob else t for t, r in zip(chosen, refs)]
         out = dict(
             index=np.int64(record["index"]),
-            image=record["image"].astype(np.float32) / 127.5 - 1.0,
-            tokens=tokenize(self.tokenizer, [record["caption"]], self.context_length)[0],
+            image=image.astype(np.float32) / 127.5 - 1.0,
+            tokens=tokenize(self.tokenizer, [caption], self.context_length)[0],
             label=np.int32(record["label"]),
             boxes=padded_boxes,
             region_mask=np.arange(m) < num,
-            region_labels=labels,
-            region_tokens=self._region_texts(texts),
-            referring_tokens=self._region_texts(referring),
-            dropped_boxes=np.int32(len(keep) - keep.sum()),
+            region_labels=padded_labels,
+            region_tokens=self._region_texts(chosen),
+            referring_tokens=self._region_texts(refs),
         )
         if self.num_tags:
             out["image_tags"] = np.zeros(self.num_tags, np.float32)
-            out["image_tags"][np.asarray(record["tags"], np.int64)] = 1.0
+            tags = np.asarray(record["tags"], np.int64)
+            out["image_tags"][tags[(tags >= 0) & (tags < self.num_tags)]] = 1.0
         return out
 
 
@@ -109,26 +191,47 @@ def per_host_batch_size(batch_size: int) -> int:
     return batch_size // jax.process_count()
 
 
-def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> grain.DatasetIterator:
+def train_iterator(
+    config: ml_collections.ConfigDict, tokenizer: Tokenizer, stats: DataStats | None = None
+) -> grain.DatasetIterator:
     """Infinite, shuffled, host-sharded train batches; `get_state()`/`set_state()` make it resumable."""
     source = make_source(config.data, "train", config.image_size)
     ds = grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()]
     ds = ds.shuffle(seed=config.data.seed).repeat()
     num_tags = len(source.class_names) if tags_enabled(config) else 0
-    prep = Preprocess(tokenizer, config.tokenizer, config.data.max_regions, config.data.referring_prob, num_tags)
-    ds = ds.random_map(prep, seed=config.data.seed)
-    ds = ds.batch(per_host_batch_size(config.batch_size), drop_remainder=True)
+    prep = Preprocess(
+        tokenizer,
+        config.tokenizer,
+        config.image_size,
+        config.data.max_regions,
+        config.data.referring_prob,
+        num_tags,
+        augment=config.data.augment,
+        stats=stats,
+    )
+    ds = ds.random_map(prep, seed=config.data.seed).filter(lambda example: example is not None)
     options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
-    return iter(ds.to_iter_dataset(options))
+    ds = ds.to_iter_dataset(options).batch(per_host_batch_size(config.batch_size), drop_remainder=True)
+    return iter(ds)
 
 
-def eval_batches(config: ml_collections.ConfigDict, source, tokenizer: Tokenizer, batch_size: int) -> Iterator[dict]:
-    """Every record of `source` once, in order; the last batch is padded and `valid` marks real rows."""
-    prep = Preprocess(tokenizer, config.tokenizer, config.data.eval_max_regions)
-    ds = grain.MapDataset.source(source).map(prep.map)  # deterministic: the first M regions
-    for start in range(0, len(ds), batch_size):
-        rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-        valid = np.arange(batch_size) < len(rows)
-        rows += [rows[-1]] * (batch_size - len(rows))
-        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        yield {**batch, "valid": valid}
+def eval_batches(
+    config: ml_collections.ConfigDict, source, tokenizer: Tokenizer, batch_size: int, stats: DataStats | None = None
+) -> Iterator[dict]:
+    """Every usable record of `source` once, in order; the last batch is padded and `valid` marks real rows."""
+    prep = Preprocess(tokenizer, config.tokenizer, config.image_size, config.data.eval_max_regions, stats=stats)
+    rows = (prep.map(source[i]) for i in range(len(source)))  # deterministic: first caption, first M regions
+    chunk: list[dict] = []
+    for row in filter(None, rows):
+        chunk.append(row)
+        if len(chunk) == batch_size:
+            yield _stack(chunk, batch_size)
+            chunk = []
+    if chunk:
+        yield _stack(chunk, batch_size)
+
+
+def _stack(rows: list[dict], batch_size: int) -> dict:
+    valid = np.arange(batch_size) < len(rows)
+    rows = rows + [rows[-1]] * (batch_size - len(rows))
+    return {**{k: np.stack([r[k] for r in rows]) for k in rows[0]}, "valid": valid}

@@ -115,7 +115,7 @@ class Scenes:
         return dict(
             index=np.int64(index),
             image=np.clip(image, 0, 255).astype(np.uint8),
-            caption=caption,
+            captions=[caption],
             boxes=boxes.clip(0, 1),
             region_texts=region_texts,
             region_labels=np.array(kept, np.int32),

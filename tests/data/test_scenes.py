@@ -9,7 +9,7 @@ from cloc_jax.tokenizers import ByteTokenizer
 def test_same_seed_same_scene_different_seed_different_scene():
     a, b, c = Scenes(seed=0)[17], Scenes(seed=0)[17], Scenes(seed=1)[17]
     np.testing.assert_array_equal(a["image"], b["image"])
-    assert a["caption"] == b["caption"] and a["referring"] == b["referring"]
+    assert a["captions"] == b["captions"] and a["referring"] == b["referring"]
     assert not np.array_equal(a["image"], c["image"])
 
 
@@ -33,9 +33,10 @@ def test_boxes_are_tight_around_the_named_objects(index):
         x0, y0, x1, y1 = np.round(box * side).astype(int)
         inside = close[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1].sum()
         assert inside >= 4, f"no {text} pixels inside its box"
-    assert scene["caption"].count(" a ") + 1 == len(scene["boxes"]) or len(scene["boxes"]) == 1
+    (caption,) = scene["captions"]
+    assert caption.count(" a ") + 1 == len(scene["boxes"]) or len(scene["boxes"]) == 1
     for text in scene["region_texts"]:
-        assert text in scene["caption"]
+        assert text in caption
 
 
 def test_train_batches_have_static_shapes_masks_and_are_deterministic(config):
@@ -64,7 +65,7 @@ def test_eval_batches_cover_the_split_once_and_mark_padding(config):
 
 
 def test_bad_boxes_are_repaired_or_dropped_and_counted(config):
-    from cloc_jax.data.pipeline import Preprocess
+    from cloc_jax.data.pipeline import DataStats, Preprocess
 
     record = Scenes("train", image_size=32)[3]
     n = len(record["boxes"])
@@ -72,8 +73,9 @@ def test_bad_boxes_are_repaired_or_dropped_and_counted(config):
     record["region_texts"] += ["nan box", "flat box", "swapped box"]
     record["referring"] += ["nan box", "flat box", "swapped box"]
     record["region_labels"] = np.concatenate([record["region_labels"], [1, 2, 3]])
-    out = Preprocess(ByteTokenizer(), config.tokenizer, max_regions=8).map(record)
-    assert out["dropped_boxes"] == 2
+    stats = DataStats()
+    out = Preprocess(ByteTokenizer(), config.tokenizer, 32, max_regions=8, stats=stats).map(record)
+    assert stats.snapshot() == {"data/dropped/boxes": 2}
     assert out["region_mask"].sum() == n + 1 and np.isfinite(out["boxes"]).all()
     np.testing.assert_allclose(out["boxes"][n], [0.2, 0.1, 0.9, 0.8])
     assert out["region_labels"][n] == 3
@@ -84,7 +86,7 @@ def test_training_samples_m_regions_and_mixes_in_referring_expressions(config):
 
     tok = ByteTokenizer()
     config.tokenizer.region_context_length = 64  # long enough for whole referring expressions
-    prep = Preprocess(tok, config.tokenizer, max_regions=2, referring_prob=0.5)
+    prep = Preprocess(tok, config.tokenizer, 32, max_regions=2, referring_prob=0.5, augment=config.data.augment)
     source = Scenes("train", image_size=32)
     index = next(i for i in range(100) if len(source[i]["boxes"]) == 4)
     record = source[index]

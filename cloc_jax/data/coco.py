@@ -1,0 +1,90 @@
+"""COCO-format annotation files + an image folder as a source of records.
+
+Any mix of these files describes one image set (records are joined by image id):
+- captions (`captions_train2017.json`): `annotations[{image_id, caption}]`;
+- instances (`instances_*.json`) and LVIS (`lvis_v1_*.json`): `annotations[{id, image_id, bbox: [x, y,
+  w, h] in pixels, category_id}]`, `categories[{id, name}]` (category names become `class_names`);
+- RefCOCO refs (`refs(unc).p` pickle as released, or the same list as JSON): `[{ann_id, sentences:
+  [{sent}]}]`, attaching a referring expression to an instance box.
+Images are `IMAGE_DIR/<file_name>` (LVIS: the basename of `coco_url`), read when a record is asked for.
+"""
+
+import json
+import os
+import pickle
+from collections import defaultdict
+
+import numpy as np
+
+from cloc_jax.data.records import empty_record
+
+
+def _load(path: str):
+    if path.endswith(".p") or path.endswith(".pkl"):
+        with open(path, "rb") as f:
+            return pickle.load(f)  # the RefCOCO release format; only for files you trust
+    with open(path) as f:
+        return json.load(f)
+
+
+class CocoSource:
+    def __init__(self, annotation_files: list[str], image_dir: str):
+        self.image_dir = image_dir
+        images: dict[int, dict] = {}
+        captions = defaultdict(list)
+        objects = defaultdict(list)  # image id -> [(annotation id, bbox, category id)]
+        categories: dict[int, str] = {}
+        refs: dict[int, str] = {}
+        for path in annotation_files:
+            data = _load(path)
+            if isinstance(data, list):  # RefCOCO refs
+                for ref in data:
+                    sentences = ref.get("sentences") or [{}]
+                    refs[ref["ann_id"]] = sentences[0].get("sent", "")
+                continue
+            for image in data.get("images", []):
+                images[image["id"]] = image
+            for category in data.get("categories", []):
+                categories[category["id"]] = category["name"].replace("_", " ")
+            for ann in data.get("annotations", []):
+                if "caption" in ann:
+                    captions[ann["image_id"]].append(ann["caption"])
+                elif "bbox" in ann:
+                    objects[ann["image_id"]].append((ann.get("id"), ann["bbox"], ann.get("category_id")))
+        if not images:
+            raise ValueError(f"coco: no images in {annotation_files}")
+        self.category_ids = sorted(categories)
+        self.class_names = tuple(categories[i] for i in self.category_ids)
+        self._label = {cid: i for i, cid in enumerate(self.category_ids)}
+        self.ids = sorted(images)
+        self.images, self.captions, self.objects, self.refs = images, captions, objects, refs
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _file(self, image: dict) -> str:
+        name = image.get("file_name") or os.path.basename(image.get("coco_url", ""))
+        return os.path.join(self.image_dir, name)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        meta = self.images[image_id]
+        try:
+            with open(self._file(meta), "rb") as f:
+                data = f.read()
+        except OSError:
+            data = b""  # a missing file is a corrupt image to the pipeline: skipped and counted
+        record = empty_record(index, data)
+        w, h = float(meta.get("width", 0) or 0), float(meta.get("height", 0) or 0)
+        boxes, labels, referring = [], [], []
+        for ann_id, (x, y, bw, bh), category in self.objects[image_id]:
+            boxes.append([x / w, y / h, (x + bw) / w, (y + bh) / h] if w and h else [np.nan] * 4)
+            labels.append(self._label.get(category, -1))
+            referring.append(self.refs.get(ann_id, ""))
+        record["captions"] = list(self.captions[image_id])
+        record["boxes"] = np.asarray(boxes, np.float32).reshape(-1, 4)
+        record["region_labels"] = np.asarray(labels, np.int32)
+        record["region_texts"] = [self.class_names[i] if i >= 0 else "" for i in labels]
+        record["referring"] = referring
+        record["tags"] = np.unique([i for i in labels if i >= 0]).astype(np.int32)
+        return record

@@ -1,0 +1,118 @@
+"""The record schema every source yields, and its on-disk form: msgpack records in ArrayRecord shards.
+
+A record (a dict) is what the pipeline's `Preprocess` reads, whatever the source:
+
+    index         int                  position in the source (for reproducibility and debugging)
+    image         bytes | uint8 array  encoded (JPEG/PNG/...) or decoded [H, W, C]
+    captions      list[str]            zero or more image captions
+    boxes         float32 [N, 4]       xyxy, normalised to [0, 1] by the image's width and height
+    region_texts  list[str] (N)        a caption or class name per box
+    region_labels int32 [N]            index into the source's `class_names`, -1 when unknown
+    referring     list[str] (N)        a referring expression per box, "" when there is none
+    tags          int32 [T]            image-level tags, indices into `class_names`
+    label         int                  image class (index into `class_names`), -1 when unknown
+
+On disk each record is one msgpack map with the same keys (boxes as a list of 4-lists, the image
+always encoded), in ArrayRecord shards (random access, which grain needs for global shuffling and
+resumable iterators). A shard set's class vocabulary sits beside it in `<dir>/class_names.json`.
+"""
+
+import glob
+import json
+import os
+
+import grain
+import msgpack
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+CLASS_NAMES_FILE = "class_names.json"
+
+
+def empty_record(index: int, image) -> dict:
+    """A record with an image and nothing else (fields default to 'none known')."""
+    return dict(
+        index=index,
+        image=image,
+        captions=[],
+        boxes=np.zeros((0, 4), np.float32),
+        region_texts=[],
+        region_labels=np.zeros((0,), np.int32),
+        referring=[],
+        tags=np.zeros((0,), np.int32),
+        label=-1,
+    )
+
+
+def serialize(record: dict) -> bytes:
+    image = record["image"]
+    if not isinstance(image, bytes):
+        raise ValueError("serialize: the record's image must be encoded bytes (see transforms.encode_image)")
+    return msgpack.packb(
+        dict(
+            image=image,
+            captions=list(record["captions"]),
+            boxes=np.asarray(record["boxes"], np.float32).reshape(-1, 4).tolist(),
+            region_texts=list(record["region_texts"]),
+            region_labels=np.asarray(record["region_labels"], np.int64).tolist(),
+            referring=list(record["referring"]),
+            tags=np.asarray(record["tags"], np.int64).tolist(),
+            label=int(record["label"]),
+        )
+    )
+
+
+def deserialize(data: bytes, index: int) -> dict:
+    """msgpack bytes -> record. Text that is not valid UTF-8 is decoded with replacement characters."""
+    raw = msgpack.unpackb(data, raw=True)  # raw: bytes stay bytes, so bad UTF-8 cannot raise here
+    text = lambda x: x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x)  # noqa: E731
+    get = lambda key, default: raw.get(key.encode(), default)  # noqa: E731
+    n = len(get("boxes", []))
+    return dict(
+        index=index,
+        image=get("image", b""),
+        captions=[text(c) for c in get("captions", [])],
+        boxes=np.asarray(get("boxes", []), np.float32).reshape(n, 4),
+        region_texts=[text(t) for t in get("region_texts", [])],
+        region_labels=np.asarray(get("region_labels", []), np.int32),
+        referring=[text(t) for t in get("referring", [])],
+        tags=np.asarray(get("tags", []), np.int32),
+        label=int(get("label", -1)),
+    )
+
+
+def write_shards(records, directory: str, num_shards: int, class_names=(), prefix: str = "data") -> list[str]:
+    """Writes records round-robin into `num_shards` ArrayRecord files (and the class vocabulary)."""
+    os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record") for i in range(num_shards)]
+    writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
+    for i, record in enumerate(records):
+        writers[i % num_shards].write(serialize(record))
+    for w in writers:
+        w.close()
+    write_class_names(directory, class_names)
+    return paths
+
+
+def write_class_names(directory: str, class_names) -> None:
+    with open(os.path.join(directory, CLASS_NAMES_FILE), "w") as f:
+        json.dump(list(class_names), f)
+
+
+class ArrayRecordSource:
+    """Random access over ArrayRecord shards (a glob or a list of paths) in the record schema."""
+
+    def __init__(self, pattern: str | list[str]):
+        paths = sorted(glob.glob(pattern)) if isinstance(pattern, str) else list(pattern)
+        if not paths:
+            raise FileNotFoundError(f"array_record: no shards match {pattern!r}")
+        self.paths = paths
+        self.source = grain.sources.ArrayRecordDataSource(paths)
+        vocab = os.path.join(os.path.dirname(paths[0]), CLASS_NAMES_FILE)
+        self.class_names = tuple(json.load(open(vocab))) if os.path.exists(vocab) else ()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return deserialize(self.source[index], index)

@@ -1,0 +1,132 @@
+"""Data sources behind one interface: `len(source)`, `source[i] -> record` (records.py), `class_names`.
+
+A source is named by a spec string, so a command line can point anywhere:
+
+    scenes[:split]                              the embedded dataset (split: train | heldout)
+    array_record:/data/train-*.array_record     shards in the record schema (records.py)
+    tfds:ref_coco/refcoco_unc:train             tfds.data_source (coco_captions, ref_coco, lvis)
+    coco:ANN.json[,ANN.json...]@IMAGE_DIR        COCO-format captions/instances/LVIS/RefCOCO files
+    webdataset:/data/{00000..00099}.tar         WebDataset tars: an image + a JSON per key
+    0.7*array_record:/a/*.array_record + 0.3*scenes   a weighted mixture of any of the above
+"""
+
+import re
+
+import grain
+import numpy as np
+
+from cloc_jax.data import coco, webdataset
+from cloc_jax.data.records import ArrayRecordSource, empty_record
+from cloc_jax.data.scenes import Scenes
+
+
+def _tfds_record(example: dict, index: int, names: tuple) -> dict:
+    """A tfds example of coco_captions, ref_coco or lvis -> record. tfds boxes are (ymin, xmin, ymax,
+    xmax); per-object fields are cut to their shortest length (mock data does not align them)."""
+    record = empty_record(index, example["image"])
+    objects = example.get("objects", {})
+    bbox = np.asarray(objects.get("bbox", np.zeros((0, 4))), np.float32).reshape(-1, 4)
+    labels = np.asarray(objects.get("label", np.zeros((0,))), np.int64).reshape(-1)
+    refexp = objects.get("refexp", {}).get("raw")
+    n = min(len(bbox), len(labels), len(refexp) if refexp is not None else len(bbox))
+    labels = np.where((labels[:n] >= 0) & (labels[:n] < len(names)), labels[:n], -1)
+    record["boxes"] = bbox[:n][:, [1, 0, 3, 2]]
+    record["region_labels"] = labels.astype(np.int32)
+    record["region_texts"] = [names[i] if i >= 0 else "" for i in labels]
+    if refexp is not None:
+        record["referring"] = [_text(np.asarray(r).reshape(-1)[0]) if np.size(r) else "" for r in refexp[:n]]
+    else:
+        record["referring"] = [""] * n
+    captions = example.get("captions", {}).get("text")
+    record["captions"] = [_text(c) for c in np.asarray(captions).reshape(-1)] if captions is not None else []
+    record["tags"] = np.unique(labels[labels >= 0]).astype(np.int32)
+    return record
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class TfdsSource:
+    """`tfds.data_source(name, split)` (random access, no TensorFlow graph) adapted to records."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None = None):
+        import tensorflow_datasets as tfds
+
+        self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        label = self.source.dataset_info.features["objects"]["label"]
+        self.class_names = tuple(label.names)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return _tfds_record(self.source[index], index, self.class_names)
+
+
+class Mixture:
+    """Weighted mixture of sources (grain's `MapDataset.mix`), with one class vocabulary: the union of
+    theirs in order, every source's label and tag indices remapped into it."""
+
+    def __init__(self, sources: list, weights: list[float]):
+        names: list[str] = []
+        self.remaps = []
+        for source in sources:
+            remap = []
+            for name in source.class_names:
+                if name not in names:
+                    names.append(name)
+                remap.append(names.index(name))
+            self.remaps.append(np.asarray(remap + [-1], np.int32))  # index -1 stays -1
+        self.class_names = tuple(names)
+        parts = [grain.MapDataset.source(s).map(self._remapper(r)) for s, r in zip(sources, self.remaps)]
+        self.dataset = grain.MapDataset.mix(parts, weights)
+
+    @staticmethod
+    def _remapper(remap: np.ndarray):
+        def apply(record: dict) -> dict:
+            record = dict(record)
+            for key in ("region_labels", "tags"):
+                record[key] = remap[np.asarray(record[key], np.int64)]
+            record["label"] = int(remap[int(record["label"])])
+            return record
+
+        return apply
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return dict(self.dataset[index], index=index)
+
+
+def from_spec(spec: str, image_size: int, scenes_size: int = 1024, seed: int = 0):
+    """A source from its spec string (module docstring); a bad spec is a one-line error."""
+    spec = spec.strip()
+    if "+" in spec:
+        weights, parts = [], []
+        for term in spec.split("+"):
+            match = re.fullmatch(r"\s*([0-9.]+)\s*\*\s*(\S.*?)\s*", term)
+            if not match:
+                raise ValueError(f"data source mixture term {term!r}: expected weight*spec, e.g. 0.3*scenes")
+            weights.append(float(match.group(1)))
+            parts.append(from_spec(match.group(2), image_size, scenes_size, seed))
+        return Mixture(parts, weights)
+    kind, _, rest = spec.partition(":")
+    if kind == "scenes":
+        return Scenes(rest or "train", size=scenes_size, image_size=image_size, seed=seed)
+    if kind == "array_record":
+        return ArrayRecordSource(rest)
+    if kind == "tfds":
+        name, _, split = rest.rpartition(":")
+        if not name:
+            raise ValueError(f"data source {spec!r}: expected tfds:NAME:SPLIT")
+        return TfdsSource(name, split)
+    if kind == "coco":
+        files, sep, image_dir = rest.rpartition("@")
+        if not sep:
+            raise ValueError(f"data source {spec!r}: expected coco:ANN.json[,ANN.json]@IMAGE_DIR")
+        return coco.CocoSource(files.split(","), image_dir)
+    if kind == "webdataset":
+        return webdataset.WebDatasetSource(rest)
+    raise ValueError(f"data source {spec!r}: unknown kind {kind!r} (scenes, array_record, tfds, coco, webdataset)")
