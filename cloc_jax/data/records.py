@@ -99,6 +99,15 @@ def write_class_names(directory: str, class_names) -> None:
         json.dump(list(class_names), f)
 
 
+def read_class_names(directory: str) -> tuple[str, ...]:
+    """The vocabulary beside a set of shards; () when there is none."""
+    path = os.path.join(directory, CLASS_NAMES_FILE)
+    if not os.path.exists(path):
+        return ()
+    with open(path) as f:
+        return tuple(json.load(f))
+
+
 class ArrayRecordSource:
     """Random access over ArrayRecord shards (a glob or a list of paths) in the record schema."""
 
@@ -108,8 +117,7 @@ class ArrayRecordSource:
             raise FileNotFoundError(f"array_record: no shards match {pattern!r}")
         self.paths = paths
         self.source = grain.sources.ArrayRecordDataSource(paths)
-        vocab = os.path.join(os.path.dirname(paths[0]), CLASS_NAMES_FILE)
-        self.class_names = tuple(json.load(open(vocab))) if os.path.exists(vocab) else ()
+        self.class_names = read_class_names(os.path.dirname(paths[0]))
 
     def __len__(self) -> int:
         return len(self.source)

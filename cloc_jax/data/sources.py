@@ -77,7 +77,7 @@ class Mixture:
                 if name not in names:
                     names.append(name)
                 remap.append(names.index(name))
-            self.remaps.append(np.asarray(remap + [-1], np.int32))  # index -1 stays -1
+            self.remaps.append(np.asarray([*remap, -1], np.int32))  # index -1 stays -1
         self.class_names = tuple(names)
         parts = [grain.MapDataset.source(s).map(self._remapper(r)) for s, r in zip(sources, self.remaps)]
         self.dataset = grain.MapDataset.mix(parts, weights)

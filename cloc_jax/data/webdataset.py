@@ -23,7 +23,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from cloc_jax.data.records import CLASS_NAMES_FILE, empty_record
+from cloc_jax.data.records import empty_record, read_class_names
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 _TEXT_KEYS = ("caption", "text", "phrase", "category", "label")
@@ -69,8 +69,7 @@ class WebDatasetSource:
         for shard in self.paths:
             for _, files in sorted(_index(shard).items()):
                 self.samples.append((shard, files))
-        vocab = os.path.join(os.path.dirname(self.paths[0]), CLASS_NAMES_FILE)
-        self.class_names = tuple(json.load(open(vocab))) if os.path.exists(vocab) else ()
+        self.class_names = read_class_names(os.path.dirname(self.paths[0]))
         self._label = {name: i for i, name in enumerate(self.class_names)}
 
     def __len__(self) -> int:
