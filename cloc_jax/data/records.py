@@ -63,8 +63,14 @@ def serialize(record: dict) -> bytes:
 
 
 def deserialize(data: bytes, index: int) -> dict:
-    """msgpack bytes -> record. Text that is not valid UTF-8 is decoded with replacement characters."""
-    raw = msgpack.unpackb(data, raw=True)  # raw: bytes stay bytes, so bad UTF-8 cannot raise here
+    """msgpack bytes -> record. Text that is not valid UTF-8 is decoded with replacement characters;
+    an unreadable record becomes one without an image (the pipeline skips and counts it)."""
+    try:
+        raw = msgpack.unpackb(data, raw=True, strict_map_key=False)  # raw: bad UTF-8 cannot raise here
+        if not isinstance(raw, dict):
+            raise ValueError("not a map")
+    except ValueError:  # msgpack's errors derive from ValueError
+        return empty_record(index, b"")
     text = lambda x: x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x)  # noqa: E731
     get = lambda key, default: raw.get(key.encode(), default)  # noqa: E731
     n = len(get("boxes", []))

@@ -32,11 +32,12 @@ def _tfds_record(example: dict, index: int, names: tuple) -> dict:
     labels = np.where((labels[:n] >= 0) & (labels[:n] < len(names)), labels[:n], -1)
     record["boxes"] = bbox[:n][:, [1, 0, 3, 2]]
     record["region_labels"] = labels.astype(np.int32)
-    record["region_texts"] = [names[i] if i >= 0 else "" for i in labels]
     if refexp is not None:
         record["referring"] = [_text(np.asarray(r).reshape(-1)[0]) if np.size(r) else "" for r in refexp[:n]]
     else:
         record["referring"] = [""] * n
+    # ref_coco labels are bare COCO category ids: its regions are named by their referring expressions
+    record["region_texts"] = [names[i] if i >= 0 else r for i, r in zip(labels, record["referring"])]
     captions = example.get("captions", {}).get("text")
     record["captions"] = [_text(c) for c in np.asarray(captions).reshape(-1)] if captions is not None else []
     record["tags"] = np.unique(labels[labels >= 0]).astype(np.int32)
@@ -55,7 +56,7 @@ class TfdsSource:
 
         self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
         label = self.source.dataset_info.features["objects"]["label"]
-        self.class_names = tuple(label.names)
+        self.class_names = tuple(getattr(label, "names", ()))  # a ClassLabel (coco, lvis) or bare ids
 
     def __len__(self) -> int:
         return len(self.source)

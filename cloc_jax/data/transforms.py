@@ -7,7 +7,6 @@ output image), so a box always frames the same content. Randomness comes from th
 
 import io
 import re
-import warnings
 
 import numpy as np
 from PIL import Image
@@ -15,6 +14,8 @@ from PIL import Image
 from cloc_jax.boxes import MIN_SIDE
 
 MAX_PIXELS = 16_000**2 // 2  # larger images are skipped unless JPEG can decode them downscaled
+# PIL refuses > 179 MP at open; decode_image applies MAX_PIXELS itself, after JPEG's downscaled draft.
+Image.MAX_IMAGE_PIXELS = None
 RESIZES = ("pad", "crop")  # long-side resize + pad (CLOC), random resized crop (CLIP)
 FLIP_TEXTS = ("swap", "skip")  # on flip: swap left/right in texts, or do not flip images that mention them
 _LEFT_RIGHT = re.compile(r"\b(left|right)(most)?\b", re.IGNORECASE)
@@ -49,7 +50,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(data, target_size: int) -> np.ndarray:
-    """Encoded bytes or an array -> uint8 [H, W, 3]. Raises BadImage("corrupt_image" | "too_large").
+    """Encoded bytes or an array -> uint8 [H, W, 3].
+
+    Raises BadImage("missing_image" | "corrupt_image" | "too_large").
 
     JPEGs are decoded at the smallest power-of-two scale still >= target_size (`draft`), so a
     20,000 px photo costs what a 2,500 px one does; other formats over MAX_PIXELS are skipped
@@ -59,18 +62,16 @@ def decode_image(data, target_size: int) -> np.ndarray:
         if array.shape[-1] == 1:
             array = np.repeat(array, 3, axis=-1)
         return np.ascontiguousarray(array[..., :3], np.uint8)
+    if not data:
+        raise BadImage("missing_image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.format == "JPEG":
-                image.draft("RGB", (target_size, target_size))
-            if image.size[0] * image.size[1] > MAX_PIXELS:
-                raise BadImage("too_large")
-            image.load()
-            if min(image.size) < 1:
-                raise BadImage("corrupt_image")
-            return np.asarray(_to_rgb(image))
+        image = Image.open(io.BytesIO(data))
+        if image.format == "JPEG":
+            image.draft("RGB", (target_size, target_size))
+        if image.size[0] * image.size[1] > MAX_PIXELS:
+            raise BadImage("too_large")
+        image.load()
+        return np.asarray(_to_rgb(image))
     except BadImage:
         raise
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files

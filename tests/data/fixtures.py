@@ -1,0 +1,101 @@
+"""Small on-disk datasets in every supported format, made from embedded scenes (so their truth is known)."""
+
+import io
+import json
+import os
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from cloc_jax.data import records, transforms
+from cloc_jax.data.scenes import CLASS_NAMES, Scenes
+
+
+def scene_records(n: int, image_size: int = 48, split: str = "train") -> list[dict]:
+    """Scenes as records with PNG-encoded images (lossless: decoded pixels equal the scene's)."""
+    source = Scenes(split, size=n, image_size=image_size)
+    out = []
+    for i in range(n):
+        record = source[i]
+        out.append(dict(record, image=transforms.encode_image(record["image"])))
+    return out
+
+
+def write_array_record(directory: str, recs: list[dict], num_shards: int = 2) -> str:
+    records.write_shards(recs, directory, num_shards, CLASS_NAMES)
+    return os.path.join(directory, "*.array_record")
+
+
+def write_coco(directory: str, recs: list[dict]) -> str:
+    """captions + instances + RefCOCO refs JSON and an image folder; returns the `coco:` spec."""
+    os.makedirs(os.path.join(directory, "images"), exist_ok=True)
+    images, captions, instances, refs = [], [], [], []
+    for r in recs:
+        h, w = transforms.decode_image(r["image"], 0).shape[:2]
+        name = f"{r['index']:06d}.png"
+        with open(os.path.join(directory, "images", name), "wb") as f:
+            f.write(r["image"])
+        images.append(dict(id=int(r["index"]) + 100, file_name=name, width=w, height=h))
+        captions += [dict(id=len(captions), image_id=int(r["index"]) + 100, caption=c) for c in r["captions"]]
+        for box, label, referring in zip(r["boxes"], r["region_labels"], r["referring"]):
+            x0, y0, x1, y1 = (box * [w, h, w, h]).tolist()
+            ann = dict(id=len(instances) + 7, image_id=int(r["index"]) + 100, category_id=int(label) + 1)
+            instances.append(dict(ann, bbox=[x0, y0, x1 - x0, y1 - y0]))
+            refs.append(dict(ann_id=ann["id"], sentences=[dict(sent=referring)]))
+    categories = [dict(id=i + 1, name=n) for i, n in enumerate(CLASS_NAMES)]
+    files = {
+        "captions.json": dict(images=images, annotations=captions),
+        "instances.json": dict(images=images, annotations=instances, categories=categories),
+        "refs.json": refs,
+    }
+    for name, content in files.items():
+        with open(os.path.join(directory, name), "w") as f:
+            json.dump(content, f)
+    anns = ",".join(os.path.join(directory, n) for n in files)
+    return f"coco:{anns}@{os.path.join(directory, 'images')}"
+
+
+def write_webdataset(directory: str, recs: list[dict], per_shard: int = 4, pixel_boxes: bool = False) -> str:
+    """Tar shards of `<key>.png` + `<key>.json`; returns the `webdataset:` spec (a brace range)."""
+    os.makedirs(directory, exist_ok=True)
+    shards = [recs[i : i + per_shard] for i in range(0, len(recs), per_shard)]
+    for s, shard in enumerate(shards):
+        with tarfile.open(os.path.join(directory, f"shard-{s:04d}.tar"), "w") as tar:
+            for r in shard:
+                h, w = transforms.decode_image(r["image"], 0).shape[:2]
+                scale = np.array([w, h, w, h]) if pixel_boxes else np.ones(4)
+                meta = dict(
+                    captions=r["captions"],
+                    tags=[CLASS_NAMES[t] for t in r["tags"]],
+                    regions=[
+                        dict(bbox=(b * scale).tolist(), caption=t, referring=f)
+                        for b, t, f in zip(r["boxes"], r["region_texts"], r["referring"])
+                    ],
+                )
+                for ext, payload in (("png", r["image"]), ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"sample{r['index']:06d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    records.write_class_names(directory, CLASS_NAMES)
+    return f"webdataset:{directory}/shard-{{0000..{len(shards) - 1:04d}}}.tar"
+
+
+def huge_png_header(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A valid PNG whose header claims width x height (its pixel data is a 1x1 image's)."""
+    small = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(small, "PNG")
+    data = bytearray(small.getvalue())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    body = bytes(data[12 : ihdr + 13])  # chunk type + 13 bytes of IHDR data
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(body))
+    return bytes(data)
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
