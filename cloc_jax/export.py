@@ -72,7 +72,7 @@ def load(directory: str) -> Encoder:
         spec["tokenizer"]["path"] = os.path.join(directory, spec["tokenizer"]["path"])
     tokenizer, model = build_from_spec(spec)
     params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), _abstract_params(model, spec))
-    return Encoder(model, params, tokenizer, spec["tokenizer"]["context_length"])
+    return Encoder(model, params, tokenizer, spec["tokenizer"]["context_length"], spec["image_size"])
 
 
 def main(argv):

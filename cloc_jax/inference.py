@@ -22,14 +22,14 @@ def _ground(model: Model, images: jax.Array, tokens: jax.Array) -> jax.Array:
 class Encoder:
     """Jitted `encode_image` / `encode_text` for a model and its parameters.
 
-    Images are [B, H, W, 3] floats in [-1, 1]; texts are strings or token ids [B, L]; boxes are
+    Images are [B, S, S, 3] floats in [-1, 1] (S = image_size); texts are strings or token ids [B, L]; boxes are
     [B, M, 4] xyxy normalised to [0, 1]. Embeddings are unit-norm numpy arrays. `ground` needs a model
     trained with a region extractor.
     """
 
-    def __init__(self, model: Model, params, tokenizer: Tokenizer, context_length: int, axis_rules=()):
+    def __init__(self, model: Model, params, tokenizer: Tokenizer, context_length: int, image_size: int, axis_rules=()):
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.context_length, self.axis_rules = context_length, tuple(axis_rules)
+        self.context_length, self.image_size, self.axis_rules = context_length, image_size, tuple(axis_rules)
         self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Model.encode_image)[0])
         self._text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=Model.encode_text))
         self._regions = jax.jit(lambda p, x, b: model.apply({"params": p}, x, b, method=_encode_regions))

@@ -155,7 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state = ckpt.restore(latest, abstract_state(config, model, tx, mesh)[1], data_iter)
             print(f"Resumed from {ckpt.directory} at step {latest}")
         step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
-        encoder = Encoder(model, state.params, tokenizer, config.tokenizer.context_length, config.axis_rules)
+        context = config.tokenizer.context_length
+        encoder = Encoder(model, state.params, tokenizer, context, config.image_size, config.axis_rules)
         first = int(state.step)
         results: dict[str, float] = {}
         progress = tqdm(

@@ -38,7 +38,11 @@ def single_device():
         ((2, 2, 2), "global"),
         ((1, 8, 1), "global"),
         ((1, 1, 8), "global"),
-        ((2, 2, 2), "ring"),
+        # The ring inside a whole step runs data-parallel only: beside FSDP all-gathers, XLA:CPU's thunk
+        # executor can start a simulated device's ring permute before its all-gather and another
+        # device's the other way round, which deadlocks (seen in CI). TPUs and GPUs issue collectives in
+        # one program order. The ring itself is checked on multi-axis meshes below.
+        ((8, 1, 1), "ring"),
     ],
 )
 def test_one_step_matches_a_single_device(single_device, sizes, contrastive):
