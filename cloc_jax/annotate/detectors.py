@@ -80,6 +80,7 @@ class Owlv2Detector:
         self.torch = torch
         self.processor = Owlv2Processor.from_pretrained(model_dir)
         self.model = Owlv2ForObjectDetection.from_pretrained(model_dir).eval()
+        self.max_length = self.model.config.text_config.max_position_embeddings  # 16 tokens per query
 
     def detect(self, images: list[np.ndarray], queries: list[list[str]]) -> list[list[Detection]]:
         out = []
@@ -87,12 +88,20 @@ class Owlv2Detector:
             if not phrases:
                 out.append([])
                 continue
-            inputs = self.processor(text=[phrases], images=image, return_tensors="pt")
+            inputs = self.processor(
+                text=[phrases],
+                images=image,
+                padding="max_length",
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             with self.torch.no_grad():
                 outputs = self.model(**inputs)
             h, w = image.shape[:2]
             side = max(h, w)  # OWLv2 pads to a square: boxes come back on the padded square
-            result = self.processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(side, side)])[0]
+            post = self.processor.post_process_grounded_object_detection
+            (result,) = post(outputs, threshold=0.0, target_sizes=[(side, side)])
             boxes = np.clip(result["boxes"].numpy() / np.array([w, h, w, h]), 0.0, 1.0)
             out.append(
                 [

@@ -16,7 +16,6 @@ from cloc_jax.annotate.phrases import MAX_QUERIES, extract_phrases
 from cloc_jax.boxes import iou_and_giou
 from cloc_jax.data import transforms
 
-
 DECODE_SIZE = 1024  # JPEGs decode at the smallest scale still this large (detectors resize anyway)
 
 

@@ -13,23 +13,29 @@ from collections.abc import Callable
 import nltk
 
 GRAMMAR = "NP: {<DT>?<JJ.*>*<NN.*>+}"
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
 MAX_QUERIES = 20
-GENERIC = frozenset(
+GENERIC = _words(
     "image images photo photos picture pictures view background foreground thing things something front side top "
     "bottom left right middle center centre closeup shot scene stock illustration vector style color colour day time "
-    "way lot kind type part piece area".split()
+    "way lot kind type part piece area"
 )
-DETERMINERS = frozenset("a an the this that these those some any each every another".split())
+DETERMINERS = _words("a an the this that these those some any each every another")
 # Words the built-in tagger must not call nouns: function words and common verbs of captions.
-FUNCTION_WORDS = frozenset(
+FUNCTION_WORDS = _words(
     "and or but of in on at to from with without by for over under above below near next beside between behind "
     "into onto off out up down is are was were be being been has have had do does did it its it's they them their "
     "there here he she his her we our you your i my me as while who which what where when than then very not no "
-    "holding sitting standing lying walking running looking wearing playing showing shows show made using".split()
+    "holding sitting standing lying walking running looking wearing playing showing shows show made using"
 )
-ADJECTIVES = frozenset(
+ADJECTIVES = _words(
     "red green blue yellow purple orange white black cyan pink brown grey gray gold silver dark bright large "
-    "small big little tall short long old new young wooden metal plastic empty full".split()
+    "small big little tall short long old new young wooden metal plastic empty full"
 )
 Tagger = Callable[[list[str]], list[tuple[str, str]]]
 

@@ -87,15 +87,20 @@ def deserialize(data: bytes, index: int) -> dict:
     )
 
 
+def write_shard(path: str, records) -> None:
+    writer = ArrayRecordWriter(path, "group_size:1")  # one record per chunk: cheap random access
+    for record in records:
+        writer.write(serialize(record))
+    writer.close()
+
+
 def write_shards(records, directory: str, num_shards: int, class_names=(), prefix: str = "data") -> list[str]:
     """Writes records round-robin into `num_shards` ArrayRecord files (and the class vocabulary)."""
     os.makedirs(directory, exist_ok=True)
+    records = list(records)
     paths = [os.path.join(directory, f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record") for i in range(num_shards)]
-    writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
-    for i, record in enumerate(records):
-        writers[i % num_shards].write(serialize(record))
-    for w in writers:
-        w.close()
+    for i, path in enumerate(paths):
+        write_shard(path, records[i::num_shards])
     write_class_names(directory, class_names)
     return paths
 
