@@ -105,7 +105,7 @@ class FakeEncoder:
         return np.broadcast_to(np.array([0, 0, 1, 0.5], np.float32), (len(images), len(texts[0]), 4)).copy()
 
     def encode_regions(self, images, boxes):
-        return np.ones(boxes.shape[:2] + (2,)) / np.sqrt(2)
+        return np.ones((*boxes.shape[:2], 2)) / np.sqrt(2)
 
     def encode_text(self, texts):
         return np.ones((len(texts), 2)) / np.sqrt(2)
