@@ -1,6 +1,6 @@
 """The pseudo-labelling pipeline on Apache Beam: ArrayRecord shards in, labelled ArrayRecord shards out.
 
-    python -m cloc_jax.annotate.beam --input='/data/raw/*.array_record' --output=/data/labelled \
+    python -m cloc_jax.annotate --input='/data/raw/*.array_record' --output=/data/labelled \
         --detector=cloc:/models/cloc_tiny_export --threshold=0.1 [-- --runner=DataflowRunner ...]
 
 One element per input shard: a worker builds its detector once (`setup`), labels the shard's records
@@ -18,7 +18,6 @@ import tempfile
 from collections.abc import Callable
 
 import apache_beam as beam
-from absl import app, flags
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -100,22 +99,3 @@ def run(
     counters = result.metrics().query(beam.metrics.MetricsFilter().with_namespace("annotate"))["counters"]
     totals = {c.key.metric.name: c.committed for c in counters}
     return {k: totals.get(k, 0) for k in ("shards", "images", "skipped", "regions")}
-
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "glob of ArrayRecord shards in the record schema", required=True)
-flags.DEFINE_string("output", None, "directory for the labelled shards", required=True)
-flags.DEFINE_string("detector", None, "cloc:EXPORT_DIR (self-labelling) or owlv2:MODEL_DIR", required=True)
-flags.DEFINE_float("threshold", LabelConfig.threshold, "confidence threshold (CLOC 0.1, UMG-CLIP 0.3)")
-flags.DEFINE_float("nms_iou", LabelConfig.nms_iou, "IoU above which the less confident box is suppressed")
-flags.DEFINE_float("min_stability", LabelConfig.min_stability, "mean IoU under box jitter to keep a box (0: off)")
-flags.DEFINE_integer("batch_size", 32, "images per detector call")
-
-
-def main(argv):
-    cfg = LabelConfig(threshold=FLAGS.threshold, nms_iou=FLAGS.nms_iou, min_stability=FLAGS.min_stability)
-    print(run(FLAGS.input, FLAGS.output, FLAGS.detector, cfg, FLAGS.batch_size, argv[1:]))
-
-
-if __name__ == "__main__":
-    app.run(main)

@@ -1,0 +1,24 @@
+"""python -m cloc_jax.annotate --input=GLOB --output=DIR --detector=cloc:EXPORT_DIR [-- beam options]"""
+
+from absl import app, flags
+
+from cloc_jax.annotate.beam import run
+from cloc_jax.annotate.label import LabelConfig
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("input", None, "glob of ArrayRecord shards in the record schema", required=True)
+flags.DEFINE_string("output", None, "directory for the labelled shards", required=True)
+flags.DEFINE_string("detector", None, "cloc:EXPORT_DIR (self-labelling) or owlv2:MODEL_DIR", required=True)
+flags.DEFINE_float("threshold", LabelConfig.threshold, "confidence threshold (CLOC 0.1, UMG-CLIP 0.3)")
+flags.DEFINE_float("nms_iou", LabelConfig.nms_iou, "IoU above which the less confident box is suppressed")
+flags.DEFINE_float("min_stability", LabelConfig.min_stability, "mean IoU under box jitter to keep a box (0: off)")
+flags.DEFINE_integer("batch_size", 32, "images per detector call")
+
+
+def main(argv):
+    cfg = LabelConfig(threshold=FLAGS.threshold, nms_iou=FLAGS.nms_iou, min_stability=FLAGS.min_stability)
+    print(run(FLAGS.input, FLAGS.output, FLAGS.detector, cfg, FLAGS.batch_size, argv[1:]))
+
+
+if __name__ == "__main__":
+    app.run(main)
