@@ -12,6 +12,10 @@ setup(
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "grain>=0.2.12",
+        "array_record>=0.5",
+        "tensorflow-datasets>=4.9",
+        "pillow>=10",
+        "msgpack>=1.0",
         "ml_collections>=1.0",
         "einops>=0.8",
         "absl-py",
@@ -22,7 +26,18 @@ setup(
     ],
     extras_require={
         # libtpu (through jax[tpu]) lets the tests compile for TPU topologies on a machine without TPUs.
-        "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.40", "jax[tpu]"],
+        # Pseudo-labelling: Apache Beam runs the pipeline, NLTK chunks noun phrases (transformers + torch
+        # run OWLv2; torch is left to the user, it comes in CPU and GPU builds).
+        "annotate": ["apache-beam>=2.50", "nltk>=3.8", "transformers>=4.40"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "hypothesis>=6",
+            "transformers>=4.40",
+            "jax[tpu]",
+            "apache-beam>=2.50",
+            "nltk>=3.8",
+        ],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

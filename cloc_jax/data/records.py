@@ -124,6 +124,7 @@ class ArrayRecordSource:
 
     def __init__(self, pattern: str | list[str]):
         paths = sorted(glob.glob(pattern)) if isinstance(pattern, str) else list(pattern)
+        paths = [p for p in paths if os.path.basename(p) != CLASS_NAMES_FILE]  # "dir/*" matches it too
         if not paths:
             raise FileNotFoundError(f"array_record: no shards match {pattern!r}")
         self.paths = paths
