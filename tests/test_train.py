@@ -94,9 +94,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     # Same data seen: the grain iterator's position matches, and so does every parameter.
     ckpt_a, ckpt_b = Checkpoints(killed), Checkpoints(straight)
     assert ckpt_a.latest_step() == ckpt_b.latest_step() == 30
-    for workdir in (killed, straight):  # 30 steps consumed exactly 30 batches: none repeated, none skipped
+    for workdir in (killed, straight):  # 30 steps consumed exactly 30 batches of 16 records: none repeated
         with open(os.path.join(workdir, "checkpoints", "30", "data", "process_0-of-1.json")) as f:
-            assert json.load(f) == {"next_index": 30}
+            assert json.load(f) == {"next_index": 30 * 16}
     restore = ocp.args.Composite(state=ocp.args.StandardRestore())
     a, b = (c.manager.restore(30, args=restore)["state"] for c in (ckpt_a, ckpt_b))
     leaves_a, leaves_b = jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])

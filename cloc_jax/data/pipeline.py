@@ -212,7 +212,8 @@ def train_iterator(
     ds = ds.random_map(prep, seed=config.data.seed).filter(lambda example: example is not None)
     options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
     ds = ds.to_iter_dataset(options).batch(per_host_batch_size(config.batch_size), drop_remainder=True)
-    return iter(ds)
+    # Batches are assembled in a thread of their own too, not in the training loop's thread.
+    return iter(grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2))
 
 
 def eval_batches(
