@@ -73,7 +73,7 @@ def test_stability_keeps_boxes_that_come_back_under_jitter_and_drops_random_ones
     image = np.zeros((64, 64, 3), np.uint8)
     image[10:30, 20:50] = COLOURS["red"]
     truth = Detection((20 / 64, 10 / 64, 50 / 64, 30 / 64), 0.9, 0)
-    assert label.stability(ColourOracle(), image, ["red square"], [truth], 0.05)[0] > 0.9
+    assert label.stability(ColourOracle(), [image], [["red square"]], [[truth]], 0.05)[0][0] > 0.9
 
     class Random:
         rng = np.random.default_rng(0)
@@ -81,7 +81,7 @@ def test_stability_keeps_boxes_that_come_back_under_jitter_and_drops_random_ones
         def detect(self, images, queries):
             return [[Detection(tuple(np.sort(self.rng.uniform(0, 1, (2, 2)), 0).T.ravel()), 0.9, 0)] for _ in images]
 
-    assert label.stability(Random(), image, ["red square"], [truth], 0.05)[0] < 0.5
+    assert label.stability(Random(), [image], [["red square"]], [[truth]], 0.05)[0][0] < 0.5
 
 
 def test_label_images_thresholds_and_names_regions_by_their_phrase():

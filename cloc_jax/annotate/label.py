@@ -50,34 +50,37 @@ def _shifted(image: np.ndarray, jitter: float) -> list[tuple[np.ndarray, np.ndar
     ]
 
 
-def stability(detector, image: np.ndarray, queries: list[str], kept: list[Detection], jitter: float) -> np.ndarray:
-    """[len(kept)] mean IoU between each box and its query's best re-detection on shifted crops."""
-    crops = _shifted(image, jitter)
-    if not crops or not kept:
-        return np.ones(len(kept))
-    found = detector.detect([c for c, _ in crops], [queries] * len(crops))
-    total = np.zeros(len(kept))
-    for (_, window), detections in zip(crops, found):
-        scale = np.tile(window[2:] - window[:2], 2)
-        for i, d in enumerate(kept):
-            same = [np.array(e.box) * scale + np.tile(window[:2], 2) for e in detections if e.query == d.query]
+def stability(detector, images: list, queries: list[list[str]], kept: list[list[Detection]], jitter: float) -> list:
+    """Per image, [len(kept)] mean IoU between each kept box and its query's best re-detection on
+    the image shifted along its diagonal both ways (one batched detector call for all images)."""
+    crops, owners = [], []
+    for i, image in enumerate(images):
+        if kept[i]:
+            for crop in _shifted(image, jitter):
+                crops.append(crop)
+                owners.append(i)
+    found = detector.detect([c for c, _ in crops], [queries[i] for i in owners]) if crops else []
+    totals = [np.zeros(len(k)) for k in kept]
+    counts = np.zeros(len(images))
+    for (_, window), i, detections in zip(crops, owners, found):
+        counts[i] += 1
+        scale, origin = np.tile(window[2:] - window[:2], 2), np.tile(window[:2], 2)
+        for j, d in enumerate(kept[i]):
+            same = [np.array(e.box) * scale + origin for e in detections if e.query == d.query]
             if same:
-                total[i] += max(float(iou_and_giou(np.array(d.box), b)[0]) for b in same)
-    return total / len(crops)
+                totals[i][j] += max(float(iou_and_giou(np.array(d.box), b)[0]) for b in same)
+    return [t / c if c else np.ones(len(t)) for t, c in zip(totals, counts)]
 
 
 def label_images(detector, images: list[np.ndarray], captions: list[list[str]], cfg: LabelConfig) -> list[list]:
     """Per image: [(box, phrase, score)] after threshold, NMS and the stability check."""
     queries = [list(dict.fromkeys(p for c in caps for p in extract_phrases(c)))[: cfg.max_queries] for caps in captions]
     detections = detector.detect(images, queries)
-    out = []
-    for image, phrases, found in zip(images, queries, detections):
-        kept = nms([d for d in found if d.score >= cfg.threshold], cfg.nms_iou)[: cfg.max_regions]
-        if cfg.min_stability > 0:
-            stable = stability(detector, image, phrases, kept, cfg.jitter) >= cfg.min_stability
-            kept = [d for d, ok in zip(kept, stable) if ok]
-        out.append([(np.array(d.box, np.float32), phrases[d.query], d.score) for d in kept])
-    return out
+    kept = [nms([d for d in found if d.score >= cfg.threshold], cfg.nms_iou)[: cfg.max_regions] for found in detections]
+    if cfg.min_stability > 0:
+        scores = stability(detector, images, queries, kept, cfg.jitter)
+        kept = [[d for d, s in zip(k, score) if s >= cfg.min_stability] for k, score in zip(kept, scores)]
+    return [[(np.array(d.box, np.float32), q[d.query], d.score) for d in k] for k, q in zip(kept, queries)]
 
 
 def class_of(phrase: str, class_names) -> int:

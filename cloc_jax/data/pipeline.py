@@ -100,14 +100,14 @@ class Preprocess(grain.transforms.RandomMap):
 
     def _geometry(self, image: np.ndarray, boxes: np.ndarray, texts: list, rng) -> tuple:
         """(image [S, S, 3] uint8, boxes, keep [N], flipped)."""
-        aug = self.augment
-        if rng is not None and aug.resize == "crop":
+        aug = self.augment if rng is not None else None  # evaluation: deterministic
+        if aug is not None and aug.resize == "crop":
             image, boxes = transforms.random_resized_crop(image, boxes, self.image_size, rng, tuple(aug.crop_scale))
             boxes, keep = transforms.clip_boxes(boxes, aug.min_visible)
         else:
             image, boxes = transforms.resize_pad(image, boxes, self.image_size)
             keep = np.ones(len(boxes), bool)
-        flip = rng is not None and aug.flip > 0 and rng.random() < aug.flip
+        flip = aug is not None and aug.flip > 0 and rng.random() < aug.flip
         if flip and aug.flip_texts == "skip" and transforms.mentions_left_right(texts):
             flip = False
         if flip:
