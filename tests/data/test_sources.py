@@ -1,5 +1,7 @@
 """Every source reads a fixture made here into the record schema, and feeds identical batches for identical seeds."""
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -138,3 +140,22 @@ def test_a_truncated_tar_keeps_the_samples_before_the_damage(recs, tmp_path):
         f.truncate(f.seek(0, 2) // 2)
     source = sources.from_spec(spec, 48)
     assert 0 < len(source) < N
+
+
+def test_lvis_style_annotations_name_images_by_their_coco_url(recs, tmp_path):
+    """LVIS files carry `coco_url` instead of `file_name`; categories become the class vocabulary."""
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    (image_dir / "000000000042.png").write_bytes(recs[0]["image"])
+    lvis = dict(
+        images=[dict(id=42, coco_url="http://images.cocodataset.org/val2017/000000000042.png", width=48, height=48)],
+        annotations=[dict(id=1, image_id=42, bbox=[12, 24, 12, 12], category_id=7)],
+        categories=[dict(id=3, name="aerosol_can"), dict(id=7, name="zebra")],
+    )
+    (tmp_path / "lvis.json").write_text(json.dumps(lvis))
+    source = sources.from_spec(f"coco:{tmp_path / 'lvis.json'}@{image_dir}", 48)
+    assert source.class_names == ("aerosol can", "zebra")
+    record = source[0]
+    assert record["image"] == recs[0]["image"] and record["region_texts"] == ["zebra"]
+    np.testing.assert_allclose(record["boxes"], [[0.25, 0.5, 0.5, 0.75]])
+    np.testing.assert_array_equal(record["region_labels"], [1])
