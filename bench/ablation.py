@@ -28,6 +28,7 @@ VARIANTS = (  # (name, config, overrides)
     ("RoIAlign", "umg_tiny", {"model.image.cluster_ratio": 0.0, **NO_TAGS}),
     ("RoIAlign + tags", "umg_tiny", {"model.image.cluster_ratio": 0.0}),
     ("RoIAlign + tags + clustering r=0.75 (UMG-CLIP)", "umg_tiny", {}),
+    ("RoIAlign + tags + clustering r=0.75, residual unfold", "umg_tiny", {"model.image.cluster_unfold": "residual"}),
 )
 COLUMNS = (
     "region/macc",

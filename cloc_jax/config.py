@@ -49,7 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = dict(
         # cluster_ratio > 0: UMG-CLIP token clustering (that fraction of tokens merged after cluster_layer)
         # adapter_dim > 0: Convpass adapters in every image block (PET; train them with optim.trainable)
-        image=dict(variant="B/16", pool="map", cluster_ratio=0.0, cluster_layer=2, adapter_dim=0),
+        # cluster_unfold: "copy" (each token takes its cluster's output) or "residual" (its own features at
+        # the clustering point plus its cluster's update since)
+        image=dict(
+            variant="B/16", pool="map", cluster_ratio=0.0, cluster_layer=2, cluster_unfold="copy", adapter_dim=0
+        ),
         text=dict(width=512, depth=12, heads=8, mlp_dim=2048),
         embed_dim=512,
         loss="softmax",  # or "sigmoid" (SigLIP, adds a learnable bias)

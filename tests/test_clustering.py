@@ -46,8 +46,14 @@ def test_clusters_recover_well_separated_groups_and_merge_by_mean():
     np.testing.assert_allclose(np.exp(log_sizes[0]), 8.0, rtol=1e-6)
     for c in range(4):
         np.testing.assert_allclose(merged[0, c], x[assign == c].mean(0), atol=1e-4)
-    unfolded = np.asarray(unfold(merged, jax.nn.one_hot(assign[None], 4)))
+    onehot = jax.nn.one_hot(assign[None], 4)
+    unfolded = np.asarray(unfold(merged, onehot))
     np.testing.assert_allclose(unfolded[0], np.asarray(merged[0])[assign], atol=1e-6)
+    later = merged + 1.5  # the later layers moved every cluster by the same update
+    residual = np.asarray(unfold(later, onehot, "residual", before=(merged, jnp.asarray(x[None], jnp.float32))))
+    np.testing.assert_allclose(residual[0], x + 1.5, atol=1e-5)  # each token keeps its own features
+    with pytest.raises(ValueError, match="cluster_unfold='mean'; choose one of"):
+        unfold(merged, onehot, "mean")
 
 
 def test_log_size_bias_makes_merged_tokens_count_for_their_members():

@@ -127,6 +127,7 @@ def build_model(model: ml_collections.ConfigDict, image_size: int, vocab_size: i
         region_pool="roi_align" if model.region_extractor == "roi_align" else "coverage",
         cluster_ratio=model.image.cluster_ratio,
         cluster_layer=model.image.cluster_layer,
+        cluster_unfold=model.image.cluster_unfold,
         adapter_dim=model.image.adapter_dim,
         **common,
         name="image",

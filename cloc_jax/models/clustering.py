@@ -4,8 +4,8 @@ At an intermediate layer the N tokens are summarised by K = round((1 - r) N) rep
 density peaks: a token scores high when its k nearest neighbours are close (dense) and every denser
 token is far (a peak, not a slope). Each token joins its nearest representative; clusters are merged
 by mean, the remaining layers run on K tokens with attention biased by log(cluster size) (a merged
-token counts for its members), and at the end every token takes its cluster's output, so region
-heads see the full grid. All shapes are static (top-k, one-hot assignment matrices, einsums).
+token counts for its members), and at the end every token takes its cluster's output (or, with
+"residual" unfolding, adds its cluster's update to its own features), so region heads see the full grid. All shapes are static (top-k, one-hot assignment matrices, einsums).
 """
 
 import jax
@@ -49,6 +49,21 @@ def cluster(x: jax.Array, ratio: float, knn: int = 5) -> tuple[jax.Array, jax.Ar
     return merged, assign, jnp.log(sizes.astype(jnp.float32))
 
 
-def unfold(merged: jax.Array, assign: jax.Array) -> jax.Array:
-    """[B, K, D] + assignment [B, N, K] -> [B, N, D]: every token takes its cluster's output."""
-    return jnp.einsum("bnk,bkd->bnd", assign, merged)
+UNFOLDS = ("copy", "residual")
+
+
+def unfold(
+    merged: jax.Array, assign: jax.Array, mode: str = "copy", before: tuple[jax.Array, jax.Array] | None = None
+) -> jax.Array:
+    """[B, K, D] + assignment [B, N, K] -> [B, N, D].
+
+    "copy": every token takes its cluster's output (UMG-CLIP / AiluRus). "residual": every token keeps
+    its own features from the clustering point and adds its cluster's update since — `before` = (the
+    merged tokens [B, K, D] as they entered the later layers, the tokens [B, N, D] at that point) — so
+    a small object merged into a large cluster still looks like itself to a region head."""
+    if mode not in UNFOLDS:
+        raise ValueError(f"cluster_unfold={mode!r}; choose one of {UNFOLDS}")
+    if mode == "copy":
+        return jnp.einsum("bnk,bkd->bnd", assign, merged)
+    merged_before, tokens_before = before
+    return tokens_before + jnp.einsum("bnk,bkd->bnd", assign, merged - merged_before)

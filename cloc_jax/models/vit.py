@@ -96,6 +96,7 @@ class ViT(nn.Module):
     region_pool: str = "coverage"
     cluster_ratio: float = 0.0  # UMG-CLIP token clustering: drop this fraction of tokens after cluster_layer
     cluster_layer: int = 2
+    cluster_unfold: str = "copy"  # or "residual": see clustering.unfold
     adapter_dim: int = 0  # > 0: Convpass adapters (parameter-efficient tuning) in every block
     dtype: Dtype = jnp.float32
 
@@ -175,7 +176,8 @@ class ViT(nn.Module):
         log_sizes = jnp.concatenate([jnp.zeros((x.shape[0], num_prefix)), log_sizes], axis=1)
         y = jnp.concatenate([prefix, merged], axis=1)
         y = Encoder(size.depth - self.cluster_layer, **blocks, name="encoder_clustered")(y, log_sizes[:, None, None, :])
-        return jnp.concatenate([y[:, :num_prefix], unfold(y[:, num_prefix:], assign)], axis=1)
+        tokens = unfold(y[:, num_prefix:], assign, self.cluster_unfold, before=(merged, tokens))
+        return jnp.concatenate([y[:, :num_prefix], tokens], axis=1)
 
 
 def merge_clustered_encoder(flat: dict) -> dict:
