@@ -5,7 +5,8 @@ density peaks: a token scores high when its k nearest neighbours are close (dens
 token is far (a peak, not a slope). Each token joins its nearest representative; clusters are merged
 by mean, the remaining layers run on K tokens with attention biased by log(cluster size) (a merged
 token counts for its members), and at the end every token takes its cluster's output (or, with
-"residual" unfolding, adds its cluster's update to its own features), so region heads see the full grid. All shapes are static (top-k, one-hot assignment matrices, einsums).
+"residual" unfolding, adds its cluster's update to its own features), so region heads see the full
+grid. All shapes are static (top-k, one-hot assignment matrices, einsums).
 """
 
 import jax
