@@ -50,7 +50,7 @@ def wild_records(n: int) -> tuple[list[bytes], int]:
         ),
         dict(good[11], captions=["", "  "]),  # described by its regions instead
     ]
-    out = [records.serialize(r) for r in skipped + repaired + good[12:]]
+    out = [records.serialize(r) for r in skipped + repaired + good[13:]]
     out.append(_non_utf8(good[12]))
     return out, len(skipped)
 
