@@ -39,13 +39,17 @@ def key(record: dict) -> str:
 
 
 def write_sets(root: str, n: int, image_size: int) -> None:
-    if os.path.exists(os.path.join(root, "stripped", records.CLASS_NAMES_FILE)):
+    """true/: the scenes with their boxes; stripped/: without regions (to be labelled); true_noref/:
+    true boxes and region captions but no referring expressions, which pseudo-labels cannot have."""
+    if os.path.exists(os.path.join(root, "true_noref", records.CLASS_NAMES_FILE)):
         return
     scenes = Scenes("train", size=n, image_size=image_size)
     true = [dict(scenes[i], image=transforms.encode_image(scenes[i]["image"])) for i in range(n)]
     empty = dict(boxes=np.zeros((0, 4), np.float32), region_texts=[], referring=[], region_labels=[])
     records.write_shards(true, os.path.join(root, "true"), 8, CLASS_NAMES)
     records.write_shards([dict(r, **empty) for r in true], os.path.join(root, "stripped"), 8, CLASS_NAMES)
+    noref = [dict(r, referring=[""] * len(r["boxes"])) for r in true]
+    records.write_shards(noref, os.path.join(root, "true_noref"), 8, CLASS_NAMES)
 
 
 def train(root: str, name: str, shards: str) -> dict:
@@ -90,7 +94,14 @@ def main(argv):
     )
     quality = box_recall(os.path.join(root, "true"), os.path.join(root, "pseudo"))
     pseudo = train(root, "run_pseudo", os.path.join(root, "pseudo", "*.array_record"))
-    summary = dict(labelling=counts, pseudo_labels=quality, trained_on_true_boxes=true, trained_on_pseudo_labels=pseudo)
+    noref = train(root, "run_true_noref", os.path.join(root, "true_noref", "*.array_record"))
+    summary = dict(
+        labelling=counts,
+        pseudo_labels=quality,
+        trained_on_true_boxes=true,
+        trained_on_true_boxes_without_referring_expressions=noref,
+        trained_on_pseudo_labels=pseudo,
+    )
     with open(os.path.join(root, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
