@@ -12,6 +12,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from cloc_jax import tokenizers
+from cloc_jax.config import base_config
 from cloc_jax.models.cloc import Model, build_model
 from cloc_jax.tokenizers import Tokenizer
 
@@ -21,8 +22,16 @@ def model_spec(config: ml_collections.ConfigDict) -> dict:
     return dict(model=config.model.to_dict(), image_size=config.image_size, tokenizer=config.tokenizer.to_dict())
 
 
+def with_defaults(spec: dict) -> dict:
+    """A spec saved before an option existed gets that option's default, which keeps the old behaviour,
+    so older checkpoints and exports still resume and load."""
+    flat = lambda d: flax.traverse_util.flatten_dict(d, sep=".")  # noqa: E731
+    return flax.traverse_util.unflatten_dict({**flat(model_spec(base_config())), **flat(spec)}, sep=".")
+
+
 def build_from_spec(spec: dict) -> tuple[Tokenizer, Model]:
     """Spec -> (tokenizer, model): training, export and loading all build models here."""
+    spec = with_defaults(spec)
     if spec["tokenizer"]["region_context_length"] > spec["tokenizer"]["context_length"]:
         raise ValueError(
             f"tokenizer.region_context_length={spec['tokenizer']['region_context_length']} exceeds "
@@ -64,7 +73,7 @@ class Checkpoints:
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def spec(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(spec=ocp.args.JsonRestore()))["spec"]
+        return with_defaults(self.manager.restore(step, args=ocp.args.Composite(spec=ocp.args.JsonRestore()))["spec"])
 
     def check_spec(self, step: int, spec: dict) -> None:
         diff = spec_mismatch(self.spec(step), spec)

@@ -1,5 +1,6 @@
 """Checkpoint round trips: data iterator continuity, model-spec checks, export -> load."""
 
+import copy
 import json
 import os
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from cloc_jax import load
-from cloc_jax.checkpoint import Checkpoints, model_spec, spec_mismatch
+from cloc_jax.checkpoint import Checkpoints, model_spec, spec_mismatch, with_defaults
 from cloc_jax.data.pipeline import train_iterator
 from cloc_jax.export import export
 from cloc_jax.tokenizers import ByteTokenizer
@@ -37,6 +38,16 @@ def test_spec_mismatch_names_the_first_difference():
     b = dict(model=dict(image=dict(variant="L/14")), image_size=224)
     assert spec_mismatch(a, a) is None
     assert spec_mismatch(a, b) == "model.image.variant: 'B/16' != 'L/14'"
+
+
+def test_a_spec_saved_before_an_option_existed_matches_at_the_option_default():
+    current = model_spec(tiny_config())
+    older = copy.deepcopy(current)
+    del older["model"]["image"]["cluster_unfold"]  # a checkpoint written before the option existed
+    assert spec_mismatch(with_defaults(older), current) is None
+    changed = copy.deepcopy(current)
+    changed["model"]["image"]["cluster_unfold"] = "residual"
+    assert spec_mismatch(with_defaults(older), changed) == "model.image.cluster_unfold: 'copy' != 'residual'"
 
 
 @pytest.fixture(scope="module")
