@@ -31,6 +31,7 @@ setup(
         "annotate": ["apache-beam>=2.50", "nltk>=3.8", "transformers>=4.40"],
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3",
             "ruff>=0.6",
             "hypothesis>=6",
             "transformers>=4.40",

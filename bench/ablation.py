@@ -23,12 +23,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "one subdirectory per variant", 
 _STEPS = flags.DEFINE_integer("num_steps", 1000, "training steps per variant")
 
 NO_TAGS = {"tags.image_weight": 0.0, "tags.region_weight": 0.0}
-VARIANTS = (  # (name, config, overrides)
+NO_CLUSTERING = {"model.image.cluster_ratio": 0.0}
+RESIDUAL = {"model.image.cluster_unfold": "residual"}
+SPATIAL = {"model.image.cluster_spatial": 1.0}  # AiluRus's grid distance beside feature distance
+VARIANTS = (  # (name, config, overrides); a variant's directory is its name before " ("
     ("Prompter (CLOC)", "cloc_tiny", {}),
-    ("RoIAlign", "umg_tiny", {"model.image.cluster_ratio": 0.0, **NO_TAGS}),
-    ("RoIAlign + tags", "umg_tiny", {"model.image.cluster_ratio": 0.0}),
+    ("RoIAlign", "umg_tiny", {**NO_CLUSTERING, **NO_TAGS}),
+    ("RoIAlign + tags", "umg_tiny", NO_CLUSTERING),
     ("RoIAlign + tags + clustering r=0.75 (UMG-CLIP)", "umg_tiny", {}),
-    ("RoIAlign + tags + clustering r=0.75, residual unfold", "umg_tiny", {"model.image.cluster_unfold": "residual"}),
+    ("RoIAlign + tags + clustering r=0.75, residual unfold", "umg_tiny", RESIDUAL),
+    ("RoIAlign + tags + clustering r=0.75, spatial-aware", "umg_tiny", SPATIAL),
+    ("RoIAlign + tags + clustering r=0.75, spatial-aware, residual unfold", "umg_tiny", {**SPATIAL, **RESIDUAL}),
 )
 COLUMNS = (
     "region/macc",

@@ -50,9 +50,16 @@ def base_config() -> ml_collections.ConfigDict:
         # cluster_ratio > 0: UMG-CLIP token clustering (that fraction of tokens merged after cluster_layer)
         # adapter_dim > 0: Convpass adapters in every image block (PET; train them with optim.trainable)
         # cluster_unfold: "copy" (each token takes its cluster's output) or "residual" (its own features at
-        # the clustering point plus its cluster's update since)
+        # the clustering point plus its cluster's update since); cluster_spatial: weight of grid distance
+        # beside feature distance when clustering (AiluRus's spatial awareness; 0 = features only)
         image=dict(
-            variant="B/16", pool="map", cluster_ratio=0.0, cluster_layer=2, cluster_unfold="copy", adapter_dim=0
+            variant="B/16",
+            pool="map",
+            cluster_ratio=0.0,
+            cluster_layer=2,
+            cluster_unfold="copy",
+            cluster_spatial=0.0,
+            adapter_dim=0,
         ),
         text=dict(width=512, depth=12, heads=8, mlp_dim=2048),
         embed_dim=512,

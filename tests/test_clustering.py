@@ -7,15 +7,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cloc_jax.models.clustering import cluster, density_peak_centres, num_clusters, unfold
+from cloc_jax.models.clustering import cluster, density_peak_centres, num_clusters, token_distances, unfold
 from cloc_jax.models.layers import Attention
 from cloc_jax.models.vit import ViT, merge_clustered_encoder
 
 
-def reference_centres(x: np.ndarray, k: int, knn: int) -> set[int]:
-    """DPC-kNN in float64 loops: density from the k nearest neighbours, separation from denser tokens."""
+def reference_distances(x: np.ndarray, grid: tuple[int, int] | None = None, spatial: float = 0.0) -> np.ndarray:
+    """Feature RMS distance plus `spatial` x grid distance rescaled to the feature distances' mean, in loops."""
     n, dim = x.shape
     dist = np.array([[np.linalg.norm(x[i] - x[j]) / np.sqrt(dim) for j in range(n)] for i in range(n)])
+    if spatial:
+        pos = [(i // grid[1], i % grid[1]) for i in range(n)]
+        pos_dist = np.array([[np.hypot(*np.subtract(pos[i], pos[j])) for j in range(n)] for i in range(n)])
+        dist = dist + spatial * dist.mean() / pos_dist.mean() * pos_dist
+    return dist
+
+
+def reference_centres(dist: np.ndarray, k: int, knn: int) -> set[int]:
+    """DPC-kNN in float64 loops: density from the k nearest neighbours, separation from denser tokens."""
+    n = len(dist)
     density = np.array([np.exp(-np.mean(np.sort(dist[i])[1 : knn + 1] ** 2)) for i in range(n)])
     density = density + np.arange(n) * 1e-6 * density.max() / n
     score = []
@@ -25,12 +35,37 @@ def reference_centres(x: np.ndarray, k: int, knn: int) -> set[int]:
     return set(np.argsort(score)[::-1][:k].tolist())
 
 
-def test_density_peaks_match_the_reference():
+@pytest.mark.parametrize("spatial", [0.0, 1.0])
+def test_density_peaks_and_assignment_match_the_reference(spatial):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 40, 8))
-    got = np.asarray(density_peak_centres(jnp.asarray(x, jnp.float32), 10, knn=4))
+    dist = np.asarray(token_distances(jnp.asarray(x, jnp.float32), (5, 8), spatial))
+    got = np.asarray(density_peak_centres(jnp.asarray(dist), 10, knn=4))
+    _, assign, _ = cluster(jnp.asarray(x, jnp.float32), 0.75, knn=4, grid=(5, 8), spatial=spatial)
     for b in range(2):
-        assert set(got[b].tolist()) == reference_centres(x[b], 10, 4)
+        want_dist = reference_distances(x[b], (5, 8), spatial)
+        np.testing.assert_allclose(dist[b], want_dist, rtol=1e-4, atol=1e-5)
+        centres = reference_centres(want_dist, 10, 4)
+        assert set(got[b].tolist()) == centres
+        centres = sorted(centres, key=got[b].tolist().index)  # in the model's cluster order
+        nearest = [i if i in centres else min(centres, key=lambda c: want_dist[i, c]) for i in range(40)]
+        assert [centres[c] for c in np.asarray(assign[b]).argmax(-1)] == nearest
+
+
+def test_spatial_clusters_are_compact_patches_of_the_grid():
+    """On texture without structure, feature distance alone scatters a cluster over the image; with the
+    grid distance weighed in, each cluster's tokens sit close together."""
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 64, 16)), jnp.float32)
+    pos = np.stack(np.meshgrid(np.arange(8), np.arange(8), indexing="ij"), -1).reshape(64, 2)
+
+    def mean_spread(spatial: float) -> float:
+        labels = np.asarray(cluster(x, 0.75, grid=(8, 8), spatial=spatial)[1][0]).argmax(-1)
+        members = [pos[labels == c] for c in set(labels)]
+        return np.mean([np.linalg.norm(m - m.mean(0), axis=1).mean() for m in members])
+
+    assert mean_spread(1.0) < 0.5 * mean_spread(0.0)
+    with pytest.raises(ValueError, match="spatial clustering needs the token grid of 64 tokens"):
+        cluster(x, 0.75, grid=(4, 4), spatial=1.0)
 
 
 def test_clusters_recover_well_separated_groups_and_merge_by_mean():

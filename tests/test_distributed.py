@@ -60,6 +60,6 @@ def test_two_processes_train_together_and_only_process_0_logs(tmp_path):
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [5, 10]  # one writer: no duplicated rows
     data = os.path.join(workdir, "checkpoints", "10", "data")
-    for pid in range(2):  # every host saved its own input-pipeline position
+    for pid in range(2):  # every host saved its own position: 10 steps of its 8 records (global batch 16)
         with open(os.path.join(data, f"process_{pid}-of-2.json")) as f:
-            assert json.load(f) == {"next_index": 10}
+            assert json.load(f) == {"next_index": 10 * 8}

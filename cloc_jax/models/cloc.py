@@ -128,6 +128,7 @@ def build_model(model: ml_collections.ConfigDict, image_size: int, vocab_size: i
         cluster_ratio=model.image.cluster_ratio,
         cluster_layer=model.image.cluster_layer,
         cluster_unfold=model.image.cluster_unfold,
+        cluster_spatial=model.image.cluster_spatial,
         adapter_dim=model.image.adapter_dim,
         **common,
         name="image",

@@ -2,7 +2,8 @@
 
 At an intermediate layer the N tokens are summarised by K = round((1 - r) N) representatives chosen by
 density peaks: a token scores high when its k nearest neighbours are close (dense) and every denser
-token is far (a peak, not a slope). Each token joins its nearest representative; clusters are merged
+token is far (a peak, not a slope); with AiluRus's spatial awareness, distance on the token grid counts
+too, so clusters are compact patches. Each token joins its nearest representative; clusters are merged
 by mean, the remaining layers run on K tokens with attention biased by log(cluster size) (a merged
 token counts for its members), and at the end every token takes its cluster's output (or, with
 "residual" unfolding, adds its cluster's update to its own features), so region heads see the full
@@ -20,12 +21,30 @@ def num_clusters(tokens: int, ratio: float) -> int:
     return max(1, round((1.0 - ratio) * tokens))
 
 
-def density_peak_centres(x: jax.Array, k: int, knn: int = 5) -> jax.Array:
-    """x [B, N, D] -> indices [B, K] of the K density peaks (highest density x separation first)."""
+def token_distances(x: jax.Array, grid: tuple[int, int] | None = None, spatial: float = 0.0) -> jax.Array:
+    """x [B, N, D] -> pairwise distances [B, N, N]: root-mean-square feature difference, plus (AiluRus's
+    spatial awareness) `spatial` x the grid distance rescaled to the feature distances' mean, so that a
+    cluster stays a compact patch of the image rather than every patch of similar texture."""
     x = jax.lax.stop_gradient(x).astype(jnp.float32)
-    n, dim = x.shape[1], x.shape[2]
+    dim = x.shape[2]
     sq = jnp.sum(x * x, axis=-1)
     dist = jnp.sqrt(jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2 * x @ x.transpose(0, 2, 1), 0.0) / dim)
+    dist = jnp.where(jnp.eye(x.shape[1], dtype=bool), 0.0, dist)  # exact zeros where rounding leaves sqrt(eps)
+    if spatial == 0.0:
+        return dist
+    if grid is None or grid[0] * grid[1] != x.shape[1]:
+        raise ValueError(f"spatial clustering needs the token grid of {x.shape[1]} tokens, got {grid}")
+    rows, cols = jnp.meshgrid(jnp.arange(grid[0]), jnp.arange(grid[1]), indexing="ij")
+    pos = jnp.stack([rows.ravel(), cols.ravel()], -1).astype(jnp.float32)  # [N, 2], row-major like the tokens
+    pos_dist = jnp.sqrt(jnp.sum((pos[:, None] - pos[None]) ** 2, -1))
+    scale = jnp.mean(dist, axis=(1, 2), keepdims=True) / jnp.mean(pos_dist)
+    return dist + spatial * scale * pos_dist[None]
+
+
+def density_peak_centres(dist: jax.Array, k: int, knn: int = 5) -> jax.Array:
+    """Pairwise distances [B, N, N] -> indices [B, K] of the K density peaks (highest density x
+    separation first)."""
+    n = dist.shape[1]
     nearest = -jax.lax.top_k(-dist, min(knn + 1, n))[0][..., 1:]  # k nearest, excluding itself
     density = jnp.exp(-jnp.mean(nearest**2, axis=-1))
     density = density + jnp.arange(n) * 1e-6 * jnp.max(density, axis=-1, keepdims=True) / n  # break ties
@@ -35,16 +54,18 @@ def density_peak_centres(x: jax.Array, k: int, knn: int = 5) -> jax.Array:
     return jax.lax.top_k(density * separation, k)[1]
 
 
-def cluster(x: jax.Array, ratio: float, knn: int = 5) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x [B, N, D] -> (merged tokens [B, K, D], assignment one-hot [B, N, K], log cluster sizes [B, K])."""
+def cluster(
+    x: jax.Array, ratio: float, knn: int = 5, grid: tuple[int, int] | None = None, spatial: float = 0.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, N, D] (tokens of a row-major `grid`) -> (merged tokens [B, K, D], assignment one-hot
+    [B, N, K], log cluster sizes [B, K]). Peaks and assignment use `token_distances`."""
     k = num_clusters(x.shape[1], ratio)
-    centres = density_peak_centres(x, k, knn)
-    xf = jax.lax.stop_gradient(x).astype(jnp.float32)
+    dist = token_distances(x, grid, spatial)
+    centres = density_peak_centres(dist, k, knn)
     is_centre = jax.nn.one_hot(centres, x.shape[1], dtype=jnp.float32).transpose(0, 2, 1)  # [B, N, K]
-    picked = jnp.einsum("bnk,bnd->bkd", is_centre, xf)  # a one-hot matmul, not a gather
-    dist = jnp.sum(picked * picked, -1)[:, None, :] - 2 * jnp.einsum("bnd,bkd->bnk", xf, picked)  # + |x|^2
-    dist = jnp.where(is_centre > 0, -jnp.inf, dist)  # a representative always belongs to its own cluster
-    assign = jax.nn.one_hot(jnp.argmin(dist, axis=-1), k, dtype=x.dtype)  # [B, N, K]
+    to_centre = jnp.einsum("bnm,bmk->bnk", dist, is_centre)  # a one-hot matmul, not a gather
+    to_centre = jnp.where(is_centre > 0, -jnp.inf, to_centre)  # a representative always belongs to its own cluster
+    assign = jax.nn.one_hot(jnp.argmin(to_centre, axis=-1), k, dtype=x.dtype)  # [B, N, K]
     sizes = jnp.sum(assign, axis=1)  # [B, K], each >= 1
     merged = jnp.einsum("bnk,bnd->bkd", assign, x) / sizes[..., None]
     return merged, assign, jnp.log(sizes.astype(jnp.float32))

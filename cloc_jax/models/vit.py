@@ -97,6 +97,7 @@ class ViT(nn.Module):
     cluster_ratio: float = 0.0  # UMG-CLIP token clustering: drop this fraction of tokens after cluster_layer
     cluster_layer: int = 2
     cluster_unfold: str = "copy"  # or "residual": see clustering.unfold
+    cluster_spatial: float = 0.0  # weight of grid distance in clustering: see clustering.token_distances
     adapter_dim: int = 0  # > 0: Convpass adapters (parameter-efficient tuning) in every block
     dtype: Dtype = jnp.float32
 
@@ -172,7 +173,7 @@ class ViT(nn.Module):
             raise ValueError("adapters need the full token grid: set cluster_ratio=0 for adaptation")
         x = Encoder(self.cluster_layer, **blocks, name="encoder")(x)
         prefix, tokens = x[:, :num_prefix], x[:, num_prefix:]
-        merged, assign, log_sizes = cluster(tokens, self.cluster_ratio)
+        merged, assign, log_sizes = cluster(tokens, self.cluster_ratio, grid=grid, spatial=self.cluster_spatial)
         log_sizes = jnp.concatenate([jnp.zeros((x.shape[0], num_prefix)), log_sizes], axis=1)
         y = jnp.concatenate([prefix, merged], axis=1)
         y = Encoder(size.depth - self.cluster_layer, **blocks, name="encoder_clustered")(y, log_sizes[:, None, None, :])
