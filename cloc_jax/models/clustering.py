@@ -2,7 +2,7 @@
 
 At an intermediate layer the N tokens are summarised by K = round((1 - r) N) representatives chosen by
 density peaks: a token scores high when its k nearest neighbours are close (dense) and every denser
-token is far (a peak, not a slope); with AiluRus's spatial awareness, distance on the token grid counts
+token is far (a peak, not a slope); optionally (AiluRus's spatial awareness) distance on the token grid counts
 too, so clusters are compact patches. Each token joins its nearest representative; clusters are merged
 by mean, the remaining layers run on K tokens with attention biased by log(cluster size) (a merged
 token counts for its members), and at the end every token takes its cluster's output (or, with
