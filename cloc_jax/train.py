@@ -133,6 +133,17 @@ def make_train_step(config: ml_collections.ConfigDict, model: Model, tx: optax.G
     return train_step
 
 
+def input_stall(before: float, previous_outputs: dict | None) -> float:
+    """Seconds the devices sat idle for the batch just fetched since `before`. Dispatch is asynchronous,
+    so the loop often runs ahead and waits in `next()` while the previous step still computes: that wait
+    costs nothing and is not counted. Once the previous step has finished, the whole wait counts (an
+    upper bound: the step may have finished partway)."""
+    waited = time.perf_counter() - before
+    if previous_outputs is None:
+        return waited
+    return waited if all(x.is_ready() for x in jax.tree.leaves(previous_outputs)) else 0.0
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains to `config.num_steps`, resuming from `<workdir>/checkpoints` if present; returns final evals."""
     mesh = sharding.make_mesh(config.mesh)
@@ -168,12 +179,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             mininterval=1 if sys.stderr.isatty() else 60,  # a log file gets a line a minute, not a flood
         )
         tick, tick_step, waited = time.perf_counter(), first, 0.0
+        pending = None  # the last dispatched step's outputs, to tell a real input stall from running ahead
         for step in progress:
             before = time.perf_counter()
             local = next(data_iter)
-            waited += time.perf_counter() - before
+            waited += input_stall(before, pending)
             batch = sharding.global_batch(local, mesh)
             state, metrics = step_fn(state, batch)
+            pending = metrics
             done = step + 1
             if step == first:  # compilation is not throughput
                 jax.block_until_ready(metrics)

@@ -144,3 +144,23 @@ def test_roi_align_extractor_trains_and_evaluates_without_a_grounding_head(tmp_p
     assert "region/macc" in results and "region/r2t_r1" in results and "grounding/acc50" not in results
     row = next(r for r in _rows(str(tmp_path)) if "loss" in r)
     assert np.isfinite(row["loss/region"]) and "loss/grounding" not in row
+
+
+class _Step:
+    """A dispatched step's output that is or is not finished yet."""
+
+    def __init__(self, ready: bool):
+        self.ready = ready
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+
+def test_input_stall_counts_waiting_only_once_the_devices_are_idle():
+    from cloc_jax.train import input_stall
+
+    before = time.perf_counter() - 0.25  # next() took 0.25 s
+    assert input_stall(before, None) >= 0.25  # the first step: nothing was computing
+    assert input_stall(before, {"loss": _Step(True), "lr": _Step(True)}) >= 0.25  # devices sat idle
+    assert input_stall(before, {"loss": _Step(True), "lr": _Step(False)}) == 0.0  # still computing: no stall
+    assert input_stall(before, {"loss": jax.numpy.ones(2) * 2}) >= 0.25  # a real, finished jax.Array
