@@ -179,28 +179,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             mininterval=1 if sys.stderr.isatty() else 60,  # a log file gets a line a minute, not a flood
         )
         tick, tick_step, waited = time.perf_counter(), first, 0.0
-        pending = None  # the last dispatched step's outputs, to tell a real input stall from running ahead
+        metrics = None  # the last dispatched step's outputs: tell a real input stall from running ahead
         for step in progress:
             before = time.perf_counter()
             local = next(data_iter)
-            waited += input_stall(before, pending)
+            waited += input_stall(before, metrics)
             batch = sharding.global_batch(local, mesh)
             state, metrics = step_fn(state, batch)
-            pending = metrics
             done = step + 1
             if step == first:  # compilation is not throughput
                 jax.block_until_ready(metrics)
                 tick, tick_step, waited = time.perf_counter(), done, 0.0
             if done % config.log_every == 0 or done == config.num_steps:
-                metrics = jax.device_get(metrics)
+                row = jax.device_get(metrics)
                 now = time.perf_counter()
-                metrics.update(data_stats.snapshot())  # repaired and skipped inputs so far (this process)
+                row.update(data_stats.snapshot())  # repaired and skipped inputs so far (this process)
                 if done > tick_step:
-                    metrics["images_per_s"] = (done - tick_step) * config.batch_size / (now - tick)
-                    metrics["data/wait_fraction"] = waited / (now - tick)  # share of wall time spent waiting for input
+                    row["images_per_s"] = (done - tick_step) * config.batch_size / (now - tick)
+                    row["data/wait_fraction"] = waited / (now - tick)  # share of wall time the devices waited
                 tick, tick_step, waited = now, done, 0.0
-                writer.write(done, metrics, echo=progress.write)
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+                writer.write(done, row, echo=progress.write)
+                progress.set_postfix(loss=f"{row['loss']:.3f}")
             if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
                 encoder.params = state.params
                 results = evals.run_all(config, encoder)
