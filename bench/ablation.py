@@ -23,17 +23,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "one subdirectory per variant", 
 _STEPS = flags.DEFINE_integer("num_steps", 1000, "training steps per variant")
 
 NO_TAGS = {"tags.image_weight": 0.0, "tags.region_weight": 0.0}
-NO_CLUSTERING = {"model.image.cluster_ratio": 0.0}
-RESIDUAL = {"model.image.cluster_unfold": "residual"}
+DPC_KNN = {"model.image.cluster_knn": 5}  # DPC-kNN's and AiluRus's neighbourhood
+COPY = {"model.image.cluster_unfold": "copy", **DPC_KNN}  # the papers' clustering
+NO_CLUSTERING = {"model.image.cluster_ratio": 0.0, **COPY}  # (unfold and knn unused: as those runs were saved)
 SPATIAL = {"model.image.cluster_spatial": 1.0}  # AiluRus's grid distance beside feature distance
 VARIANTS = (  # (name, config, overrides); a variant's directory is its name before " ("
     ("Prompter (CLOC)", "cloc_tiny", {}),
     ("RoIAlign", "umg_tiny", {**NO_CLUSTERING, **NO_TAGS}),
     ("RoIAlign + tags", "umg_tiny", NO_CLUSTERING),
-    ("RoIAlign + tags + clustering r=0.75 (UMG-CLIP)", "umg_tiny", {}),
-    ("RoIAlign + tags + clustering r=0.75, residual unfold", "umg_tiny", RESIDUAL),
-    ("RoIAlign + tags + clustering r=0.75, spatial-aware", "umg_tiny", SPATIAL),
-    ("RoIAlign + tags + clustering r=0.75, spatial-aware, residual unfold", "umg_tiny", {**SPATIAL, **RESIDUAL}),
+    ("RoIAlign + tags + clustering r=0.75 (copy unfold, knn=5: the papers')", "umg_tiny", COPY),
+    ("RoIAlign + tags + clustering r=0.75, residual unfold (knn=5)", "umg_tiny", DPC_KNN),
+    ("RoIAlign + tags + clustering r=0.75, spatial-aware (copy unfold, knn=5)", "umg_tiny", {**COPY, **SPATIAL}),
+    ("RoIAlign + tags + clustering r=0.75, spatial-aware, residual unfold (knn=5)", "umg_tiny", {**DPC_KNN, **SPATIAL}),
+    ("RoIAlign + tags + clustering r=0.75, residual unfold, knn=2 (umg_tiny)", "umg_tiny", {}),
 )
 COLUMNS = (
     "region/macc",

@@ -31,6 +31,26 @@ def iou_and_giou(a, b):
     return iou, iou - (hull - union) / xp.maximum(hull, 1e-9)
 
 
+def referring_expressions(boxes: np.ndarray, names: list[str]) -> list[str]:
+    """[K, 4] xyxy boxes and their names -> a referring expression per box: "the <name> <relation> the
+    <nearest other box's name>" (relation along the axis where the centres differ most), or "the <name>"
+    when it is alone. The embedded dataset is written this way, and pseudo-labels get the same."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if len(boxes) == 1:
+        return [f"the {names[0]}"]
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    out = []
+    for i, name in enumerate(names):
+        dist = np.linalg.norm(centres - centres[i], axis=1)
+        dist[i] = np.inf
+        j = int(np.argmin(dist))
+        dx, dy = centres[i] - centres[j]
+        horizontal = "left of" if dx < 0 else "right of"
+        relation = horizontal if abs(dx) >= abs(dy) else ("above" if dy < 0 else "below")
+        out.append(f"the {name} {relation} the {names[j]}")
+    return out
+
+
 def cxcywh_to_xyxy(boxes):
     xp = _xp(boxes)
     centre, size = boxes[..., :2], boxes[..., 2:]

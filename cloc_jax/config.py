@@ -51,7 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
         # adapter_dim > 0: Convpass adapters in every image block (PET; train them with optim.trainable)
         # cluster_unfold: "copy" (each token takes its cluster's output) or "residual" (its own features at
         # the clustering point plus its cluster's update since); cluster_spatial: weight of grid distance
-        # beside feature distance when clustering (AiluRus's spatial awareness; 0 = features only)
+        # beside feature distance when clustering (AiluRus's spatial awareness; 0 = features only);
+        # cluster_knn: neighbours that make a token's density (DPC-kNN's 5; keep it at most the tokens of
+        # the smallest object that must stay its own cluster)
         image=dict(
             variant="B/16",
             pool="map",
@@ -59,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
             cluster_layer=2,
             cluster_unfold="copy",
             cluster_spatial=0.0,
+            cluster_knn=5,
             adapter_dim=0,
         ),
         text=dict(width=512, depth=12, heads=8, mlp_dim=2048),
@@ -164,10 +167,13 @@ def clip_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def umg(c: ml_collections.ConfigDict, cluster_ratio: float = 0.75) -> ml_collections.ConfigDict:
     """UMG-CLIP on top of a CLOC config: RoIAlign regions, token clustering after the 2nd layer (as
-    AiluRus), image and region tag losses. From scratch (EVA-CLIP initialisation needs weight import)."""
+    AiluRus), image and region tag losses. From scratch (EVA-CLIP initialisation needs weight import).
+
+    Two clustering choices are ours, for region quality (see the README's ablation): residual unfolding,
+    and density from 2 nearest neighbours, so an object of two tokens can be a density peak."""
     c.unlock()
     c.model.region_extractor = "roi_align"
-    c.model.image.update(cluster_ratio=cluster_ratio, cluster_layer=2)
+    c.model.image.update(cluster_ratio=cluster_ratio, cluster_layer=2, cluster_unfold="residual", cluster_knn=2)
     c.tags.update(image_weight=1.0, region_weight=1.0)
     del c.evals["grounding"]  # RoIAlign regions have no grounding head
     c.lock()

@@ -173,6 +173,24 @@ def test_beam_pipeline_labels_shards_then_skips_finished_ones(tmp_path):
     assert beam.run(pattern, out, ColourOracle)["shards"] == 1  # ... but the missing shard
 
 
+def test_the_labeller_writes_spatial_referring_expressions_only_when_asked():
+    recs = fixtures.scene_records(8)
+    stripped = [dict(r, boxes=np.zeros((0, 4), np.float32), region_texts=[], referring=[]) for r in recs]
+    plain, _ = label.relabel(stripped, ColourOracle(), label.LabelConfig(), CLASS_NAMES)
+    spatial, _ = label.relabel(stripped, ColourOracle(), label.LabelConfig(referring=True), CLASS_NAMES)
+    assert all(set(r["referring"]) <= {""} for r in plain)  # the papers' recipe: none
+    compared = 0
+    for truth, got in zip(recs, spatial):
+        if len(got["boxes"]) != len(truth["boxes"]):
+            continue  # the colour oracle merges two objects of one colour
+        compared += 1  # every object found: relations match the dataset's own, sizes aside
+        names = [t.split(" ", 1)[1] for t in got["region_texts"]]  # "small red circle" -> "red circle"
+        without_sizes = [" ".join(w for w in e.split() if w not in ("small", "large")) for e in got["referring"]]
+        by_name = dict(zip(names, without_sizes))
+        assert [by_name[CLASS_NAMES[c]] for c in truth["region_labels"]] == list(truth["referring"])
+    assert compared >= 6
+
+
 def test_a_phrase_names_the_longest_class_it_ends_with():
     names = ("circle", "red circle", "blue square")
     assert label.class_of("large red circle", names) == 1

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cloc_jax.boxes import cxcywh_to_xyxy, iou_and_giou, repair
+from cloc_jax.boxes import cxcywh_to_xyxy, iou_and_giou, referring_expressions, repair
 
 
 def _reference(a, b):
@@ -46,3 +46,20 @@ def test_repair_reorders_clips_and_drops():
     np.testing.assert_allclose(fixed[0], [0.1, 0.2, 0.6, 0.5])
     np.testing.assert_allclose(fixed[1], [0.0, 0.1, 1.0, 0.9])
     assert np.isfinite(fixed).all()
+
+
+def test_referring_expressions_name_the_nearest_neighbour_and_the_dominant_direction():
+    boxes = np.array(
+        [
+            [0.0, 0.0, 0.2, 0.2],  # centre (0.1, 0.1)
+            [0.5, 0.05, 0.7, 0.25],  # (0.6, 0.15): right of the first, |dx| > |dy|
+            [0.55, 0.7, 0.65, 0.8],  # (0.6, 0.75): below the second, its nearest
+        ]
+    )
+    assert referring_expressions(boxes, ["a", "b", "c"]) == [
+        "the a left of the b",
+        "the b right of the a",
+        "the c below the b",
+    ]
+    assert referring_expressions(boxes[:1], ["a"]) == ["the a"]
+    assert referring_expressions(boxes[[2, 1]], ["c", "b"])[1] == "the b above the c"

@@ -35,17 +35,17 @@ def reference_centres(dist: np.ndarray, k: int, knn: int) -> set[int]:
     return set(np.argsort(score)[::-1][:k].tolist())
 
 
-@pytest.mark.parametrize("spatial", [0.0, 1.0])
-def test_density_peaks_and_assignment_match_the_reference(spatial):
+@pytest.mark.parametrize("spatial,knn", [(0.0, 4), (1.0, 4), (0.0, 1)])
+def test_density_peaks_and_assignment_match_the_reference(spatial, knn):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 40, 8))
     dist = np.asarray(token_distances(jnp.asarray(x, jnp.float32), (5, 8), spatial))
-    got = np.asarray(density_peak_centres(jnp.asarray(dist), 10, knn=4))
-    _, assign, _ = cluster(jnp.asarray(x, jnp.float32), 0.75, knn=4, grid=(5, 8), spatial=spatial)
+    got = np.asarray(density_peak_centres(jnp.asarray(dist), 10, knn=knn))
+    _, assign, _ = cluster(jnp.asarray(x, jnp.float32), 0.75, knn=knn, grid=(5, 8), spatial=spatial)
     for b in range(2):
         want_dist = reference_distances(x[b], (5, 8), spatial)
         np.testing.assert_allclose(dist[b], want_dist, rtol=1e-4, atol=1e-5)
-        centres = reference_centres(want_dist, 10, 4)
+        centres = reference_centres(want_dist, 10, knn)
         assert set(got[b].tolist()) == centres
         centres = sorted(centres, key=got[b].tolist().index)  # in the model's cluster order
         nearest = [i if i in centres else min(centres, key=lambda c: want_dist[i, c]) for i in range(40)]
@@ -127,6 +127,7 @@ def test_vit_with_clustering_returns_the_full_grid_and_trains():
         (dict(cluster_ratio=1.0), r"cluster ratio r=1.0 must be in \[0, 1\)"),
         (dict(cluster_ratio=-0.5), r"cluster ratio r=-0.5 must be in \[0, 1\)"),
         (dict(cluster_ratio=0.5, cluster_layer=4), "cluster_layer=4 must be between 1 and depth - 1 = 3"),
+        (dict(cluster_ratio=0.5, cluster_knn=0), "cluster knn=0 must be at least 1"),
     ],
 )
 def test_bad_clustering_settings_are_one_line(kwargs, message):

@@ -12,11 +12,17 @@ flags.DEFINE_string("detector", None, "cloc:EXPORT_DIR (self-labelling) or owlv2
 flags.DEFINE_float("threshold", LabelConfig.threshold, "confidence threshold (CLOC 0.1, UMG-CLIP 0.3)")
 flags.DEFINE_float("nms_iou", LabelConfig.nms_iou, "IoU above which the less confident box is suppressed")
 flags.DEFINE_float("min_stability", LabelConfig.min_stability, "mean IoU under box jitter to keep a box (0: off)")
+flags.DEFINE_bool("referring", LabelConfig.referring, "also write 'the X left of the Y' referring expressions")
 flags.DEFINE_integer("batch_size", 32, "images per detector call")
 
 
 def main(argv):
-    cfg = LabelConfig(threshold=FLAGS.threshold, nms_iou=FLAGS.nms_iou, min_stability=FLAGS.min_stability)
+    cfg = LabelConfig(
+        threshold=FLAGS.threshold,
+        nms_iou=FLAGS.nms_iou,
+        min_stability=FLAGS.min_stability,
+        referring=FLAGS.referring,
+    )
     print(run(FLAGS.input, FLAGS.output, FLAGS.detector, cfg, FLAGS.batch_size, argv[1:]))
 
 

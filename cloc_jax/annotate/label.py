@@ -4,7 +4,9 @@ Per image: noun phrases of its captions are the queries (phrases.py); the detect
 boxes under the confidence threshold go (0.1 CLOC, 0.3 UMG-CLIP); class-agnostic NMS keeps the most
 confident of overlapping boxes, so a region's caption is its most confident phrase; a box that does
 not come back when the image is shifted along its diagonal (mean IoU of the re-detections under
-`min_stability`) is unstable and dropped.
+`min_stability`) is unstable and dropped. Beyond the papers, `referring=True` also writes a spatial
+referring expression per region ("the red circle left of the blue square", from its nearest neighbour),
+so the grounding head learns relations the phrases alone do not carry.
 """
 
 import dataclasses
@@ -13,7 +15,7 @@ import numpy as np
 
 from cloc_jax.annotate.detectors import Detection
 from cloc_jax.annotate.phrases import MAX_QUERIES, extract_phrases
-from cloc_jax.boxes import iou_and_giou
+from cloc_jax.boxes import iou_and_giou, referring_expressions
 from cloc_jax.data import transforms
 
 DECODE_SIZE = 1024  # JPEGs decode at the smallest scale still this large (detectors resize anyway)
@@ -27,6 +29,7 @@ class LabelConfig:
     min_stability: float = 0.5  # mean IoU of the jittered re-detections; 0 turns the check off
     max_queries: int = MAX_QUERIES
     max_regions: int = 32
+    referring: bool = False  # the papers' recipes leave referring expressions empty
 
 
 def nms(detections: list[Detection], iou: float) -> list[Detection]:
@@ -102,13 +105,14 @@ def relabel(records: list[dict], detector, cfg: LabelConfig, class_names=()) -> 
     out = []
     for record, regions in zip(usable, label_images(detector, images, [r["captions"] for r in usable], cfg)):
         texts = [phrase for _, phrase, _ in regions]
+        boxes = np.stack([b for b, _, _ in regions]) if regions else np.zeros((0, 4), np.float32)
         out.append(
             dict(
                 record,
-                boxes=np.stack([b for b, _, _ in regions]) if regions else np.zeros((0, 4), np.float32),
+                boxes=boxes,
                 region_texts=texts,
                 region_labels=np.array([class_of(t, class_names) for t in texts], np.int32),
-                referring=[""] * len(texts),
+                referring=referring_expressions(boxes, texts) if cfg.referring and texts else [""] * len(texts),
             )
         )
         counts["images"] += 1

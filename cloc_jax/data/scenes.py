@@ -7,6 +7,8 @@ composition, not memory. It needs no download and renders an image in well under
 
 import numpy as np
 
+from cloc_jax.boxes import referring_expressions
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -37,14 +39,6 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float
     if shape == "diamond":
         return np.abs(dy) + np.abs(dx) <= r
     return ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r)) | ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r))
-
-
-def _relation(a: np.ndarray, b: np.ndarray) -> str:
-    """Spatial relation of box a to box b (xyxy), along the axis where they differ most."""
-    (ax, ay), (bx, by) = (a[:2] + a[2:]) / 2, (b[:2] + b[2:]) / 2
-    if abs(ax - bx) >= abs(ay - by):
-        return "left of" if ax < bx else "right of"
-    return "above" if ay < by else "below"
 
 
 def _overlaps(box: np.ndarray, boxes: list[np.ndarray]) -> bool:
@@ -101,16 +95,7 @@ class Scenes:
         region_texts = [f"{s} {CLASS_NAMES[c]}" for s, c in zip(sizes, kept)]
         caption = ", ".join(f"a {t}" for t in region_texts[:-1])
         caption = f"{caption} and a {region_texts[-1]}" if caption else f"a {region_texts[-1]}"
-        referring = []
-        for i, label in enumerate(kept):
-            if len(kept) == 1:
-                referring.append(f"the {CLASS_NAMES[label]}")
-                continue
-            centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-            dist = np.linalg.norm(centres - centres[i], axis=1)
-            dist[i] = np.inf
-            j = int(np.argmin(dist))
-            referring.append(f"the {CLASS_NAMES[label]} {_relation(boxes[i], boxes[j])} the {CLASS_NAMES[kept[j]]}")
+        referring = referring_expressions(boxes, [CLASS_NAMES[label] for label in kept])
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         return dict(
             index=np.int64(index),

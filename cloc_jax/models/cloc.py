@@ -57,8 +57,7 @@ class Model(nn.Module):
 
     def encode_regions(self, grid: jax.Array, boxes: jax.Array) -> jax.Array:
         """Token grid [B, h, w, D] + boxes [B, M, 4] (xyxy, [0, 1]) -> unit region embeddings [B, M, E]."""
-        pooled, _ = self.prompter.pool(grid, self.prompter.box_prompts(boxes), boxes)
-        return normalize(self.prompter.embed(pooled).astype(jnp.float32))
+        return self._regions(self.prompter.memory(grid), grid.shape[1:3], boxes)
 
     def pool_regions(self, images: jax.Array, boxes: jax.Array) -> jax.Array:
         """CLIP-only regions: box-weighted token averages through the image head -> [B, M, E] unit vectors."""
@@ -66,8 +65,15 @@ class Model(nn.Module):
 
     def ground(self, grid: jax.Array, text_embeddings: jax.Array) -> jax.Array:
         """Token grid [B, h, w, D] + text embeddings [B, M, E] -> boxes [B, M, 4] (xyxy, [0, 1])."""
-        pooled, attention = self.prompter.pool(grid, self.prompter.text_prompts(text_embeddings))
-        return self.prompter.box_head(pooled, attention, grid.shape[1:3])
+        return self._ground(self.prompter.memory(grid), grid.shape[1:3], text_embeddings)
+
+    def _regions(self, memory, grid_shape, boxes):
+        pooled, _ = self.prompter.pool(memory, self.prompter.box_prompts(boxes), grid_shape, boxes)
+        return normalize(self.prompter.embed(pooled).astype(jnp.float32))
+
+    def _ground(self, memory, grid_shape, text_embeddings):
+        pooled, attention = self.prompter.pool(memory, self.prompter.text_prompts(text_embeddings), grid_shape)
+        return self.prompter.box_head(pooled, attention, grid_shape)
 
     def logit_params(self) -> tuple[jax.Array, jax.Array | None]:
         scale = jnp.minimum(jnp.exp(self.log_scale), MAX_LOGIT_SCALE)
@@ -106,8 +112,9 @@ class Model(nn.Module):
         if self.region_extractor == "roi_align":
             out["zregion"] = normalize(regions.astype(jnp.float32))
         elif self.prompter is not None:
-            out["zregion"] = self.encode_regions(grid, boxes)
-            out["pred_boxes"] = self.ground(grid, out["zregion_text"])
+            memory = self.prompter.memory(grid)  # the image keys/values, shared by box and text prompts
+            out["zregion"] = self._regions(memory, grid.shape[1:3], boxes)
+            out["pred_boxes"] = self._ground(memory, grid.shape[1:3], out["zregion_text"])
         return out
 
 
@@ -129,6 +136,7 @@ def build_model(model: ml_collections.ConfigDict, image_size: int, vocab_size: i
         cluster_layer=model.image.cluster_layer,
         cluster_unfold=model.image.cluster_unfold,
         cluster_spatial=model.image.cluster_spatial,
+        cluster_knn=model.image.cluster_knn,
         adapter_dim=model.image.adapter_dim,
         **common,
         name="image",

@@ -29,6 +29,7 @@ def token_distances(x: jax.Array, grid: tuple[int, int] | None = None, spatial: 
     dim = x.shape[2]
     sq = jnp.sum(x * x, axis=-1)
     dist = jnp.sqrt(jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2 * x @ x.transpose(0, 2, 1), 0.0) / dim)
+    dist = (dist + dist.transpose(0, 2, 1)) / 2  # exactly symmetric: mutual neighbours get equal densities
     dist = jnp.where(jnp.eye(x.shape[1], dtype=bool), 0.0, dist)  # exact zeros where rounding leaves sqrt(eps)
     if spatial == 0.0:
         return dist
@@ -43,12 +44,19 @@ def token_distances(x: jax.Array, grid: tuple[int, int] | None = None, spatial: 
 
 def density_peak_centres(dist: jax.Array, k: int, knn: int = 5) -> jax.Array:
     """Pairwise distances [B, N, N] -> indices [B, K] of the K density peaks (highest density x
-    separation first)."""
+    separation first).
+
+    Density comes from the `knn` nearest neighbours, so an object covering fewer tokens than that
+    can never be dense and is absorbed by its surroundings: small grids want a small knn."""
+    if knn < 1:
+        raise ValueError(f"cluster knn={knn} must be at least 1")
     n = dist.shape[1]
     nearest = -jax.lax.top_k(-dist, min(knn + 1, n))[0][..., 1:]  # k nearest, excluding itself
     density = jnp.exp(-jnp.mean(nearest**2, axis=-1))
-    density = density + jnp.arange(n) * 1e-6 * jnp.max(density, axis=-1, keepdims=True) / n  # break ties
-    denser = density[:, None, :] > density[:, :, None]  # [B, i, j]: j is denser than i
+    # [B, i, j]: j is denser than i; equal densities (mutual nearest neighbours when knn = 1) go to the
+    # later token, exactly, as no float32 nudge could
+    later = jnp.arange(n)[None, :] > jnp.arange(n)[:, None]
+    denser = (density[:, None, :] > density[:, :, None]) | ((density[:, None, :] == density[:, :, None]) & later)
     far = jnp.max(dist, axis=-1, keepdims=True)
     separation = jnp.min(jnp.where(denser, dist, far), axis=-1)  # the densest token gets the largest distance
     return jax.lax.top_k(density * separation, k)[1]

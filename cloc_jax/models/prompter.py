@@ -5,7 +5,8 @@ prompt tokens and the image tokens form the sequence of a single-layer, single-h
 encoder at the ViT width; the prompt tokens' outputs are average-pooled and projected into the joint
 space. In one layer a prompt token's output depends only on the layer's *inputs*, so computing just
 the prompt rows is exact, and the image tokens' keys/values are computed once per image and shared by
-all M prompts: the Prompter costs O(M x N) instead of M extra transformer layers over N tokens.
+all M prompts (and by the text prompts of grounding, in the same step): the Prompter costs O(M x N)
+instead of M extra transformer layers over N tokens.
 """
 
 import flax.linen as nn
@@ -81,23 +82,35 @@ class Prompter(nn.Module):
         """[B, M, E] text-tower embeddings -> [B, M, 1, D]."""
         return self.text_proj(text_embeddings.astype(self.dtype))[:, :, None]
 
-    def pool(self, grid: jax.Array, prompts: jax.Array, boxes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """grid [B, h, w, D], prompts [B, M, P, D] -> (pooled outputs [B, M, D], attention on the grid [B, M, N]).
+    def memory(self, grid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """grid [B, h, w, D] -> the image tokens' keys and values [B, h*w, D], computed once per image and
+        read by every prompt of it, box or text."""
+        batch, h, w, width = grid.shape
+        kv_in = grid.reshape(batch, h * w, width).astype(self.dtype)
+        kv_in = self.ln_kv(kv_in + self.key_pos(sincos(grid_centres(h, w), width).astype(self.dtype)))
+        return self.key(kv_in), self.value(kv_in)
+
+    def pool(
+        self,
+        memory: tuple[jax.Array, jax.Array],
+        prompts: jax.Array,
+        grid_shape: tuple[int, int],
+        boxes: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """memory (keys, values [B, N, D]), prompts [B, M, P, D] on an (h, w) grid -> (pooled outputs
+        [B, M, D], attention on the grid [B, M, N]).
 
         With `boxes` [B, M, 4], attention to the image is biased by log(share of the box in each token
         cell): a box prompt starts out reading its box and learns how to weigh what is inside.
         """
-        batch, h, w, width = grid.shape
-        n = h * w
-        kv_in = grid.reshape(batch, n, width).astype(self.dtype)
-        kv_in = self.ln_kv(kv_in + self.key_pos(sincos(grid_centres(h, w), width).astype(self.dtype)))
+        k_img, v_img = memory
+        n, width = k_img.shape[1], self.width
         q_in = self.ln_q(prompts.astype(self.dtype))
         q = self.query(q_in)  # [B, M, P, D]
-        k_img, v_img = self.key(kv_in), self.value(kv_in)  # [B, N, D], shared by all M prompts
         k_prm, v_prm = self.key(q_in), self.value(q_in)  # [B, M, P, D]: a prompt's tokens see each other
         image_logits = jnp.einsum("bmpd,bnd->bmpn", q, k_img).astype(jnp.float32) * width**-0.5
         if boxes is not None:
-            image_logits = image_logits + jnp.log(cell_coverage(boxes, h, w) + 1e-6)[:, :, None]
+            image_logits = image_logits + jnp.log(cell_coverage(boxes, *grid_shape) + 1e-6)[:, :, None]
         prompt_logits = jnp.einsum("bmpd,bmqd->bmpq", q, k_prm).astype(jnp.float32) * width**-0.5
         attn = jax.nn.softmax(jnp.concatenate([image_logits, prompt_logits], axis=-1), axis=-1).astype(self.dtype)
         mixed = jnp.einsum("bmpn,bnd->bmpd", attn[..., :n], v_img)
@@ -126,6 +139,7 @@ class Prompter(nn.Module):
 
     def __call__(self, grid: jax.Array, boxes: jax.Array, text_embeddings: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Initialises every parameter: (region embeddings [B, M, E], grounded boxes [B, M, 4])."""
-        regions = self.embed(self.pool(grid, self.box_prompts(boxes), boxes)[0])
-        pooled, attention = self.pool(grid, self.text_prompts(text_embeddings))
-        return regions, self.box_head(pooled, attention, grid.shape[1:3])
+        memory, shape = self.memory(grid), grid.shape[1:3]
+        regions = self.embed(self.pool(memory, self.box_prompts(boxes), shape, boxes)[0])
+        pooled, attention = self.pool(memory, self.text_prompts(text_embeddings), shape)
+        return regions, self.box_head(pooled, attention, shape)

@@ -98,6 +98,7 @@ class ViT(nn.Module):
     cluster_layer: int = 2
     cluster_unfold: str = "copy"  # or "residual": see clustering.unfold
     cluster_spatial: float = 0.0  # weight of grid distance in clustering: see clustering.token_distances
+    cluster_knn: int = 5  # neighbours of a token's density: see clustering.density_peak_centres
     adapter_dim: int = 0  # > 0: Convpass adapters (parameter-efficient tuning) in every block
     dtype: Dtype = jnp.float32
 
@@ -173,7 +174,9 @@ class ViT(nn.Module):
             raise ValueError("adapters need the full token grid: set cluster_ratio=0 for adaptation")
         x = Encoder(self.cluster_layer, **blocks, name="encoder")(x)
         prefix, tokens = x[:, :num_prefix], x[:, num_prefix:]
-        merged, assign, log_sizes = cluster(tokens, self.cluster_ratio, grid=grid, spatial=self.cluster_spatial)
+        merged, assign, log_sizes = cluster(
+            tokens, self.cluster_ratio, knn=self.cluster_knn, grid=grid, spatial=self.cluster_spatial
+        )
         log_sizes = jnp.concatenate([jnp.zeros((x.shape[0], num_prefix)), log_sizes], axis=1)
         y = jnp.concatenate([prefix, merged], axis=1)
         y = Encoder(size.depth - self.cluster_layer, **blocks, name="encoder_clustered")(y, log_sizes[:, None, None, :])

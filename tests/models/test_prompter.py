@@ -77,7 +77,8 @@ def test_prompter_matches_a_full_single_layer_encoder_on_the_prompt_rows():
         return bound.proj(bound.ln_out(x.mean(1)))
 
     prompts = prompter.apply(variables, boxes, method=Prompter.box_prompts)
-    pooled, _ = prompter.apply(variables, grid, prompts, boxes, method=Prompter.pool)
+    memory = prompter.apply(variables, grid, method=Prompter.memory)
+    pooled, _ = prompter.apply(variables, memory, prompts, grid.shape[1:3], boxes, method=Prompter.pool)
     got = prompter.apply(variables, pooled, method=Prompter.embed)
     np.testing.assert_allclose(got[:, 0], full(grid, prompts[:, 0]), atol=1e-5)
 
@@ -97,6 +98,7 @@ def test_box_prompts_attend_inside_their_box():
     prompter, variables, grid, *_ = _setup(m=1)
     box = jnp.array([[[0.0, 0.0, 0.5, 0.5]]] * 2)
     prompts = prompter.apply(variables, box, method=Prompter.box_prompts)
-    _, attention = prompter.apply(variables, grid, prompts, box, method=Prompter.pool)
+    memory = prompter.apply(variables, grid, method=Prompter.memory)
+    _, attention = prompter.apply(variables, memory, prompts, grid.shape[1:3], box, method=Prompter.pool)
     attention = np.asarray(attention).reshape(2, 4, 4)
     assert (attention[:, :2, :2].sum((1, 2)) > 0.99 * attention.sum((1, 2))).all()
