@@ -19,11 +19,20 @@ _SIZE = flags.DEFINE_integer("image_size", 224, "pixels")
 _BATCH = flags.DEFINE_integer("batch", 8, "images")
 _RATIO = flags.DEFINE_float("ratio", 0.75, "fraction of tokens clustered away")
 _LAYER = flags.DEFINE_integer("layer", 2, "blocks before clustering")
+_UNFOLD = flags.DEFINE_string("unfold", "residual", "copy | residual (the umg configs': residual)")
+_KNN = flags.DEFINE_integer("knn", 2, "neighbours of a token's density (the umg configs': 2)")
 
 
 def step_fn(ratio: float):
     patch = int(_VARIANT.value.split("/")[1])
-    vit = ViT(variant=_VARIANT.value, posemb_grid=_SIZE.value // patch, cluster_ratio=ratio, cluster_layer=_LAYER.value)
+    vit = ViT(
+        variant=_VARIANT.value,
+        posemb_grid=_SIZE.value // patch,
+        cluster_ratio=ratio,
+        cluster_layer=_LAYER.value,
+        cluster_unfold=_UNFOLD.value,
+        cluster_knn=_KNN.value,
+    )
     images = jax.random.normal(jax.random.key(0), (_BATCH.value, _SIZE.value, _SIZE.value, 3))
     params = vit.init(jax.random.key(1), images)
 
@@ -48,6 +57,8 @@ def main(argv):
                 batch=_BATCH.value,
                 ratio=_RATIO.value,
                 cluster_layer=_LAYER.value,
+                unfold=_UNFOLD.value,
+                knn=_KNN.value,
                 plain_seconds=t_plain,
                 clustered_seconds=t_clustered,
                 speedup=t_plain / t_clustered,
