@@ -67,11 +67,15 @@ class Model(nn.Module):
         """Token grid [B, h, w, D] + text embeddings [B, M, E] -> boxes [B, M, 4] (xyxy, [0, 1])."""
         return self._ground(self.prompter.memory(grid), grid.shape[1:3], text_embeddings)
 
-    def _regions(self, memory, grid_shape, boxes):
+    def _regions(self, memory: tuple[jax.Array, jax.Array], grid_shape: tuple[int, int], boxes: jax.Array) -> jax.Array:
+        """Prompter memory (`Prompter.memory`) + boxes [B, M, 4] -> unit region embeddings [B, M, E]."""
         pooled, _ = self.prompter.pool(memory, self.prompter.box_prompts(boxes), grid_shape, boxes)
         return normalize(self.prompter.embed(pooled).astype(jnp.float32))
 
-    def _ground(self, memory, grid_shape, text_embeddings):
+    def _ground(
+        self, memory: tuple[jax.Array, jax.Array], grid_shape: tuple[int, int], text_embeddings: jax.Array
+    ) -> jax.Array:
+        """Prompter memory + text embeddings [B, M, E] -> boxes [B, M, 4] (xyxy, [0, 1])."""
         pooled, attention = self.prompter.pool(memory, self.prompter.text_prompts(text_embeddings), grid_shape)
         return self.prompter.box_head(pooled, attention, grid_shape)
 
