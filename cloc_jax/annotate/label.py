@@ -112,7 +112,7 @@ def relabel(records: list[dict], detector, cfg: LabelConfig, class_names=()) -> 
                 boxes=boxes,
                 region_texts=texts,
                 region_labels=np.array([class_of(t, class_names) for t in texts], np.int32),
-                referring=referring_expressions(boxes, texts) if cfg.referring and texts else [""] * len(texts),
+                referring=referring_expressions(boxes, texts) if cfg.referring else [""] * len(texts),
             )
         )
         counts["images"] += 1
