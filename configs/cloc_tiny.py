@@ -1,6 +1,7 @@
 """A tiny CLOC that trains on the embedded scenes dataset in minutes on 2 CPU cores."""
 
 from cloc_jax.config import base_config, parse_arg
+from cloc_jax.data import scenes
 
 
 def get_config(arg: str | None = None):
@@ -12,8 +13,9 @@ def get_config(arg: str | None = None):
     c.model.image.variant = "mu/8"
     c.model.text.update(width=128, depth=2, heads=4, mlp_dim=512)
     c.model.embed_dim = 128
-    c.tokenizer.update(context_length=48, region_context_length=48)  # byte tokens: referring expressions are long
-    c.data.update(train_size=200_000, heldout_size=512, max_regions=2)  # M = 2 keeps the byte-level texts cheap
+    # The scenes' closed vocabulary: texts a quarter of their length in bytes, a step 1.5x faster.
+    c.tokenizer.update(type="words", path=scenes.WORDS, context_length=24, region_context_length=16)
+    c.data.update(train_size=200_000, heldout_size=512)
     c.optim.update(lr=2e-3, warmup_steps=100, weight_decay=0.05)
     c.region_loss.grounding = "l1_giou"  # learns boxes faster than the paper's L2 in a 1,000-step run
     c.log_every = 50

@@ -1,9 +1,13 @@
 import json
+import os
 
 import numpy as np
 import pytest
 
-from cloc_jax.tokenizers import ByteTokenizer, from_spec, tokenize
+from cloc_jax.config import load_config_file
+from cloc_jax.data.scenes import WORDS, Scenes
+from cloc_jax.tokenizers import ByteTokenizer, WordTokenizer, from_spec, tokenize
+from tests.conftest import ROOT
 
 TEXTS = ["a red circle left of the blue star", "Ünïcödé → 漢字 ✓", "", "UPPER case"]
 
@@ -60,7 +64,41 @@ def test_clip_bpe_round_trip(tmp_path):
     assert tok.decode(ids) == "a red box"
 
 
-@pytest.mark.parametrize("kind", ["sentencepiece", "clip_bpe"])
+def test_word_tokenizer_round_trips_and_marks_unknown_words(tmp_path):
+    vocab = tmp_path / "words.txt"
+    vocab.write_text("a\nred\ncircle\n,\nand\n\n")  # blank lines are ignored
+    tok = from_spec(dict(type="words", path=str(vocab), lowercase=True))
+    assert tok.vocab_size == 8 and tok.padded_vocab_size == 128
+    ids = tok.encode("A red circle, and a red  CIRCLE")
+    assert ids == [3, 4, 5, 6, 7, 3, 4, 5, 1]
+    assert tok.decode(ids) == "a red circle, and a red circle"
+    assert tok.encode("a blue circle") == [3, 2, 5, 1] and tok.decode([3, 2, 5, 1]) == "a <unk> circle"
+
+
+def test_word_tokenizer_refuses_a_vocabulary_with_duplicates(tmp_path):
+    vocab = tmp_path / "words.txt"
+    vocab.write_text("red\nblue\nred\n")
+    with pytest.raises(ValueError, match="lists a word twice"):
+        WordTokenizer(str(vocab))
+
+
+def test_scenes_vocabulary_covers_every_scene_text_within_cloc_tiny_contexts():
+    config = load_config_file(os.path.join(ROOT, "configs", "cloc_tiny.py"))
+    tok = from_spec(config.tokenizer)
+    assert config.tokenizer.path == WORDS
+    for split in ("train", "heldout"):
+        for record in map(Scenes(split, size=300).__getitem__, range(300)):
+            for texts, context in (
+                (record["captions"], config.tokenizer.context_length),
+                (record["region_texts"] + record["referring"], config.tokenizer.region_context_length),
+            ):
+                for text in texts:
+                    ids = tok.encode(text)
+                    assert tok.unk_id not in ids and len(ids) <= context, text
+                    assert tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "clip_bpe", "words"])
 def test_missing_vocab_file_is_a_one_line_error(kind):
     with pytest.raises(FileNotFoundError, match=r"tokenizer.path='/nope/vocab' does not exist"):
         from_spec(dict(type=kind, path="/nope/vocab"))

@@ -5,6 +5,8 @@ object. Some colour-shape combinations never appear in the train split, so held-
 composition, not memory. It needs no download and renders an image in well under a millisecond.
 """
 
+import os
+
 import numpy as np
 
 from cloc_jax.boxes import referring_expressions
@@ -25,6 +27,7 @@ CLASS_NAMES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # label = inde
 HELDOUT_COMBOS = frozenset({"red circle", "green square", "blue triangle", "yellow diamond", "purple cross"})
 SIZES = {"small": (0.08, 0.12), "large": (0.15, 0.21)}  # half-extent as a fraction of the image side
 SPLITS = {"train": 0, "heldout": 1}
+WORDS = os.path.join(os.path.dirname(__file__), "scenes_words.txt")  # every word the texts use (tokenizer.type="words")
 MAX_OBJECTS = 4
 
 
