@@ -5,7 +5,7 @@ from cloc_jax.data import scenes
 
 
 def get_config(arg: str | None = None):
-    arg = parse_arg(arg, num_steps=1000, batch_size=64)
+    arg = parse_arg(arg, num_steps=2500, batch_size=64)
     c = base_config()
     c.image_size = 64
     c.batch_size = arg.batch_size
