@@ -59,5 +59,5 @@ def test_clip_twins_differ_from_cloc_only_in_the_region_stack():
 def test_region_texts_cannot_be_longer_than_the_text_tower():
     config = _load(os.path.join(ROOT, "configs", "cloc_tiny.py"))
     config.tokenizer.region_context_length = 100
-    with pytest.raises(ValueError, match=r"tokenizer\.region_context_length=100 exceeds tokenizer\.context_length=48"):
+    with pytest.raises(ValueError, match=r"tokenizer\.region_context_length=100 exceeds tokenizer\.context_length=24"):
         build(config)

@@ -127,7 +127,8 @@ def test_a_nan_box_that_bypasses_the_pipeline_does_not_poison_the_step():
     _, model, tx = build(config)
     batch = dummy_batch(config, 16)
     batch["image"] = jax.random.normal(jax.random.key(0), batch["image"].shape)
-    batch["tokens"] = batch["tokens"].at[:, :4].set(jax.random.randint(jax.random.key(1), (16, 4), 2, 200))
+    words = jax.random.randint(jax.random.key(1), (16, 4), 2, 20)  # ids inside cloc_tiny's word vocabulary
+    batch["tokens"] = batch["tokens"].at[:, :4].set(words)
     batch["region_tokens"] = batch["region_tokens"].at[:, :, :3].set(5)
     batch["region_mask"] = batch["region_mask"].at[:, 0].set(True)
     batch["boxes"] = batch["boxes"].at[:, 0].set(jax.numpy.array([0.1, 0.1, 0.6, 0.7])).at[3, 0, 0].set(np.nan)
