@@ -37,10 +37,16 @@ def build_from_spec(spec: dict) -> tuple[Tokenizer, Model]:
             f"tokenizer.region_context_length={spec['tokenizer']['region_context_length']} exceeds "
             f"tokenizer.context_length={spec['tokenizer']['context_length']}"
         )
+    pack = spec["tokenizer"]["region_pack_length"]
+    if 0 < pack < spec["tokenizer"]["region_context_length"]:
+        raise ValueError(
+            f"tokenizer.region_pack_length={pack} is shorter than one region text "
+            f"(region_context_length={spec['tokenizer']['region_context_length']}); use 0 (no packing) or more"
+        )
     tokenizer = tokenizers.from_spec(spec["tokenizer"])
     model_config = ml_collections.ConfigDict(spec["model"])
     context = spec["tokenizer"]["context_length"]
-    return tokenizer, build_model(model_config, spec["image_size"], tokenizer.padded_vocab_size, context)
+    return tokenizer, build_model(model_config, spec["image_size"], tokenizer.padded_vocab_size, context, pack)
 
 
 def spec_mismatch(saved: dict, current: dict) -> str | None:

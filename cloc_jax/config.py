@@ -73,7 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
         region_extractor="prompter",  # "none" for CLIP-only twins
     )
     # Region captions and referring expressions are short: a shorter context keeps the region texts cheap.
-    c.tokenizer = dict(type="bytes", path="", lowercase=True, context_length=77, region_context_length=16)
+    # region_pack_length > 0 packs an image's M region texts end to end into one row of that many tokens
+    # for training (the text tower then costs what the texts are long, not M x region_context_length);
+    # regions whose text would not fit are dropped and counted (data/dropped/regions_over_pack_length).
+    c.tokenizer = dict(
+        type="bytes", path="", lowercase=True, context_length=77, region_context_length=16, region_pack_length=0
+    )
     # L = L_CLIP + weight * (images with regions / batch) * (L_region + grounding_weight * L_grounding)
     c.region_loss = dict(
         weight=1.0,

@@ -61,3 +61,10 @@ def test_region_texts_cannot_be_longer_than_the_text_tower():
     config.tokenizer.region_context_length = 100
     with pytest.raises(ValueError, match=r"tokenizer\.region_context_length=100 exceeds tokenizer\.context_length=24"):
         build(config)
+
+
+def test_a_pack_row_must_hold_one_region_text():
+    config = _load(os.path.join(ROOT, "configs", "cloc_tiny.py"))
+    config.tokenizer.region_pack_length = 8
+    with pytest.raises(ValueError, match=r"tokenizer\.region_pack_length=8 is shorter than one region text"):
+        build(config)

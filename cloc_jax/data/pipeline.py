@@ -45,6 +45,16 @@ class DataStats:
             return {f"data/{k}": v for k, v in sorted(self._counts.items())}
 
 
+def fits_in_row(tokens: np.ndarray, pack_length: int) -> np.ndarray:
+    """[N, L'] zero-padded texts -> [N] bool: in order, the texts that still fit end to end in a row of
+    pack_length tokens (`models.text.pack_texts`); a text that does not fit leaves room for later ones."""
+    room, fit = pack_length, []
+    for length in np.max(np.where(tokens != 0, np.arange(1, tokens.shape[-1] + 1), 0), axis=-1, initial=0):
+        fit.append(length <= room)
+        room -= length if fit[-1] else 0
+    return np.array(fit, bool)
+
+
 def _fit(values, n: int, fill) -> list:
     """A per-box list cut or padded to the number of boxes (sources can disagree with themselves)."""
     values = list(values)[:n]
@@ -85,6 +95,7 @@ class Preprocess(grain.transforms.RandomMap):
         self.num_tags = num_tags  # > 0: a multi-hot `image_tags` [num_tags] from the record's tag indices
         self.context_length = tokenizer_cfg.context_length
         self.region_context_length = tokenizer_cfg.region_context_length
+        self.region_pack_length = tokenizer_cfg.region_pack_length
 
     def _region_texts(self, texts: list[str]) -> np.ndarray:
         """[M, L'] tokens; padded regions are all zeros."""
@@ -148,15 +159,19 @@ class Preprocess(grain.transforms.RandomMap):
         if rng is not None and len(kept) > self.max_regions:
             kept = np.sort(rng.choice(kept, self.max_regions, replace=False))
         kept = kept[: self.max_regions]
+        chosen = [region_texts[i] for i in kept]
+        refs = [referring[i] or region_texts[i] for i in kept]
+        if rng is not None:  # training: some regions are described by their referring expression instead
+            chosen = [r if rng.random() < self.referring_prob else t for t, r in zip(chosen, refs)]
+        if rng is not None and self.region_pack_length:  # training packs the region texts into one row
+            fit = fits_in_row(tokenize(self.tokenizer, chosen, self.region_context_length), self.region_pack_length)
+            self.stats.add("dropped/regions_over_pack_length", int((~fit).sum()))
+            kept, chosen, refs = kept[fit], [t for t, f in zip(chosen, fit) if f], [t for t, f in zip(refs, fit) if f]
         m, num = self.max_regions, len(kept)
         padded_boxes = np.zeros((m, 4), np.float32)
         padded_boxes[:num] = boxes[kept]
         padded_labels = np.full((m,), -1, np.int32)
         padded_labels[:num] = labels[kept]
-        chosen = [region_texts[i] for i in kept]
-        refs = [referring[i] or region_texts[i] for i in kept]
-        if rng is not None:  # training: some regions are described by their referring expression instead
-            chosen = [r if rng.random() < self.referring_prob else t for t, r in zip(chosen, refs)]
         out = dict(
             index=np.int64(record["index"]),
             image=image.astype(np.float32) / 127.5 - 1.0,

@@ -10,7 +10,7 @@ import ml_collections
 
 from cloc_jax.models.layers import logical
 from cloc_jax.models.prompter import Prompter
-from cloc_jax.models.text import TextTower
+from cloc_jax.models.text import TextTower, pack_texts
 from cloc_jax.models.vit import ViT, vit_size
 
 LOSSES = ("softmax", "sigmoid")
@@ -32,6 +32,7 @@ class Model(nn.Module):
     loss: str = "softmax"
     region_extractor: str = "none"
     prompter: Prompter | None = None  # with region_extractor="prompter"
+    region_pack_length: int = 0  # > 0: training packs each image's region texts into one row this long
 
     def setup(self):
         if self.loss not in LOSSES:
@@ -54,6 +55,11 @@ class Model(nn.Module):
         """[B, M, L] -> unit embeddings [B, M, E] (region captions, referring expressions)."""
         batch, m, length = tokens.shape
         return self.encode_text(tokens.reshape(batch * m, length)).reshape(batch, m, -1)
+
+    def encode_packed_texts(self, tokens: jax.Array) -> jax.Array:
+        """[B, M, L'] -> [B, M, E] as `encode_texts`, through one packed row per image (`pack_texts`)."""
+        embedding, _ = self.text(*pack_texts(tokens, self.region_pack_length))
+        return normalize(embedding.astype(jnp.float32))
 
     def encode_regions(self, grid: jax.Array, boxes: jax.Array) -> jax.Array:
         """Token grid [B, h, w, D] + boxes [B, M, 4] (xyxy, [0, 1]) -> unit region embeddings [B, M, E]."""
@@ -112,7 +118,8 @@ class Model(nn.Module):
         if tag_tokens is not None:
             out["ztag"] = self.encode_text(tag_tokens)
         if self.region_extractor != "none":
-            out["zregion_text"] = self.encode_texts(region_tokens)
+            encode = self.encode_packed_texts if self.region_pack_length else self.encode_texts
+            out["zregion_text"] = encode(region_tokens)
         if self.region_extractor == "roi_align":
             out["zregion"] = normalize(regions.astype(jnp.float32))
         elif self.prompter is not None:
@@ -122,7 +129,13 @@ class Model(nn.Module):
         return out
 
 
-def build_model(model: ml_collections.ConfigDict, image_size: int, vocab_size: int, context_length: int) -> Model:
+def build_model(
+    model: ml_collections.ConfigDict,
+    image_size: int,
+    vocab_size: int,
+    context_length: int,
+    region_pack_length: int = 0,
+) -> Model:
     """The one place a config becomes a model."""
     dtype = jnp.dtype(model.dtype)
     patch = vit_size(model.image.variant).patch
@@ -158,4 +171,11 @@ def build_model(model: ml_collections.ConfigDict, image_size: int, vocab_size: i
     prompter = None
     if model.region_extractor == "prompter":
         prompter = Prompter(width=vit_size(model.image.variant).width, out_dim=model.embed_dim, dtype=dtype)
-    return Model(image=image, text=text, loss=model.loss, region_extractor=model.region_extractor, prompter=prompter)
+    return Model(
+        image=image,
+        text=text,
+        loss=model.loss,
+        region_extractor=model.region_extractor,
+        prompter=prompter,
+        region_pack_length=region_pack_length,
+    )

@@ -1,4 +1,9 @@
-"""CLIP text tower: causal transformer, pooled at the end-of-text token."""
+"""CLIP text tower: causal transformer, pooled at the end-of-text token.
+
+Region texts are short and most of an [M, L'] block per image is padding (and whole padded regions);
+`pack_texts` lays an image's texts end to end in one row instead (MaxText-style sequence packing), so
+the tower's cost follows the texts' real length.
+"""
 
 import flax.linen as nn
 import jax
@@ -6,11 +11,36 @@ import jax.numpy as jnp
 
 from cloc_jax.models.layers import Dtype, Encoder, constrain, layer_norm, logical
 
+Packing = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def pack_texts(tokens: jax.Array, pack_length: int) -> tuple[jax.Array, Packing]:
+    """[B, M, L'] zero-padded texts -> (tokens [B, P], (segments [B, P], positions [B, P], ends [B, M])).
+
+    Row b holds its M texts end to end: a token of text m has segment m and its position inside that
+    text; the padding after the last text has segment M. ends[b, m] is the index of text m's last
+    token (-1 for an empty text, which pools to zeros). The caller keeps each row's total length <= P
+    (the data pipeline drops the regions that would not fit); tokens past P are cut off.
+    """
+    batch, m, length = tokens.shape
+    lengths = jnp.max(jnp.where(tokens != 0, jnp.arange(1, length + 1), 0), axis=-1)  # through the last non-pad
+    stops = jnp.cumsum(lengths, axis=-1)
+    starts = stops - lengths
+    index = jnp.arange(pack_length)
+    segments = (stops[:, None, :] <= index[None, :, None]).sum(-1)  # texts that ended before each slot
+    text = jnp.minimum(segments, m - 1)
+    positions = jnp.where(segments < m, index - jnp.take_along_axis(starts, text, axis=-1), 0)
+    flat = jnp.take_along_axis(tokens.reshape(batch, m * length), text * length + positions, axis=-1)
+    packed = jnp.where(segments < m, flat, 0)
+    return packed, (segments, positions, stops - 1)
+
 
 class TextTower(nn.Module):
     """Tokens [B, L <= context_length] (0 = padding, ending in EOT) -> (embedding [B, out_dim], features [B, L, D]).
 
-    Causal attention means the EOT token sees the whole text and never the padding after it.
+    Causal attention means the EOT token sees the whole text and never the padding after it. With
+    `packing` (from `pack_texts`), tokens [B, P] hold several texts per row: each attends only to its
+    own segment, takes position embeddings from its own start, and the embedding is [B, M, out_dim].
     """
 
     vocab_size: int
@@ -25,9 +55,9 @@ class TextTower(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, packing: Packing | None = None) -> tuple[jax.Array, jax.Array]:
         length = tokens.shape[-1]
-        if length > self.context_length:
+        if packing is None and length > self.context_length:
             raise ValueError(f"tokens have length {length}, the text tower takes at most {self.context_length}")
         x = nn.Embed(
             self.vocab_size,
@@ -39,7 +69,15 @@ class TextTower(nn.Module):
         posemb = self.param(
             "pos_embedding", logical(nn.initializers.normal(0.01), (None, "embed")), (self.context_length, self.width)
         )
-        x = constrain(x + posemb[:length].astype(self.dtype), ("batch", "length", "embed"))
+        if packing is None:
+            eot = length - 1 - jnp.argmax((tokens != 0)[:, ::-1], axis=-1)  # last non-pad token [B]
+            posemb, bias = posemb[:length], None
+        else:
+            segments, positions, eot = packing
+            posemb = posemb[positions]
+            same = segments[:, None, :, None] == segments[:, None, None, :]  # [B, 1, P, P]
+            bias = jnp.where(same, 0.0, -1e9).astype(self.dtype)
+        x = constrain(x + posemb.astype(self.dtype), ("batch", "length", "embed"))
         x = Encoder(
             self.depth,
             self.heads,
@@ -49,10 +87,9 @@ class TextTower(nn.Module):
             remat=self.remat,
             dtype=self.dtype,
             name="encoder",
-        )(x)
+        )(x, bias)
         x = layer_norm("ln_final", self.dtype)(x)
-        eot = length - 1 - jnp.argmax((tokens != 0)[:, ::-1], axis=-1)  # last non-pad token
-        pooled = jnp.einsum("bld,bl->bd", x, jax.nn.one_hot(eot, length, dtype=x.dtype))
+        pooled = jnp.einsum("bld,b...l->b...d", x, jax.nn.one_hot(eot, length, dtype=x.dtype))
         embedding = nn.Dense(
             self.out_dim,
             use_bias=False,

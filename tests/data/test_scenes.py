@@ -98,3 +98,31 @@ def test_training_samples_m_regions_and_mixes_in_referring_expressions(config):
         texts.update(tok.decode(t) for t in out["region_tokens"])
     assert len(seen_boxes) == 4  # every region gets sampled
     assert set(record["region_texts"]) & texts and set(record["referring"]) & texts
+
+
+def test_fits_in_row_keeps_texts_in_order_while_they_fit():
+    from cloc_jax.data.pipeline import fits_in_row
+
+    tokens = np.zeros((4, 6), np.int32)
+    for row, n in enumerate([3, 5, 2, 1]):
+        tokens[row, :n] = 7
+    np.testing.assert_array_equal(fits_in_row(tokens, 6), [True, False, True, True])  # 3 + 2 + 1
+    np.testing.assert_array_equal(fits_in_row(tokens, 11), [True, True, True, True])
+    assert fits_in_row(tokens[:0], 6).shape == (0,)
+
+
+def test_training_with_packing_drops_and_counts_regions_that_do_not_fit(config):
+    from cloc_jax.data.pipeline import DataStats, Preprocess
+
+    tok = ByteTokenizer()
+    config.tokenizer.update(region_context_length=8, region_pack_length=16)
+    stats = DataStats()
+    prep = Preprocess(tok, config.tokenizer, 32, max_regions=4, augment=config.data.augment, stats=stats)
+    source = Scenes("train", image_size=32)
+    index = next(i for i in range(100) if len(source[i]["boxes"]) == 4)
+    out = prep.random_map(source[index], np.random.default_rng(0))
+    # Byte texts are cut to 8 tokens, so two of the four regions fill the row of 16.
+    assert out["region_mask"].sum() == 2 and stats.snapshot() == {"data/dropped/regions_over_pack_length": 2}
+    assert (out["region_tokens"][2:] == 0).all() and (out["region_labels"][2:] == -1).all()
+    evaluation = prep.map(source[index])  # evaluation never packs: every region is scored
+    assert evaluation["region_mask"].sum() == 4

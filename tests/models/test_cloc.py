@@ -70,3 +70,21 @@ def test_bfloat16_activations_keep_float32_parameters_and_embeddings():
     out = model.apply(variables, **model_inputs(config, {**batch, "tokens": batch["tokens"].at[:, 0].set(1)}))
     assert out["zimg"].dtype == out["ztxt"].dtype == np.float32
     assert out["grid"].dtype == jax.numpy.bfloat16
+
+
+def test_packed_region_texts_give_the_same_outputs(config):
+    """tokenizer.region_pack_length changes the text tower's layout in training, not what it computes."""
+    model, variables = _init(config)
+    packed = build_model(config.model, config.image_size, 384, config.tokenizer.context_length, 20)
+    batch = dummy_batch(config, 2)
+    m = batch["region_tokens"].shape[1]
+    lengths = np.array([[3, 0, 5, 2][:m], [6, 4, 0, 1][:m]])  # 10 and 11 tokens: they fit in 20
+    region_tokens = np.zeros(batch["region_tokens"].shape, np.int32)
+    for b, i in np.ndindex(lengths.shape):
+        region_tokens[b, i, : lengths[b, i]] = np.arange(lengths[b, i]) + 5
+    inputs = model_inputs(config, {**batch, "region_tokens": region_tokens})
+    out, out_packed = model.apply(variables, **inputs), packed.apply(variables, **inputs)
+    nonempty = lengths > 0
+    np.testing.assert_allclose(out_packed["zregion_text"][nonempty], out["zregion_text"][nonempty], atol=2e-5)
+    np.testing.assert_allclose(out_packed["pred_boxes"][nonempty], out["pred_boxes"][nonempty], atol=2e-5)
+    np.testing.assert_array_equal(out_packed["zregion"], out["zregion"])

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cloc_jax.models.text import TextTower
+from cloc_jax.models.text import TextTower, pack_texts
 
 
 def _model():
@@ -45,3 +45,49 @@ def test_earlier_tokens_change_the_embedding():
     a, _ = model.apply(variables, tokens)
     b, _ = model.apply(variables, tokens.at[0, 0].set(50))
     assert not np.allclose(a, b)
+
+
+def _random_texts(rng: np.random.Generator, batch: int, m: int, length: int) -> np.ndarray:
+    """[B, M, L'] texts of random lengths 0..L' (0 = an empty, padded region), each ending in EOT = 1."""
+    tokens = np.zeros((batch, m, length), np.int32)
+    for b in range(batch):
+        for i in range(m):
+            n = int(rng.integers(0, length + 1))
+            tokens[b, i, :n] = rng.integers(2, 300, n)
+            if n:
+                tokens[b, i, n - 1] = 1
+    return tokens
+
+
+def test_pack_texts_matches_a_loop():
+    tokens = _random_texts(np.random.default_rng(0), 5, 4, 6)
+    pack = 4 * 6
+    packed, (segments, positions, ends) = pack_texts(jnp.asarray(tokens), pack)
+    for b in range(5):
+        row, seg, pos, end = [], [], [], []
+        for i in range(4):
+            n = int((tokens[b, i] != 0).sum())
+            end.append(len(row) + n - 1)
+            row += list(tokens[b, i, :n])
+            seg += [i] * n
+            pos += list(range(n))
+        rest = pack - len(row)
+        np.testing.assert_array_equal(packed[b], row + [0] * rest)
+        np.testing.assert_array_equal(segments[b], seg + [4] * rest)
+        np.testing.assert_array_equal(positions[b], pos + [0] * rest)
+        np.testing.assert_array_equal(ends[b], end)
+
+
+def test_packed_texts_embed_exactly_as_one_text_per_row():
+    """Segment masking + per-text positions: packing changes the layout, never an embedding."""
+    model = _model()
+    tokens = _random_texts(np.random.default_rng(1), 3, 4, 8)
+    variables = model.init(jax.random.key(0), jnp.asarray(tokens[:, 0]))
+    alone, _ = model.apply(variables, jnp.asarray(tokens.reshape(12, 8)))
+    lengths = (tokens != 0).sum(-1)
+    packed_tokens, packing = pack_texts(jnp.asarray(tokens), int(lengths.sum(-1).max()) + 3)
+    packed, _ = model.apply(variables, packed_tokens, packing)
+    assert packed.shape == (3, 4, 16)
+    nonempty = lengths.reshape(12) > 0
+    np.testing.assert_allclose(packed.reshape(12, 16)[nonempty], alone[nonempty], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(packed.reshape(12, 16)[~nonempty], 0.0)  # empty texts pool to zeros
