@@ -2,6 +2,8 @@
 grounding) against the same model and batch without them, measured in one run.
 
     python bench/regions.py --config=configs/cloc_b16.py --batch=16
+    python bench/regions.py --config=configs/cloc_b16.py --batch=16 --config.tokenizer.type=words \
+        --config.tokenizer.path=cloc_jax/data/scenes_words.txt --config.tokenizer.region_pack_length=32
 
 Prints one JSON line; `ratio` = seconds with regions / seconds without (target <= 1.15).
 """
@@ -45,6 +47,8 @@ def main(argv):
                 batch=config.batch_size,
                 regions_per_image=config.data.max_regions,
                 region_context_length=config.tokenizer.region_context_length,
+                region_pack_length=config.tokenizer.region_pack_length,
+                regions_in_batch=int(batch["region_mask"].sum()),
                 seconds_with_regions=seconds_with,
                 seconds_without=seconds_without,
                 ratio=seconds_with / seconds_without,

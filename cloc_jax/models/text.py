@@ -32,7 +32,7 @@ def pack_texts(tokens: jax.Array, pack_length: int) -> tuple[jax.Array, Packing]
     positions = jnp.where(segments < m, index - jnp.take_along_axis(starts, text, axis=-1), 0)
     flat = jnp.take_along_axis(tokens.reshape(batch, m * length), text * length + positions, axis=-1)
     packed = jnp.where(segments < m, flat, 0)
-    return packed, (segments, positions, stops - 1)
+    return packed, (segments, positions, jnp.where(lengths > 0, stops - 1, -1))
 
 
 class TextTower(nn.Module):

@@ -61,6 +61,7 @@ def _random_texts(rng: np.random.Generator, batch: int, m: int, length: int) -> 
 
 def test_pack_texts_matches_a_loop():
     tokens = _random_texts(np.random.default_rng(0), 5, 4, 6)
+    tokens[1, 2] = 0  # an empty text between two others
     pack = 4 * 6
     packed, (segments, positions, ends) = pack_texts(jnp.asarray(tokens), pack)
     for b in range(5):
@@ -75,13 +76,15 @@ def test_pack_texts_matches_a_loop():
         np.testing.assert_array_equal(packed[b], row + [0] * rest)
         np.testing.assert_array_equal(segments[b], seg + [4] * rest)
         np.testing.assert_array_equal(positions[b], pos + [0] * rest)
-        np.testing.assert_array_equal(ends[b], end)
+        np.testing.assert_array_equal(ends[b], [e if (tokens[b, i] != 0).any() else -1 for i, e in enumerate(end)])
 
 
 def test_packed_texts_embed_exactly_as_one_text_per_row():
     """Segment masking + per-text positions: packing changes the layout, never an embedding."""
     model = _model()
     tokens = _random_texts(np.random.default_rng(1), 3, 4, 8)
+    tokens[0, 1] = tokens[2, 3] = 0  # empty texts between and after others
+    tokens[1, 2, :8] = [*range(5, 12), 1]  # a text of the full region length
     variables = model.init(jax.random.key(0), jnp.asarray(tokens[:, 0]))
     alone, _ = model.apply(variables, jnp.asarray(tokens.reshape(12, 8)))
     lengths = (tokens != 0).sum(-1)
