@@ -98,9 +98,13 @@ class Preprocess(grain.transforms.RandomMap):
         self.region_pack_length = tokenizer_cfg.region_pack_length
 
     def _region_texts(self, texts: list[str]) -> np.ndarray:
-        """[M, L'] tokens; padded regions are all zeros."""
+        """[N <= M] texts -> [N, L'] tokens."""
+        return tokenize(self.tokenizer, texts, self.region_context_length)
+
+    def _pad_regions(self, tokens: np.ndarray) -> np.ndarray:
+        """[N <= M, L'] -> [M, L'] tokens; padded regions are all zeros."""
         out = np.zeros((self.max_regions, self.region_context_length), np.int32)
-        out[: len(texts)] = tokenize(self.tokenizer, texts, self.region_context_length)
+        out[: len(tokens)] = tokens
         return out
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict | None:
@@ -163,10 +167,11 @@ class Preprocess(grain.transforms.RandomMap):
         refs = [referring[i] or region_texts[i] for i in kept]
         if rng is not None:  # training: some regions are described by their referring expression instead
             chosen = [r if rng.random() < self.referring_prob else t for t, r in zip(chosen, refs)]
+        chosen_tokens, ref_tokens = self._region_texts(chosen), self._region_texts(refs)
         if rng is not None and self.region_pack_length:  # training packs the region texts into one row
-            fit = fits_in_row(tokenize(self.tokenizer, chosen, self.region_context_length), self.region_pack_length)
+            fit = fits_in_row(chosen_tokens, self.region_pack_length)
             self.stats.add("dropped/regions_over_pack_length", int((~fit).sum()))
-            kept, chosen, refs = kept[fit], [t for t, f in zip(chosen, fit) if f], [t for t, f in zip(refs, fit) if f]
+            kept, chosen_tokens, ref_tokens = kept[fit], chosen_tokens[fit], ref_tokens[fit]
         m, num = self.max_regions, len(kept)
         padded_boxes = np.zeros((m, 4), np.float32)
         padded_boxes[:num] = boxes[kept]
@@ -180,8 +185,8 @@ class Preprocess(grain.transforms.RandomMap):
             boxes=padded_boxes,
             region_mask=np.arange(m) < num,
             region_labels=padded_labels,
-            region_tokens=self._region_texts(chosen),
-            referring_tokens=self._region_texts(refs),
+            region_tokens=self._pad_regions(chosen_tokens),
+            referring_tokens=self._pad_regions(ref_tokens),
         )
         if self.num_tags:
             out["image_tags"] = np.zeros(self.num_tags, np.float32)
