@@ -184,12 +184,13 @@ def test_the_labeller_writes_spatial_referring_expressions_only_when_asked():
     for truth, got in zip(recs, spatial):
         if len(got["boxes"]) != len(truth["boxes"]):
             continue  # the colour oracle merges two objects of one colour
-        compared += 1  # every object found: relations match the dataset's own, sizes aside
-        names = [t.split(" ", 1)[1] for t in got["region_texts"]]  # "small red circle" -> "red circle"
-        without_sizes = [" ".join(w for w in e.split() if w not in ("small", "large")) for e in got["referring"]]
-        by_name = dict(zip(names, without_sizes))
-        assert [by_name[CLASS_NAMES[c]] for c in truth["region_labels"]] == list(truth["referring"])
+        compared += 1  # every object found: the expressions are the dataset's own, named by class
+        by_label = dict(zip(got["region_labels"], got["referring"]))
+        assert [by_label[c] for c in truth["region_labels"]] == list(truth["referring"])
     assert compared >= 6
+    # A phrase outside the vocabulary names its object itself.
+    outside, _ = label.relabel(stripped[:1], ColourOracle(), label.LabelConfig(referring=True), ("hexagon",))
+    assert outside[0]["referring"][0].startswith(f"the {outside[0]['region_texts'][0]}")
 
 
 def test_a_phrase_names_the_longest_class_it_ends_with():

@@ -6,7 +6,8 @@ confident of overlapping boxes, so a region's caption is its most confident phra
 not come back when the image is shifted along its diagonal (mean IoU of the re-detections under
 `min_stability`) is unstable and dropped. Beyond the papers, `referring=True` also writes a spatial
 referring expression per region ("the red circle left of the blue square", from its nearest neighbour),
-so the grounding head learns relations the phrases alone do not carry.
+so the grounding head learns relations the phrases alone do not carry; it names each object by the
+vocabulary's class name its phrase ends with (sizes and other modifiers dropped), else by the phrase.
 """
 
 import dataclasses
@@ -106,13 +107,17 @@ def relabel(records: list[dict], detector, cfg: LabelConfig, class_names=()) -> 
     for record, regions in zip(usable, label_images(detector, images, [r["captions"] for r in usable], cfg)):
         texts = [phrase for _, phrase, _ in regions]
         boxes = np.stack([b for b, _, _ in regions]) if regions else np.zeros((0, 4), np.float32)
+        labels = [class_of(t, class_names) for t in texts]
+        # Referring expressions name objects by category, as RefCOCO's do ("the red circle left of the
+        # blue square"), and fall back to the phrase for one outside the vocabulary.
+        names = [class_names[c] if c >= 0 else t for t, c in zip(texts, labels)]
         out.append(
             dict(
                 record,
                 boxes=boxes,
                 region_texts=texts,
-                region_labels=np.array([class_of(t, class_names) for t in texts], np.int32),
-                referring=referring_expressions(boxes, texts) if cfg.referring else [""] * len(texts),
+                region_labels=np.array(labels, np.int32),
+                referring=referring_expressions(boxes, names) if cfg.referring else [""] * len(texts),
             )
         )
         counts["images"] += 1
