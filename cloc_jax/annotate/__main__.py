@@ -9,7 +9,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "glob of ArrayRecord shards in the record schema", required=True)
 flags.DEFINE_string("output", None, "directory for the labelled shards", required=True)
 flags.DEFINE_string("detector", None, "cloc:EXPORT_DIR (self-labelling) or owlv2:MODEL_DIR", required=True)
-flags.DEFINE_float("threshold", LabelConfig.threshold, "confidence threshold (CLOC 0.1, UMG-CLIP 0.3)")
+flags.DEFINE_float("threshold", LabelConfig.threshold, "score threshold (owlv2: CLOC 0.1, UMG 0.3; cloc: cosine, 0.5)")
 flags.DEFINE_float("nms_iou", LabelConfig.nms_iou, "IoU above which the less confident box is suppressed")
 flags.DEFINE_float("min_stability", LabelConfig.min_stability, "mean IoU under box jitter to keep a box (0: off)")
 flags.DEFINE_bool("referring", LabelConfig.referring, "also write 'the X left of the Y' referring expressions")
