@@ -63,9 +63,31 @@ def base_config() -> ml_collections.ConfigDict:
             cluster_spatial=0.0,
             cluster_knn=5,
             adapter_dim=0,
+            # Architecture knobs for imported checkpoints (cloc_jax/convert/); the defaults are big_vision's ViT.
+            # width/depth/heads/mlp_dim: nonzero overrides the variant's size; posemb_grid: 0 = image_size / patch;
+            # pixel_mean/std: the checkpoint's normalisation of [0, 1] pixels, applied to the [-1, 1] input.
+            width=0,
+            depth=0,
+            heads=0,
+            mlp_dim=0,
+            ln_pre=True,
+            patch_bias=True,
+            project=True,  # False: no projection after pooling (SigLIP's image tower)
+            proj_bias=False,
+            posemb_grid=0,
+            posemb_resize="bilinear",  # or "bicubic" (transformers, open_clip) at another resolution
+            pixel_mean=(0.5, 0.5, 0.5),
+            pixel_std=(0.5, 0.5, 0.5),
         ),
-        text=dict(width=512, depth=12, heads=8, mlp_dim=2048),
+        # causal + pool "eot" is CLIP's text tower; SigLIP's is bidirectional and pools the last position.
+        # vocab_size: 0 = the tokenizer's (padded) size.
+        text=dict(
+            width=512, depth=12, heads=8, mlp_dim=2048, causal=True, pool="eot", proj_bias=False, vocab_size=0
+        ),
         embed_dim=512,
+        activation="gelu_tanh",  # "gelu" (exact, open_clip's LAION models) or "quick_gelu" (OpenAI CLIP)
+        ln_eps=1e-6,
+        max_logit_scale=100.0,  # 0: no clamp (imported SigLIP and CLIP keep their learned scale)
         loss="softmax",  # or "sigmoid" (SigLIP, adds a learnable bias)
         dtype="float32",  # activation dtype; parameters and optimizer state stay float32
         scan=True,
@@ -76,8 +98,16 @@ def base_config() -> ml_collections.ConfigDict:
     # region_pack_length > 0 packs an image's M region texts end to end into one row of that many tokens
     # for training (the text tower then costs what the texts are long, not M x region_context_length);
     # regions whose text would not fit are dropped and counted (data/dropped/regions_over_pack_length).
+    # pad_id: what `tokenize` pads with (imported SigLIP pads with its EOS); clean: open_clip's text cleaning.
     c.tokenizer = dict(
-        type="bytes", path="", lowercase=True, context_length=77, region_context_length=16, region_pack_length=0
+        type="bytes",
+        path="",
+        lowercase=True,
+        context_length=77,
+        region_context_length=16,
+        region_pack_length=0,
+        pad_id=0,
+        clean="lower",
     )
     # L = L_CLIP + weight * (images with regions / batch) * (L_region + grounding_weight * L_grounding)
     c.region_loss = dict(

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import app, flags
 
-from cloc_jax.checkpoint import Checkpoints, build_from_spec
+from cloc_jax.checkpoint import Checkpoints
+from cloc_jax.models.spec import build_from_spec
 from cloc_jax.inference import Encoder
 
 SPEC_FILE = "spec.json"

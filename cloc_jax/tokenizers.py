@@ -1,17 +1,27 @@
-"""Tokenizers: byte-level (default, needs no file), SentencePiece (the T5 tokenizer CLOC used), CLIP BPE, and
-a closed word vocabulary (for a small corpus such as the embedded scenes, where bytes make texts 4x longer).
+"""Tokenizers: byte-level (default, needs no file), SentencePiece (the T5 tokenizer CLOC used), CLIP BPE, a
+closed word vocabulary (for a small corpus such as the embedded scenes, where bytes make texts 4x longer), and
+the tokenizers of imported checkpoints with their source's exact ids: a transformers tokenizer folder (`hf`)
+and open_clip's own rules (`open_clip`).
 
-Convention shared by all: id 0 is padding, every text ends with an end-of-text (EOT) id, and
-`tokenize` pads or truncates to a fixed context length keeping EOT last (the text tower pools there).
+Convention shared by all: every text ends with an end-of-text (EOT) id, and `tokenize` pads with `pad_id`
+(0 unless a checkpoint says otherwise) or truncates to a fixed context length keeping EOT last (the text
+tower pools there). Our own tokenizers keep id 0 for padding; imported ones keep the source's ids, where 0
+can be a real token: a causal tower pooled at EOT never sees what follows EOT, so 0-padding is exact.
 """
 
+import functools
+import gzip
+import html
 import os
 import re
+import string
+import tempfile
 
 import ml_collections
 import numpy as np
 
-TYPES = ("bytes", "sentencepiece", "clip_bpe", "words")
+TYPES = ("bytes", "sentencepiece", "clip_bpe", "words", "hf", "open_clip")
+OPEN_CLIP_CLEAN = ("lower", "whitespace", "canonicalize")
 VOCAB_MULTIPLE = 128  # pad the embedding table so the `vocab` axis shards on any mesh
 
 
@@ -20,6 +30,7 @@ class Tokenizer:
 
     vocab_size: int
     eot_id: int
+    pad_id: int = 0
 
     def __init__(self, lowercase: bool = True):
         self.lowercase = lowercase
@@ -73,27 +84,90 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode([i - self.shift for i in ids])
 
 
-class ClipBpeTokenizer(Tokenizer):
-    """OpenAI CLIP's BPE from a folder holding vocab.json and merges.txt (ids shift by 1: 0 is padding)."""
+class _Transformers(Tokenizer):
+    """A transformers tokenizer: its ids exactly, special tokens included (CLIP: SOT ... EOT; SigLIP: ... EOS)."""
 
-    def __init__(self, path: str, lowercase: bool = True):
+    def __init__(self, tok, lowercase: bool, pad_id: int):
+        super().__init__(lowercase)
+        self.tok, self.pad_id = tok, pad_id
+        self.eot_id = tok.eos_token_id
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(self._clean(text))["input_ids"])
+
+    def _clean(self, text: str) -> str:
+        return text.lower() if self.lowercase else text
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        ids = ids[: ids.index(self.eot_id) + 1] if self.eot_id in ids else ids
+        return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+
+class ClipBpeTokenizer(_Transformers):
+    """OpenAI CLIP's BPE from a folder holding vocab.json and merges.txt: transformers' CLIPTokenizer ids."""
+
+    def __init__(self, path: str, lowercase: bool = True, pad_id: int = 0):
         from transformers import CLIPTokenizer
 
-        super().__init__(lowercase)
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         files = [os.path.join(folder, f) for f in ("vocab.json", "merges.txt")]
         for f in files:
             if not os.path.exists(f):
                 raise FileNotFoundError(f"tokenizer.path={path}: CLIP BPE needs {f}, which does not exist")
-        self.bpe = CLIPTokenizer(*files)
-        self.eot_id = self.bpe.eos_token_id + 1
-        self.vocab_size = len(self.bpe) + 1
+        super().__init__(CLIPTokenizer(*files), lowercase, pad_id)
 
-    def _encode(self, text: str) -> list[int]:
-        return [i + 1 for i in self.bpe.encode(text, add_special_tokens=False)]
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.bpe.decode([i - 1 for i in ids], clean_up_tokenization_spaces=True).strip()
+class HFTokenizer(_Transformers):
+    """A folder a transformers tokenizer was saved to (`save_pretrained`; CLIP, SigLIP, ...)."""
+
+    def __init__(self, path: str, lowercase: bool = False, pad_id: int = 0):
+        from transformers import AutoTokenizer
+
+        super().__init__(AutoTokenizer.from_pretrained(path), lowercase, pad_id)
+
+
+@functools.cache
+def _bpe_files(gz_path: str) -> tuple[str, str]:
+    """open_clip's merges file (bpe_simple_vocab_16e6.txt.gz) -> vocab.json + merges.txt that transformers'
+    CLIPTokenizer reads: the same vocabulary, built the way open_clip builds it."""
+    import json
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    merges = gzip.open(gz_path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    chars = list(bytes_to_unicode().values())
+    vocab = [*chars, *(c + "</w>" for c in chars), *("".join(m.split()) for m in merges)]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = tempfile.mkdtemp(prefix="open_clip_bpe_")
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+
+
+class OpenClipTokenizer(_Transformers):
+    """open_clip's SimpleTokenizer: its text cleaning (ftfy, HTML entities, whitespace, then `clean`: lower
+    case, or punctuation removed as well for "canonicalize") before OpenAI's BPE, SOT ... EOT, 0-padding."""
+
+    def __init__(self, path: str, clean: str = "lower"):
+        from transformers import CLIPTokenizer
+
+        if clean not in OPEN_CLIP_CLEAN:
+            raise ValueError(f"tokenizer.clean={clean!r}; open_clip knows {OPEN_CLIP_CLEAN}")
+        self.clean = clean
+        super().__init__(CLIPTokenizer(*_bpe_files(path)), lowercase=False, pad_id=0)
+
+    def _clean(self, text: str) -> str:
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        if self.clean == "canonicalize":
+            text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation)).lower()
+        text = " ".join(text.split())
+        return text.lower() if self.clean == "lower" else text
 
 
 class WordTokenizer(Tokenizer):
@@ -132,13 +206,18 @@ def from_spec(spec: ml_collections.ConfigDict | dict) -> Tokenizer:
         return ByteTokenizer(lowercase)
     if not path or not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer.path={path!r} does not exist; {kind} needs a vocab file")
-    cls = {"sentencepiece": SentencePieceTokenizer, "clip_bpe": ClipBpeTokenizer, "words": WordTokenizer}[kind]
+    if kind == "open_clip":
+        return OpenClipTokenizer(path, spec.get("clean", "lower"))
+    if kind in ("hf", "clip_bpe"):
+        cls = HFTokenizer if kind == "hf" else ClipBpeTokenizer
+        return cls(path, lowercase, spec.get("pad_id", 0))
+    cls = {"sentencepiece": SentencePieceTokenizer, "words": WordTokenizer}[kind]
     return cls(path, lowercase)
 
 
 def tokenize(tokenizer: Tokenizer, texts: list[str], context_length: int) -> np.ndarray:
     """[N] strings -> [N, context_length] int32; long texts keep their first tokens and end in EOT."""
-    out = np.zeros((len(texts), context_length), np.int32)
+    out = np.full((len(texts), context_length), tokenizer.pad_id, np.int32)
     for row, text in enumerate(texts):
         ids = tokenizer.encode(text)
         if len(ids) > context_length:

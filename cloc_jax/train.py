@@ -13,7 +13,8 @@ import optax
 from tqdm import tqdm
 
 from cloc_jax import evals, sharding, tokenizers
-from cloc_jax.checkpoint import Checkpoints, build_from_spec, model_spec
+from cloc_jax.checkpoint import Checkpoints
+from cloc_jax.models.spec import build_from_spec, model_spec
 from cloc_jax.data import pipeline
 from cloc_jax.export import load
 from cloc_jax.inference import Encoder

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cloc_jax import load
-from cloc_jax.checkpoint import Checkpoints, model_spec, spec_mismatch, with_defaults
+from cloc_jax.checkpoint import Checkpoints
+from cloc_jax.models.spec import model_spec, spec_mismatch, with_defaults
 from cloc_jax.data.pipeline import train_iterator
 from cloc_jax.export import export
 from cloc_jax.tokenizers import ByteTokenizer

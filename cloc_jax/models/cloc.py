@@ -33,6 +33,7 @@ class Model(nn.Module):
     region_extractor: str = "none"
     prompter: Prompter | None = None  # with region_extractor="prompter"
     region_pack_length: int = 0  # > 0: training packs each image's region texts into one row this long
+    max_logit_scale: float = MAX_LOGIT_SCALE  # 0: unclamped (imported checkpoints keep their learned value)
 
     def setup(self):
         if self.loss not in LOSSES:
@@ -86,7 +87,9 @@ class Model(nn.Module):
         return self.prompter.box_head(pooled, attention, grid_shape)
 
     def logit_params(self) -> tuple[jax.Array, jax.Array | None]:
-        scale = jnp.minimum(jnp.exp(self.log_scale), MAX_LOGIT_SCALE)
+        scale = jnp.exp(self.log_scale)
+        if self.max_logit_scale:
+            scale = jnp.minimum(scale, self.max_logit_scale)
         return scale, self.bias
 
     def __call__(
@@ -138,39 +141,56 @@ def build_model(
 ) -> Model:
     """The one place a config becomes a model."""
     dtype = jnp.dtype(model.dtype)
-    patch = vit_size(model.image.variant).patch
-    if image_size % patch:
-        raise ValueError(f"image_size={image_size} is not divisible by the patch size {patch} of {model.image.variant}")
+    im = model.image
+    size = vit_size(im.variant, im.width, im.depth, im.heads, im.mlp_dim)
+    if image_size % size.patch:
+        raise ValueError(f"image_size={image_size} is not divisible by the patch size {size.patch} of {im.variant}")
     if model.region_extractor not in REGION_EXTRACTORS:
         raise ValueError(f"model.region_extractor={model.region_extractor!r}; choose one of {REGION_EXTRACTORS}")
     common = dict(out_dim=model.embed_dim, scan=model.scan, remat=model.remat, dtype=dtype)
+    common.update(activation=model.activation, ln_eps=model.ln_eps)
     image = ViT(
-        variant=model.image.variant,
-        pool=model.image.pool,
-        posemb_grid=image_size // patch,
+        variant=im.variant,
+        pool=im.pool,
+        posemb_grid=im.posemb_grid or image_size // size.patch,
         region_pool="roi_align" if model.region_extractor == "roi_align" else "coverage",
-        cluster_ratio=model.image.cluster_ratio,
-        cluster_layer=model.image.cluster_layer,
-        cluster_unfold=model.image.cluster_unfold,
-        cluster_spatial=model.image.cluster_spatial,
-        cluster_knn=model.image.cluster_knn,
-        adapter_dim=model.image.adapter_dim,
+        cluster_ratio=im.cluster_ratio,
+        cluster_layer=im.cluster_layer,
+        cluster_unfold=im.cluster_unfold,
+        cluster_spatial=im.cluster_spatial,
+        cluster_knn=im.cluster_knn,
+        adapter_dim=im.adapter_dim,
+        width=im.width,
+        depth=im.depth,
+        heads=im.heads,
+        mlp_dim=im.mlp_dim,
+        ln_pre=im.ln_pre,
+        patch_bias=im.patch_bias,
+        project=im.project,
+        proj_bias=im.proj_bias,
+        posemb_resize=im.posemb_resize,
+        pixel_mean=tuple(im.pixel_mean),
+        pixel_std=tuple(im.pixel_std),
         **common,
         name="image",
     )
+    tx = model.text
     text = TextTower(
-        vocab_size=vocab_size,
-        width=model.text.width,
-        depth=model.text.depth,
-        heads=model.text.heads,
-        mlp_dim=model.text.mlp_dim,
+        vocab_size=tx.vocab_size or vocab_size,
+        width=tx.width,
+        depth=tx.depth,
+        heads=tx.heads,
+        mlp_dim=tx.mlp_dim,
         context_length=context_length,
+        causal=tx.causal,
+        pool=tx.pool,
+        proj_bias=tx.proj_bias,
         **common,
         name="text",
     )
     prompter = None
     if model.region_extractor == "prompter":
-        prompter = Prompter(width=vit_size(model.image.variant).width, out_dim=model.embed_dim, dtype=dtype)
+        prompter = Prompter(width=size.width, out_dim=model.embed_dim, dtype=dtype)
     return Model(
         image=image,
         text=text,
@@ -178,4 +198,5 @@ def build_model(
         region_extractor=model.region_extractor,
         prompter=prompter,
         region_pack_length=region_pack_length,
+        max_logit_scale=model.max_logit_scale,
     )

@@ -26,8 +26,24 @@ def logical(init, names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(init, names)
 
 
-def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+# Activations by the names checkpoints use: flax's default nn.gelu is the tanh approximation (big_vision,
+# SigLIP: "gelu_pytorch_tanh"), OpenAI CLIP trained with quick_gelu, open_clip's LAION models with exact GELU.
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation_fn(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"model.activation={name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32, eps: float = 1e-6) -> nn.LayerNorm:
     return nn.LayerNorm(
+        epsilon=eps,
         dtype=dtype,
         scale_init=logical(nn.initializers.ones, ("embed",)),
         bias_init=logical(nn.initializers.zeros, ("embed",)),
@@ -100,6 +116,7 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -111,7 +128,7 @@ class Mlp(nn.Module):
             bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)),
             name="fc1",
         )(x)
-        x = constrain(nn.gelu(x), ("batch", "length", "mlp"))
+        x = constrain(activation_fn(self.activation)(x), ("batch", "length", "mlp"))
         return nn.Dense(
             width,
             dtype=self.dtype,
@@ -132,6 +149,8 @@ class Block(nn.Module):
     adapter_dim: int = 0  # > 0: Convpass adapters beside attention and MLP (needs adapter_grid)
     adapter_grid: tuple[int, int] | None = None
     adapter_scale: float = 0.1
+    activation: str = "gelu_tanh"
+    ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -142,10 +161,10 @@ class Block(nn.Module):
             return self.adapter_scale * Convpass(self.adapter_dim, self.adapter_grid, self.dtype, name=name)(y)
 
         x = constrain(x, ("batch", "length", "embed"))
-        y = layer_norm("ln1", self.dtype)(x)
+        y = layer_norm("ln1", self.dtype, self.ln_eps)(x)
         x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(y, y, bias) + adapter("adapter_attn", y)
-        y = layer_norm("ln2", self.dtype)(x)
-        x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(y) + adapter("adapter_mlp", y)
+        y = layer_norm("ln2", self.dtype, self.ln_eps)(x)
+        x = x + Mlp(self.mlp_dim, self.dtype, self.activation, name="mlp")(y) + adapter("adapter_mlp", y)
         return constrain(x, ("batch", "length", "embed")), None
 
 
@@ -163,6 +182,8 @@ class Encoder(nn.Module):
     remat: str = "none"
     adapter_dim: int = 0
     adapter_grid: tuple[int, int] | None = None
+    activation: str = "gelu_tanh"
+    ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -178,6 +199,8 @@ class Encoder(nn.Module):
             causal=self.causal,
             adapter_dim=self.adapter_dim,
             adapter_grid=self.adapter_grid,
+            activation=self.activation,
+            ln_eps=self.ln_eps,
             dtype=self.dtype,
         )
         if self.scan:

@@ -35,10 +35,15 @@ def pack_texts(tokens: jax.Array, pack_length: int) -> tuple[jax.Array, Packing]
     return packed, (segments, positions, jnp.where(lengths > 0, stops - 1, -1))
 
 
+TEXT_POOLS = ("eot", "last")
+
+
 class TextTower(nn.Module):
     """Tokens [B, L <= context_length] (0 = padding, ending in EOT) -> (embedding [B, out_dim], features [B, L, D]).
 
-    Causal attention means the EOT token sees the whole text and never the padding after it. With
+    CLIP's tower (the default) is causal and pools at the EOT token (the last non-padding one): it sees the
+    whole text and never the padding after it. SigLIP's is bidirectional (`causal=False`) and pools at the
+    last position (`pool="last"`), so its padding is part of the input. With
     `packing` (from `pack_texts`), tokens [B, P] hold several texts per row: each attends only to its
     own segment, takes position embeddings from its own start, and the embedding is [B, M, out_dim].
     """
@@ -52,10 +57,19 @@ class TextTower(nn.Module):
     out_dim: int = 512
     scan: bool = True
     remat: str = "none"
+    causal: bool = True
+    pool: str = "eot"
+    proj_bias: bool = False
+    activation: str = "gelu_tanh"
+    ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, tokens: jax.Array, packing: Packing | None = None) -> tuple[jax.Array, jax.Array]:
+        if self.pool not in TEXT_POOLS:
+            raise ValueError(f"model.text.pool={self.pool!r}; choose one of {TEXT_POOLS}")
+        if packing is not None and (self.pool != "eot" or not self.causal):
+            raise ValueError("region_pack_length > 0 needs a causal text tower pooled at EOT (CLIP's), not SigLIP's")
         length = tokens.shape[-1]
         if packing is None and length > self.context_length:
             raise ValueError(f"tokens have length {length}, the text tower takes at most {self.context_length}")
@@ -71,6 +85,7 @@ class TextTower(nn.Module):
         )
         if packing is None:
             eot = length - 1 - jnp.argmax((tokens != 0)[:, ::-1], axis=-1)  # last non-pad token [B]
+            eot = eot if self.pool == "eot" else jnp.full_like(eot, length - 1)
             posemb, bias = posemb[:length], None
         else:
             segments, positions, eot = packing
@@ -82,19 +97,22 @@ class TextTower(nn.Module):
             self.depth,
             self.heads,
             self.mlp_dim,
-            causal=True,
+            causal=self.causal,
             scan=self.scan,
             remat=self.remat,
+            activation=self.activation,
+            ln_eps=self.ln_eps,
             dtype=self.dtype,
             name="encoder",
         )(x, bias)
-        x = layer_norm("ln_final", self.dtype)(x)
+        x = layer_norm("ln_final", self.dtype, self.ln_eps)(x)
         pooled = jnp.einsum("bld,b...l->b...d", x, jax.nn.one_hot(eot, length, dtype=x.dtype))
         embedding = nn.Dense(
             self.out_dim,
-            use_bias=False,
+            use_bias=self.proj_bias,
             dtype=self.dtype,
             kernel_init=logical(nn.initializers.normal(self.width**-0.5), ("embed", "joint")),
+            bias_init=logical(nn.initializers.zeros, ("joint",)),
             name="proj",
         )(pooled)
         return embedding, x

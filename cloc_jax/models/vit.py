@@ -40,19 +40,53 @@ class ViTSize:
     patch: int
 
 
-def vit_size(variant: str) -> ViTSize:
-    """Parses "B/16" into sizes; one-line error on unknown names."""
+def vit_size(variant: str, width: int = 0, depth: int = 0, heads: int = 0, mlp_dim: int = 0) -> ViTSize:
+    """Parses "B/16" into sizes; nonzero `width`... override the table, and with all four given the name is free
+    ("custom/14"), as imported checkpoints need. One-line error on unknown names."""
     name, _, patch = variant.partition("/")
-    if name not in VARIANTS or not patch.isdigit():
+    free = all((width, depth, heads, mlp_dim))
+    if (name not in VARIANTS and not free) or not patch.isdigit():
         raise ValueError(f"unknown ViT variant {variant!r}; use <name>/<patch> with name in {sorted(VARIANTS)}")
-    return ViTSize(*VARIANTS[name], patch=int(patch))
+    table = VARIANTS.get(name, (0, 0, 0, 0))
+    sizes = [given or default for given, default in zip((width, depth, heads, mlp_dim), table, strict=True)]
+    return ViTSize(*sizes, patch=int(patch))
 
 
-def resize_posemb(posemb: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    """Bilinearly resizes a learned [h, w, D] position embedding to `grid` (any resolution)."""
+POSEMB_RESIZES = ("bilinear", "bicubic")
+
+
+def _torch_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in] weights of torch's bicubic interpolation (align_corners=False, A = -0.75, edge
+    indices clamped, no antialiasing): what transformers and open_clip resize position embeddings with."""
+    a, out = -0.75, np.zeros((size_out, size_in))
+    for i in range(size_out):
+        src = (i + 0.5) * size_in / size_out - 0.5
+        x0 = int(np.floor(src))
+        t = src - x0
+        ws = [
+            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+        ]
+        for k, weight in enumerate(ws):
+            out[i, min(max(x0 - 1 + k, 0), size_in - 1)] += weight
+    return out
+
+
+def resize_posemb(posemb: jax.Array, grid: tuple[int, int], method: str = "bilinear") -> jax.Array:
+    """Resizes a learned [h, w, D] position embedding to `grid` (any resolution): "bilinear" as big_vision
+    (jax.image.resize), "bicubic" as transformers' interpolate_pos_encoding and open_clip (torch's kernel;
+    open_clip antialiases when shrinking, which this does not)."""
+    if method not in POSEMB_RESIZES:
+        raise ValueError(f"model.image.posemb_resize={method!r}; choose one of {POSEMB_RESIZES}")
     if posemb.shape[:2] == tuple(grid):
         return posemb
-    return jax.image.resize(posemb, (*grid, posemb.shape[-1]), method="bilinear")
+    if method == "bilinear":
+        return jax.image.resize(posemb, (*grid, posemb.shape[-1]), method="bilinear")
+    rows = jnp.asarray(_torch_bicubic_matrix(posemb.shape[0], grid[0]), posemb.dtype)
+    cols = jnp.asarray(_torch_bicubic_matrix(posemb.shape[1], grid[1]), posemb.dtype)
+    return jnp.einsum("ih,jw,hwd->ijd", rows, cols, posemb, precision="highest")
 
 
 def x_grid(grid: jax.Array) -> jax.Array:
@@ -65,6 +99,8 @@ class MapHead(nn.Module):
 
     heads: int
     mlp_dim: int
+    activation: str = "gelu_tanh"
+    ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -74,7 +110,7 @@ class MapHead(nn.Module):
         )
         probe = jnp.broadcast_to(probe, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
         x = Attention(self.heads, dtype=self.dtype, name="attn")(probe, x)
-        x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm("ln", self.dtype)(x))
+        x = x + Mlp(self.mlp_dim, self.dtype, self.activation, name="mlp")(layer_norm("ln", self.dtype, self.ln_eps)(x))
         return x[:, 0]
 
 
@@ -85,7 +121,14 @@ def _check_clustering(ratio: float, layer: int, depth: int, tokens: int) -> None
 
 
 class ViT(nn.Module):
-    """Images [B, H, W, 3] -> (embedding [B, out_dim], token grid [B, H/p, W/p, width])."""
+    """Images [B, H, W, 3] in [-1, 1] -> (embedding [B, out_dim], token grid [B, H/p, W/p, width]).
+
+    The architecture knobs (activation, LayerNorm epsilon, ln_pre, patch and projection biases, no
+    projection, free sizes, pixel normalisation, position-embedding resizing) let imported CLIP, SigLIP
+    and open_clip towers compute exactly what they compute in their own libraries; the defaults are
+    big_vision's ViT. With `hidden_only`, returns the encoder's output [B, T, width] (class token first):
+    transformers' `hidden_states[depth]`, which `Encoder.image_features` uses with a shortened depth.
+    """
 
     variant: str = "B/16"
     pool: str = "map"
@@ -100,7 +143,24 @@ class ViT(nn.Module):
     cluster_spatial: float = 0.0  # weight of grid distance in clustering: see clustering.token_distances
     cluster_knn: int = 5  # neighbours of a token's density: see clustering.density_peak_centres
     adapter_dim: int = 0  # > 0: Convpass adapters (parameter-efficient tuning) in every block
+    width: int = 0  # nonzero: overrides the variant's size
+    depth: int = 0
+    heads: int = 0
+    mlp_dim: int = 0
+    activation: str = "gelu_tanh"
+    ln_eps: float = 1e-6
+    ln_pre: bool = True
+    patch_bias: bool = True
+    project: bool = True  # False: the pooled features are the embedding (SigLIP's image tower)
+    proj_bias: bool = False
+    posemb_resize: str = "bilinear"
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # of images in [0, 1]; 0.5/0.5 leaves [-1, 1] as it is
+    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    hidden_only: bool = False
     dtype: Dtype = jnp.float32
+
+    def size(self) -> ViTSize:
+        return vit_size(self.variant, self.width, self.depth, self.heads, self.mlp_dim)
 
     @nn.compact
     def __call__(self, images: jax.Array, boxes: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -112,12 +172,15 @@ class ViT(nn.Module):
         """
         if self.pool not in POOLS:
             raise ValueError(f"pool={self.pool!r}; choose one of {POOLS}")
-        size = vit_size(self.variant)
+        size = self.size()
+        if (self.pixel_mean, self.pixel_std) != ((0.5,) * 3, (0.5,) * 3):  # the checkpoint's own normalisation
+            images = ((images + 1) / 2 - jnp.asarray(self.pixel_mean)) / jnp.asarray(self.pixel_std)
         x = nn.Conv(
             size.width,
             (size.patch, size.patch),
             strides=(size.patch, size.patch),
             padding="VALID",
+            use_bias=self.patch_bias,
             dtype=self.dtype,
             kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
             bias_init=logical(nn.initializers.zeros, ("embed",)),
@@ -129,30 +192,39 @@ class ViT(nn.Module):
             logical(nn.initializers.normal(0.02), (None, None, "embed")),
             (self.posemb_grid, self.posemb_grid, width),
         )
-        x = (x + resize_posemb(posemb, (h, w)).astype(self.dtype)).reshape(batch, h * w, width)
+        posemb = resize_posemb(posemb, (h, w), self.posemb_resize)
+        x = (x + posemb.astype(self.dtype)).reshape(batch, h * w, width)
         num_prefix = 0
-        if self.pool == "cls":
+        if self.pool == "cls":  # (a class token's own position embedding is folded into it: both are constants)
             cls = self.param("cls", logical(nn.initializers.zeros, (None, None, "embed")), (1, 1, width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)).astype(x.dtype), x], axis=1)
             num_prefix = 1
-        x = constrain(layer_norm("ln_pre", self.dtype)(x), ("batch", "length", "embed"))
+        if self.ln_pre:
+            x = layer_norm("ln_pre", self.dtype, self.ln_eps)(x)
+        x = constrain(x, ("batch", "length", "embed"))
         x = self._encode(x, size, num_prefix, (h, w))
+        if self.hidden_only:
+            return x
         grid = x[:, num_prefix:].reshape(batch, h, w, width)
-        ln_post = layer_norm("ln_post", self.dtype)
+        ln_post = layer_norm("ln_post", self.dtype, self.ln_eps)
         x = ln_post(x)
         if self.pool == "cls":
             pooled = x[:, 0]
         elif self.pool == "gap":
             pooled = x.mean(axis=1)
         else:
-            pooled = MapHead(size.heads, size.mlp_dim, self.dtype, name="map_head")(x)
-        proj = nn.Dense(
-            self.out_dim,
-            use_bias=False,
-            dtype=self.dtype,
-            kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "joint")),
-            name="proj",
-        )
+            head = MapHead(size.heads, size.mlp_dim, self.activation, self.ln_eps, self.dtype, name="map_head")
+            pooled = head(x)
+        proj = lambda y: y  # noqa: E731
+        if self.project:
+            proj = nn.Dense(
+                self.out_dim,
+                use_bias=self.proj_bias,
+                dtype=self.dtype,
+                kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "joint")),
+                bias_init=logical(nn.initializers.zeros, ("joint",)),
+                name="proj",
+            )
         regions = None
         if boxes is not None:
             if self.region_pool == "roi_align":
@@ -166,6 +238,9 @@ class ViT(nn.Module):
     def _encode(self, x: jax.Array, size: ViTSize, num_prefix: int, grid: tuple[int, int]) -> jax.Array:
         """The transformer, with token clustering after `cluster_layer` when `cluster_ratio` > 0."""
         blocks = dict(heads=size.heads, mlp_dim=size.mlp_dim, scan=self.scan, remat=self.remat, dtype=self.dtype)
+        blocks.update(activation=self.activation, ln_eps=self.ln_eps)
+        if size.depth == 0:  # `Encoder.image_features(layer=0)`: the embeddings themselves
+            return x
         _check_clustering(self.cluster_ratio, self.cluster_layer, size.depth, x.shape[1] - num_prefix)
         if self.cluster_ratio == 0:
             adapters = dict(adapter_dim=self.adapter_dim, adapter_grid=grid)
