@@ -81,9 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
         ),
         # causal + pool "eot" is CLIP's text tower; SigLIP's is bidirectional and pools the last position.
         # vocab_size: 0 = the tokenizer's (padded) size.
-        text=dict(
-            width=512, depth=12, heads=8, mlp_dim=2048, causal=True, pool="eot", proj_bias=False, vocab_size=0
-        ),
+        text=dict(width=512, depth=12, heads=8, mlp_dim=2048, causal=True, pool="eot", proj_bias=False, vocab_size=0),
         embed_dim=512,
         activation="gelu_tanh",  # "gelu" (exact, open_clip's LAION models) or "quick_gelu" (OpenAI CLIP)
         ln_eps=1e-6,

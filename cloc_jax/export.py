@@ -2,27 +2,33 @@
 
 python -m cloc_jax.export --workdir=W --out=DIR     # from the newest training checkpoint
 model = cloc_jax.load(DIR); model.encode_image(images); model.encode_text(["a red circle"])
+Imported weights (hf:, open_clip:, big_vision:) load through the same `load`; see cloc_jax/convert/.
 """
 
+import copy
 import json
 import os
 import shutil
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
 
 from cloc_jax.checkpoint import Checkpoints
-from cloc_jax.models.spec import build_from_spec
+from cloc_jax.convert import layout
+from cloc_jax.convert.layout import Weights
 from cloc_jax.inference import Encoder
+from cloc_jax.models.spec import build_from_spec, with_defaults
 
 SPEC_FILE = "spec.json"
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
-    """Writes `out/params` (Orbax) and `out/spec.json`; a vocab file is copied in so `out` stands alone."""
+    """Writes `out/params` (Orbax) and `out/spec.json` from a training workdir's checkpoint."""
     ckpt = Checkpoints(workdir)
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -31,13 +37,21 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     _, model = build_from_spec(spec)
     params = ckpt.restore_params(step, _abstract_params(model, spec))
     ckpt.close()
+    return write_export(spec, params, out)
+
+
+def write_export(spec: dict, params, out: str) -> str:
+    """Spec + parameters (nested, in the spec's layout) -> an export; a vocab file is copied in so `out`
+    stands alone."""
+    spec = copy.deepcopy(spec)
     os.makedirs(out, exist_ok=True)
     out = os.path.abspath(out)
     vocab = spec["tokenizer"].get("path")
     if vocab:  # store the vocab beside the params, referenced relative to the export
         name = os.path.basename(vocab.rstrip("/"))
-        copy = shutil.copytree if os.path.isdir(vocab) else shutil.copy
-        copy(vocab, os.path.join(out, name))
+        if os.path.abspath(vocab) != os.path.join(out, name):
+            copy_file = shutil.copytree if os.path.isdir(vocab) else shutil.copy
+            copy_file(vocab, os.path.join(out, name), **(dict(dirs_exist_ok=True) if os.path.isdir(vocab) else {}))
         spec["tokenizer"]["path"] = name
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(out, "params"), params, force=True)
@@ -47,8 +61,8 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     return out
 
 
-def _abstract_params(model, spec: dict):
-    """Parameter shapes on the first local device (export and inference are single-device)."""
+def _abstract_params(model, spec: dict, device=None):
+    """Parameter shapes on one device (the first local one unless given)."""
     side, context = spec["image_size"], spec["tokenizer"]["context_length"]
     images = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((1, context), jnp.int32)
@@ -60,20 +74,52 @@ def _abstract_params(model, spec: dict):
         )
     init = lambda *args, **kw: model.init(jax.random.key(0), *args, **kw)  # noqa: E731 (key traced too)
     shapes = nn.unbox(jax.eval_shape(init, images, tokens, **regions)["params"])
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
 
 
-def load(directory: str) -> Encoder:
-    """An exported directory -> Encoder with `encode_image` / `encode_text`."""
-    directory = os.path.abspath(directory)
-    with open(os.path.join(directory, SPEC_FILE)) as f:
+def read_spec(directory: str) -> dict:
+    path = os.path.join(directory, SPEC_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} is no known checkpoint: it has no {SPEC_FILE} (not an export)")
+    with open(path) as f:
         spec = json.load(f)
     if spec["tokenizer"].get("path"):
         spec["tokenizer"]["path"] = os.path.join(directory, spec["tokenizer"]["path"])
+    return with_defaults(spec)
+
+
+def read_export(directory: str) -> Weights:
+    """An export -> Weights (flat, unrolled, in host memory)."""
+    directory = os.path.abspath(directory)
+    spec = read_spec(directory)
+    _, model = build_from_spec(spec)
+    params = ocp.StandardCheckpointer().restore(
+        os.path.join(directory, "params"), _abstract_params(model, spec, jax.devices("cpu")[0])
+    )
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    return Weights(spec, layout.unrolled({k: np.asarray(v) for k, v in flat.items()}), directory)
+
+
+def load(source: str, scan: bool | None = None) -> Encoder:
+    """Any source (an export directory, `hf:DIR`, `open_clip:DIR`, `big_vision:FILE.npz[:VARIANT]`) -> an
+    Encoder with `encode_image` / `encode_text` / `image_features` / `logits`; `scan` lays the layers out
+    scanned or unrolled (default: as the source has them; imports scan)."""
+    from cloc_jax import convert
+
+    weights = convert.read(source)
+    spec = copy.deepcopy(weights.spec)
+    if scan is not None:
+        spec["model"]["scan"] = scan
     tokenizer, model = build_from_spec(spec)
-    params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), _abstract_params(model, spec))
-    return Encoder(model, params, tokenizer, spec["tokenizer"]["context_length"], spec["image_size"])
+    params = to_tree(layout.to_layout(weights.params, spec["model"]["scan"]))
+    return Encoder(model, params, tokenizer, spec["tokenizer"]["context_length"], spec["image_size"], spec=spec)
+
+
+def to_tree(flat: dict[str, np.ndarray], shardings: dict | None = None) -> dict:
+    """Flat host arrays -> the nested parameter tree, each array put on its sharding (default device if None)."""
+    put = {k: jax.device_put(v, None if shardings is None else shardings[k]) for k, v in flat.items()}
+    return flax.traverse_util.unflatten_dict(put, sep="/")
 
 
 def main(argv):

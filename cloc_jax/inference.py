@@ -27,13 +27,24 @@ class Encoder:
     trained with a region extractor.
     """
 
-    def __init__(self, model: Model, params, tokenizer: Tokenizer, context_length: int, image_size: int, axis_rules=()):
-        self.model, self.params, self.tokenizer = model, params, tokenizer
+    def __init__(
+        self,
+        model: Model,
+        params,
+        tokenizer: Tokenizer,
+        context_length: int,
+        image_size: int,
+        axis_rules=(),
+        spec: dict | None = None,
+    ):
+        self.model, self.params, self.tokenizer, self.spec = model, params, tokenizer, spec
         self.context_length, self.image_size, self.axis_rules = context_length, image_size, tuple(axis_rules)
         self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Model.encode_image)[0])
         self._text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=Model.encode_text))
         self._regions = jax.jit(lambda p, x, b: model.apply({"params": p}, x, b, method=_encode_regions))
         self._ground = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, method=_ground))
+        self._logit_params = jax.jit(lambda p: model.apply({"params": p}, method=Model.logit_params))
+        self._features = {}  # hidden-state depth -> jitted truncated tower
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
         return tokenize(self.tokenizer, list(texts), self.context_length)
@@ -46,6 +57,31 @@ class Encoder:
         tokens = texts if isinstance(texts, np.ndarray | jax.Array) else self.tokenize(texts)
         with nn.logical_axis_rules(self.axis_rules):
             return np.asarray(self._text(self.params, jnp.asarray(tokens)))
+
+    def image_features(self, images, layer: int = -2) -> np.ndarray:
+        """[B, H, W, 3] in [-1, 1] -> the image tower's hidden states [B, T, width] after `layer` blocks, indexed
+        as transformers' `hidden_states[layer]` (0 = the embeddings, -1 = the last block's output, -2 = what
+        LLaVA-style multimodal LLMs read); the class token comes first where the family has one."""
+        depth = self.model.image.size().depth
+        if not -(depth + 1) <= layer <= depth:
+            raise ValueError(f"layer={layer}: the image tower has hidden states 0..{depth} (or -1..-{depth + 1})")
+        k = layer % (depth + 1)
+        if k not in self._features:
+            truncated = self.model.image.clone(hidden_layers=k, parent=None)
+            self._features[k] = jax.jit(lambda p, x: truncated.apply({"params": p}, x))
+        params = self.params["image"]
+        if self.model.image.scan:
+            sliced = jax.tree.map(lambda a: a[:k], params["encoder"]["blocks"])
+            params = {**params, "encoder": {**params["encoder"], "blocks": sliced}}
+        with nn.logical_axis_rules(self.axis_rules):
+            return np.asarray(self._features[k](params, jnp.asarray(images)))
+
+    def logits(self, images, texts) -> np.ndarray:
+        """[B, H, W, 3] + N texts -> [B, N] image-text logits as the source library computes them:
+        scale x cosine (+ SigLIP's bias)."""
+        scale, bias = self._logit_params(self.params)
+        logits = float(scale) * self.encode_image(images) @ self.encode_text(texts).T
+        return logits + (0.0 if bias is None else float(bias))
 
     def encode_regions(self, images, boxes) -> np.ndarray:
         """[B, H, W, 3] + [B, M, 4] -> [B, M, E]: one image forward serves every box.

@@ -95,3 +95,88 @@ def check_params(weights: Weights) -> None:
     for key, shape in want.items():
         if tuple(have[key].shape) != tuple(shape):
             raise ValueError(f"{weights.source}: {key} has shape {tuple(have[key].shape)}, the model wants {shape}")
+
+
+# torch <-> cloc_jax for one transformer block. torch Linear weights are [out, in]; ours are einsum kernels
+# at their true rank: query/key/value [D, H, K], out [H, K, D].
+def linear(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w.T)
+
+
+def heads_in(w: np.ndarray, heads: int) -> np.ndarray:
+    """torch [H*K, D] -> [D, H, K]"""
+    return np.ascontiguousarray(w.T.reshape(w.shape[1], heads, -1))
+
+
+def heads_out(w: np.ndarray, heads: int) -> np.ndarray:
+    """torch [D, H*K] -> [H, K, D]"""
+    return np.ascontiguousarray(w.T.reshape(heads, -1, w.shape[0]))
+
+
+def conv(w: np.ndarray) -> np.ndarray:
+    """torch Conv2d [D, C, p, p] -> flax [p, p, C, D]"""
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def block_from_torch(get, ours: str, heads: int, names: dict[str, str]) -> dict[str, np.ndarray]:
+    """One block from torch weights. `get(name)` reads a torch tensor as numpy; `names` gives the torch names of
+    ln1, ln2, fc1, fc2, out and either q/k/v (separate) or qkv (fused [3D, D], open_clip's in_proj)."""
+    out = {}
+    for mine, theirs in (("ln1", names["ln1"]), ("ln2", names["ln2"])):
+        out[f"{ours}/{mine}/scale"], out[f"{ours}/{mine}/bias"] = get(f"{theirs}.weight"), get(f"{theirs}.bias")
+    for mine, theirs in (("fc1", names["fc1"]), ("fc2", names["fc2"])):
+        out[f"{ours}/mlp/{mine}/kernel"], out[f"{ours}/mlp/{mine}/bias"] = (
+            linear(get(f"{theirs}.weight")),
+            get(f"{theirs}.bias"),
+        )
+    if "qkv" in names:
+        weights = np.split(get(names["qkv"] + "_weight"), 3)
+        biases = np.split(get(names["qkv"] + "_bias"), 3)
+    else:
+        weights = [get(f"{names[n]}.weight") for n in "qkv"]
+        biases = [get(f"{names[n]}.bias") for n in "qkv"]
+    for mine, w, b in zip(("query", "key", "value"), weights, biases, strict=True):
+        out[f"{ours}/attn/{mine}/kernel"] = heads_in(w, heads)
+        out[f"{ours}/attn/{mine}/bias"] = b.reshape(heads, -1)
+    out[f"{ours}/attn/out/kernel"] = heads_out(get(f"{names['out']}.weight"), heads)
+    out[f"{ours}/attn/out/bias"] = get(f"{names['out']}.bias")
+    return out
+
+
+def block_to_torch(params: dict[str, np.ndarray], ours: str, names: dict[str, str]) -> dict[str, np.ndarray]:
+    """The inverse of `block_from_torch`."""
+    out = {}
+    for mine in ("ln1", "ln2"):
+        out[f"{names[mine]}.weight"], out[f"{names[mine]}.bias"] = (
+            params[f"{ours}/{mine}/scale"],
+            params[f"{ours}/{mine}/bias"],
+        )
+    for mine in ("fc1", "fc2"):
+        out[f"{names[mine]}.weight"] = linear(params[f"{ours}/mlp/{mine}/kernel"])
+        out[f"{names[mine]}.bias"] = params[f"{ours}/mlp/{mine}/bias"]
+    flat_in = lambda k: np.ascontiguousarray(k.reshape(k.shape[0], -1).T)  # noqa: E731  [D, H, K] -> [H*K, D]
+    weights = [flat_in(params[f"{ours}/attn/{m}/kernel"]) for m in ("query", "key", "value")]
+    biases = [params[f"{ours}/attn/{m}/bias"].reshape(-1) for m in ("query", "key", "value")]
+    if "qkv" in names:
+        out[names["qkv"] + "_weight"], out[names["qkv"] + "_bias"] = np.concatenate(weights), np.concatenate(biases)
+    else:
+        for n, w, b in zip("qkv", weights, biases, strict=True):
+            out[f"{names[n]}.weight"], out[f"{names[n]}.bias"] = w, b
+    kernel = params[f"{ours}/attn/out/kernel"]
+    out[f"{names['out']}.weight"] = np.ascontiguousarray(kernel.reshape(-1, kernel.shape[-1]).T)
+    out[f"{names['out']}.bias"] = params[f"{ours}/attn/out/bias"]
+    return out
+
+
+def read_torch_weights(path: str) -> dict[str, np.ndarray]:
+    """A safetensors file (numpy, no torch needed) or a torch pickle (needs torch; weights only)."""
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{path} is a torch pickle: reading it needs torch (or convert it to safetensors)") from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}

@@ -126,8 +126,8 @@ class ViT(nn.Module):
     The architecture knobs (activation, LayerNorm epsilon, ln_pre, patch and projection biases, no
     projection, free sizes, pixel normalisation, position-embedding resizing) let imported CLIP, SigLIP
     and open_clip towers compute exactly what they compute in their own libraries; the defaults are
-    big_vision's ViT. With `hidden_only`, returns the encoder's output [B, T, width] (class token first):
-    transformers' `hidden_states[depth]`, which `Encoder.image_features` uses with a shortened depth.
+    big_vision's ViT. With `hidden_layers` = k >= 0, returns the tokens [B, T, width] (class token first)
+    after the first k blocks, which is transformers' `hidden_states[k]` (`Encoder.image_features`).
     """
 
     variant: str = "B/16"
@@ -156,7 +156,7 @@ class ViT(nn.Module):
     posemb_resize: str = "bilinear"
     pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # of images in [0, 1]; 0.5/0.5 leaves [-1, 1] as it is
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    hidden_only: bool = False
+    hidden_layers: int = -1
     dtype: Dtype = jnp.float32
 
     def size(self) -> ViTSize:
@@ -203,7 +203,7 @@ class ViT(nn.Module):
             x = layer_norm("ln_pre", self.dtype, self.ln_eps)(x)
         x = constrain(x, ("batch", "length", "embed"))
         x = self._encode(x, size, num_prefix, (h, w))
-        if self.hidden_only:
+        if self.hidden_layers >= 0:
             return x
         grid = x[:, num_prefix:].reshape(batch, h, w, width)
         ln_post = layer_norm("ln_post", self.dtype, self.ln_eps)
@@ -239,8 +239,12 @@ class ViT(nn.Module):
         """The transformer, with token clustering after `cluster_layer` when `cluster_ratio` > 0."""
         blocks = dict(heads=size.heads, mlp_dim=size.mlp_dim, scan=self.scan, remat=self.remat, dtype=self.dtype)
         blocks.update(activation=self.activation, ln_eps=self.ln_eps)
-        if size.depth == 0:  # `Encoder.image_features(layer=0)`: the embeddings themselves
-            return x
+        if self.hidden_layers >= 0:  # the first k blocks only (their parameters sliced by the caller when scanned)
+            if self.cluster_ratio:
+                raise ValueError("image_features needs a model without token clustering (cluster_ratio=0)")
+            size = dataclasses.replace(size, depth=self.hidden_layers)
+            if size.depth == 0:
+                return x
         _check_clustering(self.cluster_ratio, self.cluster_layer, size.depth, x.shape[1] - num_prefix)
         if self.cluster_ratio == 0:
             adapters = dict(adapter_dim=self.adapter_dim, adapter_grid=grid)

@@ -1,0 +1,352 @@
+"""transformers checkpoints: `CLIPModel` (OpenAI, LAION) and `SiglipModel` (SigLIP, SigLIP 2 without NaFlex)
+folders as `save_pretrained` writes them, in both directions.
+
+In: `hf:DIR` -> spec + parameters. Out: an export whose architecture one of the two families expresses
+-> a folder `transformers.AutoModel.from_pretrained` (and `CLIPVisionModel` / `SiglipVisionModel`, what
+multimodal LLMs load) reads with the same outputs. Only the two towers and the logit scale (and bias)
+travel: region heads (Prompter, box head) have no place in those classes.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from cloc_jax.convert import layout
+from cloc_jax.convert.layout import Weights, conv, linear
+
+# transformers' hidden_act -> ours; "gelu_new" and "gelu_pytorch_tanh" are both the tanh approximation.
+ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+HF_ACTIVATION = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+_NAMES = dict(
+    ln1="layer_norm1", ln2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2", q="self_attn.q_proj", k="self_attn.k_proj",
+    v="self_attn.v_proj", out="self_attn.out_proj",
+)  # fmt: skip
+
+
+def _names(prefix: str) -> dict[str, str]:
+    return {k: f"{prefix}.{v}" for k, v in _NAMES.items()}
+
+
+def _read_state(directory: str) -> tuple[dict[str, np.ndarray], str]:
+    """All weights of a save_pretrained folder (one safetensors file, sharded ones, or a torch pickle)."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return layout.read_torch_weights(path), path
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for name in files:
+            state.update(layout.read_torch_weights(os.path.join(directory, name)))
+        return state, index
+    raise FileNotFoundError(f"hf:{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _activation(cfg: dict, source: str) -> str:
+    if cfg["hidden_act"] not in ACTIVATIONS:
+        raise ValueError(
+            f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (use one of {sorted(ACTIVATIONS)})"
+        )
+    return ACTIVATIONS[cfg["hidden_act"]]
+
+
+def _same(key: str, values: list, source: str):
+    if len(set(values)) != 1:
+        raise ValueError(f"{source}: the towers differ in {key} ({values}); cloc_jax shares it between them")
+    return values[0]
+
+
+def read(directory: str) -> Weights:
+    """`hf:DIR` -> Weights. The tokenizer and image-processor files of the folder come along."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"hf:{directory}: no config.json (not a transformers save_pretrained folder)")
+    with open(config_path) as f:
+        config = json.load(f)
+    family = config.get("model_type")
+    if family not in ("clip", "siglip"):
+        raise ValueError(
+            f"{config_path}: model_type={family!r}; hf: reads CLIPModel ('clip') and SiglipModel ('siglip')"
+        )
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory).to_dict()  # with the class defaults filled in
+    vision, text = config["vision_config"], config["text_config"]
+    state, source = _read_state(directory)
+    activation = _same("hidden_act", [_activation(vision, source), _activation(text, source)], source)
+    ln_eps = _same("layer_norm_eps", [vision["layer_norm_eps"], text["layer_norm_eps"]], source)
+    processor = {}
+    if os.path.exists(os.path.join(directory, "preprocessor_config.json")):
+        with open(os.path.join(directory, "preprocessor_config.json")) as f:
+            processor = json.load(f)
+    clip = family == "clip"
+    mean = processor.get("image_mean", OPENAI_MEAN if clip else (0.5, 0.5, 0.5))
+    std = processor.get("image_std", OPENAI_STD if clip else (0.5, 0.5, 0.5))
+    patch, side = vision["patch_size"], vision["image_size"]
+    image = dict(
+        variant=f"hf/{patch}",
+        pool="cls" if clip else "map",
+        width=vision["hidden_size"],
+        depth=vision["num_hidden_layers"],
+        heads=vision["num_attention_heads"],
+        mlp_dim=vision["intermediate_size"],
+        ln_pre=clip,
+        patch_bias=not clip,
+        project=clip,
+        posemb_grid=side // patch,
+        posemb_resize="bicubic",
+        pixel_mean=list(mean),
+        pixel_std=list(std),
+    )
+    txt = dict(
+        width=text["hidden_size"],
+        depth=text["num_hidden_layers"],
+        heads=text["num_attention_heads"],
+        mlp_dim=text["intermediate_size"],
+        causal=clip,
+        pool="eot" if clip else "last",
+        proj_bias=not clip,
+        vocab_size=text["vocab_size"],
+    )
+    embed_dim = config["projection_dim"] if clip else text.get("projection_size") or text["hidden_size"]
+    spec = layout.import_spec(
+        image, txt, embed_dim=embed_dim, loss="softmax" if clip else "sigmoid", activation=activation, ln_eps=ln_eps
+    )
+    spec["model"]["max_logit_scale"] = 0.0
+    spec["image_size"] = side
+    pad_id = 0 if clip else text.get("pad_token_id", 1)  # SigLIP pads with its EOS and reads the padding
+    spec["tokenizer"].update(
+        type="hf", path=directory, lowercase=False, context_length=text["max_position_embeddings"], pad_id=pad_id
+    )
+    spec["tokenizer"]["region_context_length"] = min(
+        spec["tokenizer"]["region_context_length"], text["max_position_embeddings"]
+    )
+    return Weights(spec, _params(state, family, image, txt, source), source)
+
+
+def _params(state: dict, family: str, image: dict, text: dict, source: str) -> dict[str, np.ndarray]:
+    def get(name: str) -> np.ndarray:
+        if name not in state:
+            raise ValueError(f"{source}: missing parameter {name}")
+        return np.asarray(state[name], np.float32)
+
+    clip = family == "clip"
+    v, t = "vision_model", "text_model"
+    grid = image["posemb_grid"]
+    out = {"image/patch_embed/kernel": conv(get(f"{v}.embeddings.patch_embedding.weight"))}
+    posemb = get(f"{v}.embeddings.position_embedding.weight")
+    if clip:  # the class token's position embedding is folded into the token: the two are always added
+        out["image/cls"] = (get(f"{v}.embeddings.class_embedding") + posemb[0])[None, None]
+        posemb = posemb[1:]
+        out["image/ln_pre/scale"], out["image/ln_pre/bias"] = (
+            get(f"{v}.pre_layrnorm.weight"),
+            get(f"{v}.pre_layrnorm.bias"),
+        )
+        out["image/proj/kernel"] = linear(get("visual_projection.weight"))
+        out["text/proj/kernel"] = linear(get("text_projection.weight"))
+        out["log_scale"] = get("logit_scale").reshape(())
+    else:
+        out["image/patch_embed/bias"] = get(f"{v}.embeddings.patch_embedding.bias")
+        out.update(_map_head_from_torch(get, f"{v}.head", image["heads"]))
+        out["text/proj/kernel"], out["text/proj/bias"] = linear(get(f"{t}.head.weight")), get(f"{t}.head.bias")
+        out["log_scale"], out["bias"] = get("logit_scale").reshape(()), get("logit_bias").reshape(())
+    out["image/pos_embedding"] = posemb.reshape(grid, grid, -1)
+    out["image/ln_post/scale"], out["image/ln_post/bias"] = (
+        get(f"{v}.post_layernorm.weight"),
+        get(f"{v}.post_layernorm.bias"),
+    )
+    for i in range(image["depth"]):
+        out.update(
+            layout.block_from_torch(get, f"image/encoder/block_{i}", image["heads"], _names(f"{v}.encoder.layers.{i}"))
+        )
+    out["text/token_embed/embedding"] = get(f"{t}.embeddings.token_embedding.weight")
+    out["text/pos_embedding"] = get(f"{t}.embeddings.position_embedding.weight")
+    out["text/ln_final/scale"], out["text/ln_final/bias"] = (
+        get(f"{t}.final_layer_norm.weight"),
+        get(f"{t}.final_layer_norm.bias"),
+    )
+    for i in range(text["depth"]):
+        out.update(
+            layout.block_from_torch(get, f"text/encoder/block_{i}", text["heads"], _names(f"{t}.encoder.layers.{i}"))
+        )
+    known = {"position_ids", "embeddings.position_ids"}
+    used = set(_torch_names(out, family, image, text))
+    if extra := sorted(
+        k for k in state if k not in used and k.rsplit(".", 1)[-1] not in known and "position_ids" not in k
+    ):
+        raise ValueError(f"{source}: unexpected parameter {extra[0]} for a {family} model")
+    return out
+
+
+def _map_head_from_torch(get, prefix: str, heads: int) -> dict[str, np.ndarray]:
+    """transformers' MultiheadAttentionPoolingHead (nn.MultiheadAttention, fused in_proj) -> our MapHead."""
+    names = dict(qkv=f"{prefix}.attention.in_proj", out=f"{prefix}.attention.out_proj", ln1=f"{prefix}.layernorm",
+                 ln2=f"{prefix}.layernorm", fc1=f"{prefix}.mlp.fc1", fc2=f"{prefix}.mlp.fc2")  # fmt: skip
+    block = layout.block_from_torch(get, "image/map_head", heads, names)
+    out = {k.replace("image/map_head/ln1", "image/map_head/ln"): v for k, v in block.items() if "/ln2/" not in k}
+    out["image/map_head/probe"] = get(f"{prefix}.probe")
+    return out
+
+
+def _torch_names(params: dict, family: str, image: dict, text: dict) -> dict[str, np.ndarray]:
+    """Our parameters -> transformers' state dict (the inverse of `_params`)."""
+    clip = family == "clip"
+    v, t = "vision_model", "text_model"
+    p = params
+    out = {
+        f"{v}.embeddings.patch_embedding.weight": np.ascontiguousarray(
+            p["image/patch_embed/kernel"].transpose(3, 2, 0, 1)
+        )
+    }
+    posemb = p["image/pos_embedding"].reshape(-1, p["image/pos_embedding"].shape[-1])
+    if clip:
+        out[f"{v}.embeddings.class_embedding"] = p["image/cls"].reshape(-1)
+        posemb = np.concatenate([np.zeros_like(posemb[:1]), posemb])
+        out[f"{v}.pre_layrnorm.weight"], out[f"{v}.pre_layrnorm.bias"] = p["image/ln_pre/scale"], p["image/ln_pre/bias"]
+        out["visual_projection.weight"] = linear(p["image/proj/kernel"])
+        out["text_projection.weight"] = linear(p["text/proj/kernel"])
+        out["logit_scale"] = np.asarray(p["log_scale"]).reshape(())
+    else:
+        out[f"{v}.embeddings.patch_embedding.bias"] = p["image/patch_embed/bias"]
+        names = dict(qkv=f"{v}.head.attention.in_proj", out=f"{v}.head.attention.out_proj", ln1=f"{v}.head.layernorm",
+                     ln2=f"{v}.head.unused", fc1=f"{v}.head.mlp.fc1", fc2=f"{v}.head.mlp.fc2")  # fmt: skip
+        head = {k: val for k, val in p.items() if k.startswith("image/map_head/")}
+        head = {k.replace("image/map_head/ln/", "image/map_head/ln1/"): val for k, val in head.items()}
+        head.update({k.replace("/ln1/", "/ln2/"): val for k, val in head.items() if "/ln1/" in k})
+        out.update(
+            {k: val for k, val in layout.block_to_torch(head, "image/map_head", names).items() if ".unused." not in k}
+        )
+        out[f"{v}.head.probe"] = p["image/map_head/probe"]
+        out[f"{t}.head.weight"], out[f"{t}.head.bias"] = linear(p["text/proj/kernel"]), p["text/proj/bias"]
+        out["logit_scale"], out["logit_bias"] = np.reshape(p["log_scale"], (1,)), np.reshape(p["bias"], (1,))
+    out[f"{v}.embeddings.position_embedding.weight"] = posemb
+    out[f"{v}.post_layernorm.weight"], out[f"{v}.post_layernorm.bias"] = (
+        p["image/ln_post/scale"],
+        p["image/ln_post/bias"],
+    )
+    for i in range(image["depth"]):
+        out.update(layout.block_to_torch(p, f"image/encoder/block_{i}", _names(f"{v}.encoder.layers.{i}")))
+    out[f"{t}.embeddings.token_embedding.weight"] = p["text/token_embed/embedding"]
+    out[f"{t}.embeddings.position_embedding.weight"] = p["text/pos_embedding"]
+    out[f"{t}.final_layer_norm.weight"], out[f"{t}.final_layer_norm.bias"] = (
+        p["text/ln_final/scale"],
+        p["text/ln_final/bias"],
+    )
+    for i in range(text["depth"]):
+        out.update(layout.block_to_torch(p, f"text/encoder/block_{i}", _names(f"{t}.encoder.layers.{i}")))
+    return out
+
+
+def family_of(spec: dict) -> str:
+    """ "clip" or "siglip": the transformers class that expresses this architecture, or a one-line error naming
+    the first setting neither can express."""
+    m = spec["model"]
+    im, tx = m["image"], m["text"]
+    common = {
+        "model.image.cluster_ratio": (im["cluster_ratio"], 0.0),
+        "model.image.adapter_dim": (im["adapter_dim"], 0),
+        "model.image.proj_bias": (im["proj_bias"], False),
+    }
+    families = {
+        "clip": {
+            "model.loss": (m["loss"], "softmax"),
+            "model.image.pool": (im["pool"], "cls"),
+            "model.image.ln_pre": (im["ln_pre"], True),
+            "model.image.patch_bias": (im["patch_bias"], False),
+            "model.image.project": (im["project"], True),
+            "model.text.causal": (tx["causal"], True),
+            "model.text.pool": (tx["pool"], "eot"),
+            "model.text.proj_bias": (tx["proj_bias"], False),
+        },
+        "siglip": {
+            "model.loss": (m["loss"], "sigmoid"),
+            "model.image.pool": (im["pool"], "map"),
+            "model.image.ln_pre": (im["ln_pre"], False),
+            "model.image.patch_bias": (im["patch_bias"], True),
+            "model.image.project": (im["project"], False),
+            "model.text.causal": (tx["causal"], False),
+            "model.text.pool": (tx["pool"], "last"),
+            "model.text.proj_bias": (tx["proj_bias"], True),
+        },
+    }
+    for key, (have, want) in common.items():
+        if have != want:
+            raise ValueError(f"{key}={have!r} has no transformers equivalent (needs {want!r})")
+    if m["activation"] not in HF_ACTIVATION:
+        raise ValueError(f"model.activation={m['activation']!r} has no transformers equivalent")
+    family = "clip" if im["pool"] == "cls" else "siglip"
+    for key, (have, want) in families[family].items():
+        if have != want:
+            raise ValueError(f"{key}={have!r}: a transformers {family} model needs {want!r}")
+    return family
+
+
+def write(weights: Weights, tokenizer, out: str) -> str:
+    """An export (spec + unrolled parameters, its tokenizer object) -> a transformers folder."""
+    from safetensors.numpy import save_file
+    from transformers import CLIPConfig, CLIPImageProcessor, SiglipConfig, SiglipImageProcessor
+
+    from cloc_jax.models.vit import vit_size
+    from cloc_jax.tokenizers import _Transformers
+
+    spec = weights.spec
+    family = family_of(spec)
+    if not isinstance(tokenizer, _Transformers):
+        raise ValueError(
+            f"tokenizer.type={spec['tokenizer']['type']!r} has no transformers tokenizer (use hf, clip_bpe or open_clip)"
+        )
+    m, p = spec["model"], weights.params
+    im = m["image"]
+    size = vit_size(im["variant"], im["width"], im["depth"], im["heads"], im["mlp_dim"])
+    grid = p["image/pos_embedding"].shape[0]
+    side = grid * size.patch
+    tx = m["text"]
+    act = HF_ACTIVATION[m["activation"]]
+    text_config = dict(
+        vocab_size=p["text/token_embed/embedding"].shape[0],
+        hidden_size=tx["width"],
+        intermediate_size=tx["mlp_dim"],
+        num_hidden_layers=tx["depth"],
+        num_attention_heads=tx["heads"],
+        max_position_embeddings=p["text/pos_embedding"].shape[0],
+        hidden_act=act,
+        layer_norm_eps=m["ln_eps"],
+        eos_token_id=tokenizer.eot_id,
+        pad_token_id=tokenizer.tok.pad_token_id,
+    )
+    if tokenizer.tok.bos_token_id is not None:
+        text_config["bos_token_id"] = tokenizer.tok.bos_token_id
+    vision_config = dict(
+        hidden_size=size.width,
+        intermediate_size=size.mlp_dim,
+        num_hidden_layers=size.depth,
+        num_attention_heads=size.heads,
+        image_size=side,
+        patch_size=size.patch,
+        hidden_act=act,
+        layer_norm_eps=m["ln_eps"],
+    )
+    mean, std = list(im["pixel_mean"]), list(im["pixel_std"])
+    if family == "clip":
+        config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=m["embed_dim"])
+        processor = CLIPImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}, image_mean=mean, image_std=std
+        )
+    else:
+        text_config["projection_size"] = p["text/proj/kernel"].shape[1]
+        config = SiglipConfig(text_config=text_config, vision_config=vision_config)
+        processor = SiglipImageProcessor(size={"height": side, "width": side}, image_mean=mean, image_std=std)
+    config.architectures = ["CLIPModel" if family == "clip" else "SiglipModel"]
+    os.makedirs(out, exist_ok=True)
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    tokenizer.tok.save_pretrained(out)
+    image = dict(depth=size.depth, heads=size.heads, posemb_grid=grid)
+    state = _torch_names(p, family, image, dict(depth=tx["depth"], heads=tx["heads"]))
+    state = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return out
