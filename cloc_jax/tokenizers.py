@@ -136,7 +136,8 @@ def _bpe_files(gz_path: str) -> tuple[str, str]:
 
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    merges = gzip.open(gz_path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    with gzip.open(gz_path) as f:
+        merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     chars = list(bytes_to_unicode().values())
     vocab = [*chars, *(c + "</w>" for c in chars), *("".join(m.split()) for m in merges)]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

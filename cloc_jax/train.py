@@ -14,13 +14,13 @@ from tqdm import tqdm
 
 from cloc_jax import evals, sharding, tokenizers
 from cloc_jax.checkpoint import Checkpoints
-from cloc_jax.models.spec import build_from_spec, model_spec
 from cloc_jax.data import pipeline
 from cloc_jax.export import load
 from cloc_jax.inference import Encoder
 from cloc_jax.losses import training_loss
 from cloc_jax.metrics import MetricWriter
 from cloc_jax.models.cloc import Model
+from cloc_jax.models.spec import build_from_spec, model_spec
 from cloc_jax.models.vit import merge_clustered_encoder
 from cloc_jax.optim import learning_rate, make_optimizer
 

@@ -297,7 +297,7 @@ def write(weights: Weights, tokenizer, out: str) -> str:
     family = family_of(spec)
     if not isinstance(tokenizer, _Transformers):
         raise ValueError(
-            f"tokenizer.type={spec['tokenizer']['type']!r} has no transformers tokenizer (use hf, clip_bpe or open_clip)"
+            f"tokenizer.type={spec['tokenizer']['type']!r} has no transformers tokenizer (use hf, clip_bpe, open_clip)"
         )
     m, p = spec["model"], weights.params
     im = m["image"]
