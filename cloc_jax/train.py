@@ -9,18 +9,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from tqdm import tqdm
 
-from cloc_jax import evals, sharding, tokenizers
+from cloc_jax import convert, evals, sharding, tokenizers
 from cloc_jax.checkpoint import Checkpoints
+from cloc_jax.convert import layout
+from cloc_jax.convert.layout import Weights
 from cloc_jax.data import pipeline
-from cloc_jax.export import load
 from cloc_jax.inference import Encoder
 from cloc_jax.losses import training_loss
 from cloc_jax.metrics import MetricWriter
 from cloc_jax.models.cloc import Model
-from cloc_jax.models.spec import build_from_spec, model_spec
+from cloc_jax.models.spec import adopt_architecture, build_from_spec, model_spec
 from cloc_jax.models.vit import merge_clustered_encoder
 from cloc_jax.optim import learning_rate, make_optimizer
 
@@ -85,24 +87,26 @@ def init_state(config, model: Model, tx: optax.GradientTransformation, mesh) -> 
     return state, shapes
 
 
-def init_from(state: TrainState, pretrained, directory: str) -> TrainState:
-    """Copies an exported model's parameters (`pretrained`, loaded from `directory`, the output of
-    `python -m cloc_jax.export`) into a fresh state.
+def init_from(state: TrainState, pretrained: Weights, scan: bool) -> TrainState:
+    """Copies a checkpoint's parameters (`convert.read` of any `load` source: an export, hf:, open_clip:,
+    big_vision:) into a fresh state, each array put straight from host memory onto its sharding (no
+    device ever holds the whole model).
 
-    Parameters the new model adds (adapters, new heads) keep their initialisation; an exported
-    parameter the new model lacks, or one with another shape, is an error. A model trained with
-    token clustering can continue without it (its two encoder stacks become one)."""
-    loaded = flax.traverse_util.flatten_dict(pretrained, sep="/")
+    Parameters the new model adds (Prompter, box head, adapters) keep their initialisation; a
+    checkpoint parameter the new model lacks, or one with another shape, is an error. A model trained
+    with token clustering can continue without it (its two encoder stacks become one)."""
+    loaded, source = pretrained.params, pretrained.source
     fresh = flax.traverse_util.flatten_dict(state.params, sep="/")
     if any("encoder_clustered" in k for k in loaded) and not any("encoder_clustered" in k for k in fresh):
         loaded = merge_clustered_encoder(loaded)  # trained with token clustering, continued without
+    loaded = layout.to_layout(loaded, scan)
     if missing := sorted(set(loaded) - set(fresh)):
-        raise ValueError(f"init_from={directory}: the model has no parameter {missing[0]} (different model?)")
+        raise ValueError(f"init_from={source}: the model has no parameter {missing[0]} (different model?)")
     for key, value in loaded.items():
         if value.shape != fresh[key].shape:
-            raise ValueError(f"init_from={directory}: {key} is {value.shape}, the model wants {fresh[key].shape}")
-        fresh[key] = jax.device_put(value, fresh[key].sharding)
-    print(f"Initialised {len(loaded)} of {len(fresh)} parameter arrays from {directory}")
+            raise ValueError(f"init_from={source}: {key} is {value.shape}, the model wants {fresh[key].shape}")
+        fresh[key] = jax.device_put(np.asarray(value, fresh[key].dtype), fresh[key].sharding)
+    print(f"Initialised {len(loaded)} of {len(fresh)} parameter arrays from {source}")
     return state.replace(params=flax.traverse_util.unflatten_dict(fresh, sep="/"))
 
 
@@ -149,19 +153,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains to `config.num_steps`, resuming from `<workdir>/checkpoints` if present; returns final evals."""
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
+    ckpt = Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every)
+    latest = ckpt.latest_step()
+    pretrained = None
+    if config.init_from:  # the architecture comes from the weights (resuming: from the run's own checkpoint)
+        pretrained = convert.read(config.init_from) if latest is None else None
+        with config.unlocked():
+            adopt_architecture(config, ckpt.spec(latest) if pretrained is None else pretrained.spec, config.init_from)
     tokenizer, model, tx = build(config)
     spec = model_spec(config)
-    ckpt = Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every)
     writer = MetricWriter(workdir)
     data_stats = pipeline.DataStats()
     data_iter = pipeline.train_iterator(config, tokenizer, data_stats)
-    latest = ckpt.latest_step()
-    pretrained = load(config.init_from).params if config.init_from and latest is None else None
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
         if latest is None:
             state, _ = init_state(config, model, tx, mesh)
-            if config.init_from:
-                state = init_from(state, pretrained, config.init_from)
+            if pretrained is not None:
+                state = init_from(state, pretrained, config.model.scan)
         else:
             ckpt.check_spec(latest, spec)
             state = ckpt.restore(latest, abstract_state(config, model, tx, mesh)[1], data_iter)

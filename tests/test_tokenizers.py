@@ -59,8 +59,9 @@ def test_clip_bpe_round_trip(tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\nr e\nre d</w>\n")
     tok = from_spec(dict(type="clip_bpe", path=str(tmp_path), lowercase=True))
-    ids = tok.encode("A Red box")
-    assert vocab["red</w>"] + 1 in ids and ids[-1] == tok.eot_id and 0 not in ids
+    ids = tok.encode("A Red box")  # transformers' CLIPTokenizer ids: start-of-text first, no shift
+    assert ids[0] == vocab["<|startoftext|>"] and ids[-1] == tok.eot_id == vocab["<|endoftext|>"]
+    assert vocab["red</w>"] in ids
     assert tok.decode(ids) == "a red box"
 
 

@@ -278,7 +278,7 @@ def family_of(spec: dict) -> str:
             raise ValueError(f"{key}={have!r} has no transformers equivalent (needs {want!r})")
     if m["activation"] not in HF_ACTIVATION:
         raise ValueError(f"model.activation={m['activation']!r} has no transformers equivalent")
-    family = "clip" if im["pool"] == "cls" else "siglip"
+    family = "clip" if m["loss"] == "softmax" else "siglip"  # the loss decides: CLIP softmax, SigLIP sigmoid
     for key, (have, want) in families[family].items():
         if have != want:
             raise ValueError(f"{key}={have!r}: a transformers {family} model needs {want!r}")
@@ -347,6 +347,6 @@ def write(weights: Weights, tokenizer, out: str) -> str:
     tokenizer.tok.save_pretrained(out)
     image = dict(depth=size.depth, heads=size.heads, posemb_grid=grid)
     state = _torch_names(p, family, image, dict(depth=tx["depth"], heads=tx["heads"]))
-    state = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
+    state = {k: np.array(v, np.float32, order="C") for k, v in state.items()}  # (ascontiguousarray makes 0-d 1-d)
     save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     return out

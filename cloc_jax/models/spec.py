@@ -1,7 +1,9 @@
 """Model specs: what determines a model's parameters and meaning (model config, image size, tokenizer), and
 the one function that builds a model from one. Checkpoints, exports and imported weights all carry a spec."""
 
+import filecmp
 import json
+import os
 
 import flax
 import ml_collections
@@ -60,3 +62,60 @@ def build_from_spec(spec: dict) -> tuple[Tokenizer, Model]:
     model_config = ml_collections.ConfigDict(spec["model"])
     context = spec["tokenizer"]["context_length"]
     return tokenizer, build_model(model_config, spec["image_size"], tokenizer.padded_vocab_size, context, pack)
+
+
+# Keys that belong to how a run trains, not to what the weights mean: a run started from a checkpoint keeps
+# its own (a CLOC run adds its region heads to an imported CLIP; it may scan, remat or cast differently).
+TRAINING_KEYS = (
+    "model.region_extractor",
+    "model.dtype",
+    "model.scan",
+    "model.remat",
+    "model.max_logit_scale",
+    "model.image.cluster_ratio",
+    "model.image.cluster_layer",
+    "model.image.cluster_unfold",
+    "model.image.cluster_spatial",
+    "model.image.cluster_knn",
+    "model.image.adapter_dim",
+    "tokenizer.region_context_length",
+    "tokenizer.region_pack_length",
+)
+
+
+def _same_files(a: str, b: str) -> bool:
+    """Two vocabulary paths (files or folders) with the same contents."""
+    if not (a and b and os.path.exists(a) and os.path.exists(b)):
+        return False
+    if os.path.isdir(a) != os.path.isdir(b):
+        return False
+    if not os.path.isdir(a):
+        return filecmp.cmp(a, b, shallow=False)
+    names = sorted(os.listdir(a))
+    return names == sorted(os.listdir(b)) and all(_same_files(os.path.join(a, n), os.path.join(b, n)) for n in names)
+
+
+def adopt_architecture(config: ml_collections.ConfigDict, spec: dict, source: str) -> None:
+    """Sets `config`'s architecture keys (model and tokenizer, not image_size) to those of the checkpoint
+    `spec` it starts from. A key the config sets to something else than both the default and the
+    checkpoint is a one-line error naming it: the config asks for another model than the weights are."""
+    defaults, saved = _flat(default_spec()), _flat(with_defaults(spec))
+    current = _flat(model_spec(config))
+    for key, value in saved.items():
+        if key == "image_size" or key in TRAINING_KEYS or current.get(key) == value:
+            continue
+        if key == "tokenizer.path" and _same_files(current.get(key), value):
+            continue  # the same vocabulary in another place (an export keeps a copy)
+        if current.get(key) != defaults.get(key):
+            raise ValueError(
+                f"init_from={source}: {key}={current.get(key)!r} disagrees with the checkpoint's {value!r} "
+                "(architecture keys come from the checkpoint; drop the override)"
+            )
+        *path, last = key.split(".")
+        target = config
+        for part in path:
+            target = target[part]
+        target[last] = tuple(value) if isinstance(value, list) else value
+    context = config.tokenizer.context_length
+    if config.tokenizer.region_context_length > context:
+        config.tokenizer.region_context_length = context

@@ -1,0 +1,416 @@
+"""open_clip's hub layout: `open_clip_config.json` + `open_clip_model.safetensors` (or
+`open_clip_pytorch_model.bin`), in both directions, for its standard CLIP (`VisionTransformer` image tower,
+`TextTransformer` text tower: the OpenAI and LAION ViT models).
+
+In: `open_clip:DIR` -> spec + parameters. Out: an export with an open_clip tokenizer and an architecture
+open_clip's ViT expresses -> a folder `open_clip.create_model("local-dir:DIR")` loads with the same outputs.
+Every config key either maps onto our architecture or must keep the value with which open_clip computes what
+we compute; anything else (layer scale, attentional pooling, timm or transformers towers, ...) is a one-line
+error naming the key and the file. Only the two towers and the logit scale (and bias) travel.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import numpy as np
+
+from cloc_jax.convert import layout
+from cloc_jax.convert.hf import OPENAI_MEAN, OPENAI_STD
+from cloc_jax.convert.layout import Weights, conv, linear
+
+CONFIG = "open_clip_config.json"
+WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+BPE = "bpe_simple_vocab_16e6.txt.gz"
+LN_EPS = 1e-5  # torch's (and open_clip's) LayerNorm default
+# Keys of each config we read as architecture; `_FIXED` keys must keep one of the listed values (the first is
+# open_clip's default); `_IGNORED` keys change nothing at inference or only matter when a `_FIXED` key is set.
+_READ = {
+    "model_cfg": {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_bias"},
+    "vision_cfg": {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "no_ln_pre",
+                   "pool_type", "final_ln_after_pool", "act_kwargs", "norm_kwargs"},
+    "text_cfg": {"context_length", "vocab_size", "tokenizer_kwargs", "width", "heads", "layers", "mlp_ratio",
+                 "no_causal_mask", "pool_type", "proj_bias", "proj_type", "act_kwargs", "norm_kwargs"},
+}  # fmt: skip
+_CUSTOM_BLOCK = dict(
+    qk_norm=(False,), scaled_cosine_attn=(False,), scale_heads=(False,), scale_attn_inner=(False,),
+    scale_attn=(False,), scale_fc=(False,), block_type=(None, "default"),
+)  # fmt: skip
+_FIXED = {
+    "model_cfg": {},
+    "vision_cfg": dict(ls_init_value=(None,), attentional_pool=(False,), output_tokens=(False,),
+                       timm_model_name=(None,), pos_embed_type=("learnable", "sin_cos_2d"), **_CUSTOM_BLOCK),
+    "text_cfg": dict(ls_init_value=(None,), embed_cls=(False,), output_tokens=(False,), hf_model_name=(None,),
+                     hf_tokenizer_name=(None, ""), **_CUSTOM_BLOCK),
+}  # fmt: skip
+_IGNORED = {
+    "model_cfg": {"init_logit_scale", "nonscalar_logit_scale", "custom_text", "output_dict"},
+    "vision_cfg": {"patch_dropout", "attn_pooler_queries", "attn_pooler_heads", "timm_model_pretrained", "timm_pool",
+                   "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path"},
+    "text_cfg": {"pad_id", "eos_id", "final_ln_after_pool", "tokenizer_mode", "hf_model_pretrained", "hf_proj_type",
+                 "hf_pooler_type"},
+}  # fmt: skip
+TEXT_POOLS = {"argmax": "eot", "last": "last"}  # argmax = the EOT id (the highest) = our last non-padding token
+
+
+def _check_keys(cfg: dict, where: str, source: str) -> None:
+    for key, value in cfg.items():
+        if key in _READ[where] or key in _IGNORED[where]:
+            continue
+        if key not in _FIXED[where]:
+            raise ValueError(f"{source}: {where}.{key} is not a setting of open_clip's ViT CLIP that cloc_jax reads")
+        if value not in _FIXED[where][key]:
+            needs = " or ".join(map(repr, _FIXED[where][key]))
+            raise ValueError(f"{source}: {where}.{key}={value!r} has no cloc_jax equivalent (needs {needs})")
+
+
+def _square(value, key: str, source: str) -> int:
+    if isinstance(value, list | tuple):
+        if len(set(value)) != 1:
+            raise ValueError(f"{source}: vision_cfg.{key}={value!r}: cloc_jax's ViT is square")
+        value = value[0]
+    return int(value)
+
+
+def _activation(quick_gelu: bool, kwargs: dict | None, where: str, source: str) -> str:
+    """open_clip's act_layer (QuickGELU or nn.GELU, with act_kwargs) -> our name."""
+    kwargs = dict(kwargs or {})
+    approximate = kwargs.pop("approximate", "none")
+    if kwargs or approximate not in ("none", "tanh") or (quick_gelu and approximate != "none"):
+        raise ValueError(f"{source}: {where}.act_kwargs={kwargs or approximate!r} has no cloc_jax equivalent")
+    return "quick_gelu" if quick_gelu else {"none": "gelu", "tanh": "gelu_tanh"}[approximate]
+
+
+def _eps(kwargs: dict | None, where: str, source: str) -> float:
+    kwargs = dict(kwargs or {})
+    eps = kwargs.pop("eps", LN_EPS)
+    if kwargs:
+        raise ValueError(f"{source}: {where}.norm_kwargs={kwargs!r}: cloc_jax's LayerNorm only takes eps")
+    return float(eps)
+
+
+def _same(key: str, values: list, source: str):
+    if len(set(values)) != 1:
+        raise ValueError(f"{source}: the towers differ in {key} ({values}); cloc_jax shares it between them")
+    return values[0]
+
+
+def _architecture(config: dict, source: str) -> dict:
+    """open_clip_config.json -> our spec (without the tokenizer's path); one-line errors for what we cannot
+    express."""
+    if "model_cfg" not in config:
+        raise ValueError(f"{source}: no model_cfg")
+    cfg = config["model_cfg"]
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    for part, where in ((cfg, "model_cfg"), (vision, "vision_cfg"), (text, "text_cfg")):
+        _check_keys(part, where, source)
+    if isinstance(vision.get("layers", 12), list | tuple):
+        raise ValueError(f"{source}: vision_cfg.layers={vision['layers']!r} is a ModifiedResNet; cloc_jax reads ViTs")
+    pool = vision.get("pool_type", "tok")
+    if pool != "tok":  # open_clip's "avg" averages the patch tokens beside a class token, which our gap has not
+        raise ValueError(f"{source}: vision_cfg.pool_type={pool!r} has no cloc_jax equivalent (needs 'tok')")
+    if text.get("pool_type", "argmax") not in TEXT_POOLS:
+        raise ValueError(f"{source}: text_cfg.pool_type={text['pool_type']!r}: cloc_jax reads {sorted(TEXT_POOLS)}")
+    if text.get("proj_type", "linear") == "none" or not cfg.get("embed_dim", 512):
+        raise ValueError(f"{source}: text_cfg.proj_type='none': cloc_jax's text tower always projects")
+    extra = set(text.get("tokenizer_kwargs") or {}) - {"clean"}
+    if extra:
+        raise ValueError(f"{source}: text_cfg.tokenizer_kwargs.{sorted(extra)[0]} has no cloc_jax equivalent")
+    quick = bool(cfg.get("quick_gelu", False))
+    activation = _same("act_kwargs", [_activation(quick, c.get("act_kwargs"), w, source)
+                                      for c, w in ((vision, "vision_cfg"), (text, "text_cfg"))], source)  # fmt: skip
+    ln_eps = _same("norm_kwargs.eps", [_eps(vision.get("norm_kwargs"), "vision_cfg", source),
+                                       _eps(text.get("norm_kwargs"), "text_cfg", source)], source)  # fmt: skip
+    width, patch = int(vision.get("width", 768)), _square(vision.get("patch_size", 16), "patch_size", source)
+    side = _square(vision.get("image_size", 224), "image_size", source)
+    heads = width // int(vision.get("head_width", 64))
+    if not heads or side % patch:
+        raise ValueError(f"{source}: vision_cfg: width {width} / head_width or image_size {side} / patch {patch}")
+    preprocess = config.get("preprocess_cfg", {})
+    image = dict(
+        variant=f"open_clip/{patch}",
+        pool="cls",
+        width=width,
+        depth=int(vision.get("layers", 12)),
+        heads=heads,
+        mlp_dim=int(width * vision.get("mlp_ratio", 4.0)),
+        ln_pre=not vision.get("no_ln_pre", False),
+        patch_bias=False,
+        project=True,
+        posemb_grid=side // patch,
+        posemb_resize="bicubic",
+        pixel_mean=[float(v) for v in preprocess.get("mean", OPENAI_MEAN)],
+        pixel_std=[float(v) for v in preprocess.get("std", OPENAI_STD)],
+    )
+    txt_width = int(text.get("width", 512))
+    txt = dict(
+        width=txt_width,
+        depth=int(text.get("layers", 12)),
+        heads=int(text.get("heads", 8)),
+        mlp_dim=int(txt_width * text.get("mlp_ratio", 4.0)),
+        causal=not text.get("no_causal_mask", False),
+        pool=TEXT_POOLS[text.get("pool_type", "argmax")],
+        proj_bias=bool(text.get("proj_bias", False)),
+        vocab_size=int(text.get("vocab_size", 49408)),
+    )
+    spec = layout.import_spec(
+        image,
+        txt,
+        embed_dim=int(cfg.get("embed_dim", 512)),
+        loss="softmax" if cfg.get("init_logit_bias") is None else "sigmoid",
+        activation=activation,
+        ln_eps=ln_eps,
+        max_logit_scale=0.0,
+    )
+    spec["image_size"] = side
+    context, clean = int(text.get("context_length", 77)), (text.get("tokenizer_kwargs") or {}).get("clean", "lower")
+    spec["tokenizer"].update(type="open_clip", lowercase=False, clean=clean, pad_id=0, context_length=context)
+    spec["tokenizer"]["region_context_length"] = min(spec["tokenizer"]["region_context_length"], context)
+    return spec
+
+
+def default_bpe() -> str | None:
+    """The installed open_clip's BPE merges file, found without importing open_clip (and torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.exists(os.path.join(folder, BPE)):
+            return os.path.join(folder, BPE)
+    return None
+
+
+def _bpe(directory: str) -> str:
+    """The folder's own merges file if it has one, else the installed open_clip's."""
+    names = sorted(f for f in os.listdir(directory) if f.endswith(".txt.gz"))
+    if names:
+        return os.path.join(directory, BPE if BPE in names else names[0])
+    if path := default_bpe():
+        return path
+    raise FileNotFoundError(
+        f"open_clip:{directory}: no BPE merges file ({BPE}) in the folder and open_clip is not installed: "
+        "pip install open_clip_torch, or copy that file from open_clip's src/open_clip/ into the folder"
+    )
+
+
+def read(directory: str) -> Weights:
+    """`open_clip:DIR` -> Weights. The tokenizer is open_clip's SimpleTokenizer (its BPE file from the folder
+    or the installed open_clip)."""
+    config_path = os.path.join(directory, CONFIG)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"open_clip:{directory}: no {CONFIG} (not an open_clip hub folder)")
+    with open(config_path) as f:
+        spec = _architecture(json.load(f), config_path)
+    names = [os.path.join(directory, name) for name in WEIGHTS]
+    source = next((path for path in names if os.path.exists(path)), None)
+    if source is None:
+        raise FileNotFoundError(f"open_clip:{directory}: {CONFIG} but no weights ({' or '.join(WEIGHTS)})")
+    state = {k.removeprefix("module."): v for k, v in layout.read_torch_weights(source).items()}
+    spec["tokenizer"]["path"] = _bpe(directory)
+    t = "text." if any(k.startswith("text.") for k in state) else ""  # CustomTextCLIP nests the text tower
+    _check_state(state, _torch_shapes(spec, t), source)
+    return Weights(spec, _params(state, spec["model"]["image"], spec["model"]["text"], t), source)
+
+
+def _vision_norms(image: dict) -> tuple[str, ...]:
+    return ("ln_pre", "ln_post") if image["ln_pre"] else ("ln_post",)  # same names in both libraries
+
+
+def _block_shapes(prefix: str, width: int, mlp: int) -> dict[str, tuple[int, ...]]:
+    shapes = {f"{prefix}.{ln}.{p}": (width,) for ln in ("ln_1", "ln_2") for p in ("weight", "bias")}
+    shapes.update({f"{prefix}.attn.in_proj_weight": (3 * width, width), f"{prefix}.attn.in_proj_bias": (3 * width,)})
+    shapes.update({f"{prefix}.attn.out_proj.weight": (width, width), f"{prefix}.attn.out_proj.bias": (width,)})
+    shapes.update({f"{prefix}.mlp.c_fc.weight": (mlp, width), f"{prefix}.mlp.c_fc.bias": (mlp,)})
+    shapes.update({f"{prefix}.mlp.c_proj.weight": (width, mlp), f"{prefix}.mlp.c_proj.bias": (width,)})
+    return shapes
+
+
+def _torch_shapes(spec: dict, t: str = "") -> dict[str, tuple[int, ...]]:
+    """The state dict (names -> shapes) open_clip's CLIP with this architecture has."""
+    m, context = spec["model"], spec["tokenizer"]["context_length"]
+    im, tx, embed = m["image"], m["text"], m["embed_dim"]
+    w, grid, patch = im["width"], im["posemb_grid"], int(im["variant"].partition("/")[2])
+    shapes = {"visual.conv1.weight": (w, 3, patch, patch), "visual.class_embedding": (w,)}
+    shapes.update({"visual.positional_embedding": (grid * grid + 1, w), "visual.proj": (w, embed)})
+    shapes.update({f"visual.{ln}.{p}": (w,) for ln in _vision_norms(im) for p in ("weight", "bias")})
+    for i in range(im["depth"]):
+        shapes.update(_block_shapes(f"visual.transformer.resblocks.{i}", w, im["mlp_dim"]))
+    w = tx["width"]
+    shapes.update({f"{t}token_embedding.weight": (tx["vocab_size"], w), f"{t}positional_embedding": (context, w)})
+    shapes.update({f"{t}ln_final.weight": (w,), f"{t}ln_final.bias": (w,)})
+    if tx["proj_bias"]:
+        shapes.update({f"{t}text_projection.weight": (embed, w), f"{t}text_projection.bias": (embed,)})
+    else:
+        shapes[f"{t}text_projection"] = (w, embed)
+    for i in range(tx["depth"]):
+        shapes.update(_block_shapes(f"{t}transformer.resblocks.{i}", w, tx["mlp_dim"]))
+    shapes["logit_scale"] = ()
+    if m["loss"] == "sigmoid":
+        shapes["logit_bias"] = ()
+    return shapes
+
+
+def _check_state(state: dict, shapes: dict, source: str) -> None:
+    """Every parameter open_clip_config.json implies is there with its shape, and nothing else."""
+    if missing := sorted(set(shapes) - set(state)):
+        raise ValueError(f"{source}: missing parameter {missing[0]} ({len(missing)} missing)")
+    if extra := sorted(set(state) - set(shapes)):
+        raise ValueError(f"{source}: unexpected parameter {extra[0]} for the architecture of {CONFIG}")
+    for name, shape in shapes.items():
+        have = tuple(np.shape(state[name]))
+        if have != shape and not (name.startswith("logit_") and np.size(state[name]) == 1):  # [] or [1]
+            raise ValueError(f"{source}: {name} has shape {have}, {CONFIG} implies {shape}")
+
+
+def _names(prefix: str) -> dict[str, str]:
+    return dict(ln1=f"{prefix}.ln_1", ln2=f"{prefix}.ln_2", fc1=f"{prefix}.mlp.c_fc", fc2=f"{prefix}.mlp.c_proj",
+                qkv=f"{prefix}.attn.in_proj", out=f"{prefix}.attn.out_proj")  # fmt: skip
+
+
+def _params(state: dict, image: dict, text: dict, t: str) -> dict[str, np.ndarray]:
+    get = lambda name: np.asarray(state[name], np.float32)  # noqa: E731  (names checked by _check_state)
+    grid = image["posemb_grid"]
+    posemb = get("visual.positional_embedding")  # [1 + grid², D], the class token's first
+    out = {"image/patch_embed/kernel": conv(get("visual.conv1.weight"))}
+    # the class token's position embedding is folded into the token: the two are always added
+    out["image/cls"] = (get("visual.class_embedding") + posemb[0])[None, None]
+    out["image/pos_embedding"] = posemb[1:].reshape(grid, grid, -1)
+    for ln in _vision_norms(image):
+        out[f"image/{ln}/scale"], out[f"image/{ln}/bias"] = get(f"visual.{ln}.weight"), get(f"visual.{ln}.bias")
+    out["image/proj/kernel"] = get("visual.proj")  # [D, E], used as x @ proj: already a kernel
+    for i in range(image["depth"]):
+        names = _names(f"visual.transformer.resblocks.{i}")
+        out.update(layout.block_from_torch(get, f"image/encoder/block_{i}", image["heads"], names))
+    out["text/token_embed/embedding"] = get(f"{t}token_embedding.weight")
+    out["text/pos_embedding"] = get(f"{t}positional_embedding")
+    out["text/ln_final/scale"], out["text/ln_final/bias"] = get(f"{t}ln_final.weight"), get(f"{t}ln_final.bias")
+    if text["proj_bias"]:  # an nn.Linear [E, D]
+        out["text/proj/kernel"] = linear(get(f"{t}text_projection.weight"))
+        out["text/proj/bias"] = get(f"{t}text_projection.bias")
+    else:  # a parameter [D, E], used as x @ proj
+        out["text/proj/kernel"] = get(f"{t}text_projection")
+    for i in range(text["depth"]):
+        names = _names(f"{t}transformer.resblocks.{i}")
+        out.update(layout.block_from_torch(get, f"text/encoder/block_{i}", text["heads"], names))
+    out["log_scale"] = get("logit_scale").reshape(())
+    if "logit_bias" in state:
+        out["bias"] = get("logit_bias").reshape(())
+    return out
+
+
+def _torch_state(p: dict, image: dict, text: dict) -> dict[str, np.ndarray]:
+    """Our parameters -> open_clip's CLIP state dict (the inverse of `_params`)."""
+    posemb = p["image/pos_embedding"].reshape(-1, p["image/pos_embedding"].shape[-1])
+    out = {"visual.conv1.weight": p["image/patch_embed/kernel"].transpose(3, 2, 0, 1)}
+    out["visual.class_embedding"] = p["image/cls"].reshape(-1)
+    out["visual.positional_embedding"] = np.concatenate([np.zeros_like(posemb[:1]), posemb])
+    for ln in _vision_norms(image):
+        out[f"visual.{ln}.weight"], out[f"visual.{ln}.bias"] = p[f"image/{ln}/scale"], p[f"image/{ln}/bias"]
+    out["visual.proj"] = p["image/proj/kernel"]
+    for i in range(image["depth"]):
+        out.update(layout.block_to_torch(p, f"image/encoder/block_{i}", _names(f"visual.transformer.resblocks.{i}")))
+    out["token_embedding.weight"] = p["text/token_embed/embedding"]
+    out["positional_embedding"] = p["text/pos_embedding"]
+    out["ln_final.weight"], out["ln_final.bias"] = p["text/ln_final/scale"], p["text/ln_final/bias"]
+    if text["proj_bias"]:
+        out["text_projection.weight"], out["text_projection.bias"] = linear(p["text/proj/kernel"]), p["text/proj/bias"]
+    else:
+        out["text_projection"] = p["text/proj/kernel"]
+    for i in range(text["depth"]):
+        out.update(layout.block_to_torch(p, f"text/encoder/block_{i}", _names(f"transformer.resblocks.{i}")))
+    out["logit_scale"] = np.reshape(p["log_scale"], ())
+    if "bias" in p:
+        out["logit_bias"] = np.reshape(p["bias"], ())
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def _ratio(width: int, mlp_dim: int) -> float:
+    """open_clip's mlp_ratio, which it turns back into int(width * mlp_ratio) = mlp_dim."""
+    ratio = mlp_dim / width
+    return ratio if int(width * ratio) == mlp_dim else (mlp_dim + 0.5) / width
+
+
+def model_config(spec: dict, params: dict) -> dict:
+    """Spec -> open_clip's model_cfg, or a one-line error naming the first setting open_clip's ViT CLIP (with
+    its SimpleTokenizer) cannot express."""
+    from cloc_jax.models.vit import vit_size
+
+    m, tok = spec["model"], spec["tokenizer"]
+    im, tx = m["image"], m["text"]
+    needs = {
+        "model.image.pool": (im["pool"], ("cls",)),
+        "model.image.patch_bias": (im["patch_bias"], (False,)),
+        "model.image.project": (im["project"], (True,)),
+        "model.image.proj_bias": (im["proj_bias"], (False,)),
+        "model.image.cluster_ratio": (im["cluster_ratio"], (0.0,)),
+        "model.image.adapter_dim": (im["adapter_dim"], (0,)),
+        "model.text.pool": (tx["pool"], tuple(TEXT_POOLS.values())),
+        "model.activation": (m["activation"], ("quick_gelu", "gelu", "gelu_tanh")),
+        "tokenizer.type": (tok["type"], ("open_clip",)),  # argmax pooling needs EOT to be the highest id
+        "tokenizer.pad_id": (tok.get("pad_id", 0), (0,)),
+    }
+    for key, (have, want) in needs.items():
+        if have not in want:
+            raise ValueError(f"{key}={have!r} has no open_clip equivalent (needs one of {want})")
+    size = vit_size(im["variant"], im["width"], im["depth"], im["heads"], im["mlp_dim"])
+    grid = params["image/pos_embedding"].shape[0]
+    act = dict(act_kwargs={"approximate": "tanh"}) if m["activation"] == "gelu_tanh" else {}
+    norm = dict(norm_kwargs={"eps": m["ln_eps"]}) if m["ln_eps"] != LN_EPS else {}
+    vision = dict(layers=size.depth, width=size.width, head_width=size.width // size.heads, patch_size=size.patch,
+                  mlp_ratio=_ratio(size.width, size.mlp_dim), image_size=grid * size.patch, **act, **norm)  # fmt: skip
+    if not im["ln_pre"]:
+        vision["no_ln_pre"] = True
+    text = dict(
+        context_length=params["text/pos_embedding"].shape[0],
+        vocab_size=params["text/token_embed/embedding"].shape[0],
+        width=tx["width"],
+        heads=tx["heads"],
+        layers=tx["depth"],
+        mlp_ratio=_ratio(tx["width"], tx["mlp_dim"]),
+        **act,
+        **norm,
+    )
+    if tx["pool"] == "last":
+        text["pool_type"] = "last"
+    if not tx["causal"]:
+        text["no_causal_mask"] = True
+    if tx["proj_bias"]:
+        text["proj_bias"] = True
+    if tok.get("clean", "lower") != "lower":
+        text["tokenizer_kwargs"] = {"clean": tok["clean"]}
+    cfg = dict(embed_dim=m["embed_dim"], quick_gelu=m["activation"] == "quick_gelu", vision_cfg=vision, text_cfg=text)
+    if m["loss"] == "sigmoid":
+        cfg["init_logit_bias"] = float(params["bias"])
+    return cfg
+
+
+def write(weights: Weights, tokenizer, out: str) -> str:
+    """An export (spec + unrolled parameters, its tokenizer object) -> an open_clip hub folder. A BPE file other
+    than open_clip's own is copied in (our reader prefers it; open_clip's get_tokenizer needs
+    tokenizer_kwargs bpe_path for it)."""
+    from safetensors.numpy import save_file
+
+    from cloc_jax.tokenizers import OpenClipTokenizer
+
+    spec, p = weights.spec, weights.params
+    cfg = model_config(spec, p)
+    if not isinstance(tokenizer, OpenClipTokenizer):
+        raise ValueError(f"tokenizer.type={spec['tokenizer']['type']!r} has no open_clip equivalent (needs open_clip)")
+    im = spec["model"]["image"]
+    preprocess = dict(size=cfg["vision_cfg"]["image_size"], mean=list(im["pixel_mean"]), std=list(im["pixel_std"]))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, CONFIG), "w") as f:
+        json.dump(dict(model_cfg=cfg, preprocess_cfg=preprocess), f, indent=2)
+    image = dict(depth=cfg["vision_cfg"]["layers"], ln_pre=im["ln_pre"])
+    text = dict(depth=cfg["text_cfg"]["layers"], proj_bias=spec["model"]["text"]["proj_bias"])
+    save_file(_torch_state(p, image, text), os.path.join(out, WEIGHTS[0]), metadata={"format": "pt"})
+    bpe, default = spec["tokenizer"]["path"], default_bpe()
+    if not (default and _same_file(bpe, default)):
+        target = os.path.join(out, os.path.basename(bpe))
+        if os.path.abspath(bpe) != os.path.abspath(target):
+            shutil.copy(bpe, target)
+    return out
+
+
+def _same_file(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
