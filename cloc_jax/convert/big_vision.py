@@ -13,6 +13,7 @@ import glob
 import math
 import os
 import re
+import zipfile
 
 import numpy as np
 
@@ -66,8 +67,11 @@ def read(rest: str) -> Weights:
     path, variant = _split(rest)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"big_vision:{path}: no such file (give a big_vision SigLIP .npz)")
-    with np.load(path) as npz:
-        flat = {key: npz[key] for key in npz.files}
+    try:
+        with np.load(path) as npz:
+            flat = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as e:  # a .npy (no `with`), not a zip
+        raise ValueError(f"big_vision:{path}: not an npz of big_vision parameters ({type(e).__name__})") from e
     params, origin, scanned = _convert(flat, path)
     prefix = "params/" if any(k.startswith("params/") for k in flat) else ""
 

@@ -41,12 +41,16 @@ def save_clip(directory: str, act: str = "quick_gelu", side: int = 32) -> str:
     layers = dict(intermediate_size=80, hidden_act=act)
     config = CLIPConfig(
         text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, **layers),
-        vision_config=dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, image_size=side, patch_size=8, **layers),
+        vision_config=dict(
+            hidden_size=48, num_hidden_layers=3, num_attention_heads=3, image_size=side, patch_size=8, **layers
+        ),
         projection_dim=16,
     )
     perturb(CLIPModel(config)).save_pretrained(directory)
     OpenClipTokenizer(open_clip_bpe()).tok.save_pretrained(directory)  # OpenAI's vocabulary as a CLIPTokenizer
-    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
+        directory
+    )
     return directory
 
 
@@ -55,7 +59,8 @@ def sentencepiece_model(directory: str) -> str:
     import sentencepiece
 
     corpus = os.path.join(directory, "corpus.txt")
-    words = "a photo of the red blue green circle square star dog cat left right above below big small two".split()
+    words = ["a", "photo", "of", "the", "red", "blue", "green", "circle", "square", "star", "dog", "cat"]
+    words += ["left", "right", "above", "below", "big", "small", "two"]
     rng = np.random.default_rng(0)
     with open(corpus, "w") as f:
         f.write("\n".join(" ".join(rng.choice(words, 6)) for _ in range(400)))

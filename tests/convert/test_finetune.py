@@ -1,0 +1,73 @@
+"""CLOC continued from a transformers CLIP (`init_from=hf:DIR`): the towers are the checkpoint's at step 0, the
+region heads are new, the architecture comes from the checkpoint, and the run learns."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import jax  # noqa: E402
+
+import cloc_jax  # noqa: E402
+from cloc_jax import convert, sharding  # noqa: E402
+from cloc_jax.config import load_config_file  # noqa: E402
+from cloc_jax.inference import Encoder  # noqa: E402
+from cloc_jax.models.spec import adopt_architecture  # noqa: E402
+from cloc_jax.train import build, init_from, init_state, train_and_evaluate  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.convert import reference  # noqa: E402
+
+
+def _config(source, **overrides):
+    arg = "init_from=" + source + ",num_steps=40,batch_size=16,image_size=32,lr=1e-3"
+    config = load_config_file(os.path.join(ROOT, "configs", "cloc_finetune.py"), arg)
+    config.data.update(train_size=2048, heldout_size=32, max_regions=3)
+    config.update(log_every=10, eval_every=0, checkpoint_every=1000)
+    config.optim.warmup_steps = 5
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return reference.save_clip(str(tmp_path_factory.mktemp("clip")))
+
+
+def test_step_zero_is_the_imported_model(clip_dir):
+    source = f"hf:{clip_dir}"
+    config = _config(source)
+    weights = convert.read(source)
+    with config.unlocked():
+        adopt_architecture(config, weights.spec, source)
+    assert config.model.image.width == 48 and config.model.activation == "quick_gelu"
+    assert config.tokenizer.type == "hf" and config.model.region_extractor == "prompter"
+    tokenizer, model, tx = build(config)
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+        state, _ = init_state(config, model, tx, mesh)
+        state = init_from(state, weights, config.model.scan)
+    assert "prompter" in state.params  # a new module, freshly initialised
+    ours = Encoder(model, state.params, tokenizer, config.tokenizer.context_length, config.image_size)
+    imported = cloc_jax.load(source)
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    texts = ["a large red circle", "a small blue square"]
+    np.testing.assert_allclose(ours.encode_image(images), imported.encode_image(images), atol=1e-6)
+    np.testing.assert_allclose(ours.encode_text(texts), imported.encode_text(texts), atol=1e-6)
+
+
+def test_a_config_that_disagrees_with_the_checkpoint_is_one_line(clip_dir):
+    config = _config(f"hf:{clip_dir}")
+    config.model.text.width = 64
+    with pytest.raises(ValueError, match=r"model\.text\.width=64 disagrees with the checkpoint's 32"):
+        adopt_architecture(config, convert.read(f"hf:{clip_dir}").spec, "hf:x")
+
+
+def test_cloc_run_from_a_clip_learns(clip_dir, tmp_path):
+    train_and_evaluate(_config(f"hf:{clip_dir}"), str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
