@@ -17,6 +17,7 @@ sentencepiece = pytest.importorskip("sentencepiece")
 
 import cloc_jax  # noqa: E402
 from cloc_jax import convert, tokenizers  # noqa: E402
+from cloc_jax.convert import big_vision  # noqa: E402
 from tests.convert import reference  # noqa: E402
 
 TOL = 1e-4
@@ -155,7 +156,7 @@ def _transformers_model(params, image=IMAGE, text=TEXT):
         text_config=dict(
             vocab_size=text["vocab"], hidden_size=text["width"], intermediate_size=text["mlp_dim"],
             num_hidden_layers=text["depth"], num_attention_heads=text["heads"], max_position_embeddings=text["length"],
-            projection_size=text["embed"], **layers,
+            projection_size=text["embed"], pad_token_id=1, eos_token_id=1, bos_token_id=None, **layers,
         ),
         vision_config=dict(
             hidden_size=image["width"], intermediate_size=image["mlp_dim"], num_hidden_layers=image["depth"],
@@ -295,7 +296,7 @@ def test_loaded_tokenizer_is_big_vision_s(encoders, spm):
 
 
 def test_layouts_and_prefixes_read_alike(files):
-    first, *others = (convert.read(f"big_vision:{path}") for path in files.values())
+    first, *others = (big_vision.read(path) for path in files.values())  # what convert.read checks
     spec = first.spec
     assert (spec["image_size"], spec["model"]["embed_dim"], spec["model"]["image"]["project"]) == (32, 48, False)
     assert {k: spec["model"]["image"][k] for k in ("width", "depth", "heads", "mlp_dim", "posemb_grid")} == dict(
@@ -340,8 +341,8 @@ def mu_params():
 
 def test_variant_checks_the_shapes(mu_params, spm, tmp_path):
     path = _save(tmp_path, mu_params, tokenizer=spm)
-    for variant in ("mu", "mu/8", "mu/8/32", "mu/8-i18n"):
-        spec = convert.read(f"big_vision:{path}:{variant}").spec
+    for variant in ("mu", "mu/8/32", "mu/8-i18n"):
+        spec = big_vision.read(f"{path}:{variant}").spec
         assert (spec["image_size"], spec["model"]["image"]["variant"]) == (32, "mu/8")
     for variant, says in (("B/16", "width=768"), ("mu/16", "patch=16"), ("mu/8/64", "image_size=64")):
         with pytest.raises(ValueError) as error:
@@ -362,22 +363,24 @@ def _reshape_scale(p):
         p[key] = np.concatenate([p[key], p[key][:1]])
 
 
-@pytest.mark.parametrize("scanned", [True, False])
+_BLOCK_CASES = [  # the file's layout changes how a block parameter is named: both layouts
+    (_remove("encoderblock_1/MlpBlock_0/Dense_1/bias"), r"missing parameter params/img/Transformer/encoderblock"),
+    (lambda p: p.update({"txt/Encoder_0/encoderblock_0/Extra/kernel": p["t"]}), r"unexpected parameter params/txt"),
+    (_reshape_scale, r"params/img/Transformer/encoderblock(_0|/LayerNorm_1/scale\[0\]).* has shape \(49,\)"),
+]
+_OTHER_CASES = [
+    (_remove("txt/Encoder_0/encoder_norm/bias"), r"missing parameter params/txt/Encoder_0/encoder_norm/bias"),
+    (_remove("MAPHead_0/MlpBlock_0/Dense_1/bias"), r"missing parameter params/img/MAPHead_0/MlpBlock_0/Dense_1/b"),
+    (lambda p: p.update({"img/MAPHead_0/Dense_9/kernel": p["t"]}), r"unexpected parameter params/img/MAPHead_0/D"),
+    (lambda p: p.update({"txt/head/kernel": p["txt/head/kernel"][:, :40]}), r"has no head, .*txt/head/kernel"),
+    (lambda p: p.update({"img/pos_embedding": p["img/pos_embedding"][:, :15]}), r"img/pos_embedding has shape"),
+]
+
+
 @pytest.mark.parametrize(
-    "edit, says",
-    [
-        (_remove("txt/Encoder_0/encoder_norm/bias"), r"missing parameter params/txt/Encoder_0/encoder_norm/bias"),
-        (
-            _remove("MAPHead_0/MlpBlock_0/Dense_1/bias"),
-            r"missing parameter params/img/MAPHead_0/MlpBlock_0/Dense_1/bias",
-        ),
-        (_remove("encoderblock_1/MlpBlock_0/Dense_1/bias"), r"Transformer/encoderblock.*/MlpBlock_0/Dense_1/bias"),
-        (lambda p: p.update({"img/MAPHead_0/Dense_9/kernel": p["t"]}), r"unexpected parameter params/img/MAPHead_0/D"),
-        (lambda p: p.update({"txt/Encoder_0/encoderblock_0/Extra/kernel": p["t"]}), r"unexpected parameter params/txt"),
-        (_reshape_scale, r"params/img/Transformer/encoderblock(_0|/LayerNorm_1/scale\[0\]).* has shape \(49,\)"),
-        (lambda p: p.update({"txt/head/kernel": p["txt/head/kernel"][:, :40]}), r"has no head, .*txt/head/kernel"),
-        (lambda p: p.update({"img/pos_embedding": p["img/pos_embedding"][:, :15]}), r"img/pos_embedding has shape"),
-    ],
+    "edit, says, scanned",
+    [(*case, scanned) for case in _BLOCK_CASES for scanned in (True, False)]
+    + [(*case, i % 2 == 0) for i, case in enumerate(_OTHER_CASES)],
 )
 def test_bad_checkpoints_are_one_line_errors(params, spm, tmp_path, scanned, edit, says):
     edited = dict(params)
@@ -406,12 +409,15 @@ def test_tokenizer_file_beside_the_npz(mu_params, spm, tmp_path):
         convert.read(f"big_vision:{path}")
     assert path in _one_line(error)
     shutil.copy(spm, tmp_path / "none" / "other.model")  # the folder's only .model file
-    assert convert.read(f"big_vision:{path}").spec["tokenizer"]["path"].endswith("other.model")
+    assert big_vision.read(path).spec["tokenizer"]["path"].endswith("other.model")
     shutil.copy(spm, tmp_path / "none" / "third.model")
     with pytest.raises(FileNotFoundError, match="found 2"):
         convert.read(f"big_vision:{path}")
     shutil.copy(_gemma_like_spm(str(tmp_path)), tmp_path / "none" / "siglip.model")  # the same stem wins
-    tok = convert.read(f"big_vision:{path}").spec["tokenizer"]
+    tok = big_vision.read(path).spec["tokenizer"]
     assert tok["path"].endswith("siglip.model") and tok["pad_id"] == 0  # SigLIP 2 pads with Gemma's pad token
     with pytest.raises(FileNotFoundError, match="no such file"):
         convert.read(f"big_vision:{tmp_path}/missing.npz")
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(ValueError, match="not an npz of big_vision parameters"):
+        convert.read(f"big_vision:{tmp_path}/text.npz")

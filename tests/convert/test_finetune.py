@@ -9,16 +9,16 @@ import pytest
 
 pytest.importorskip("torch")
 
-import jax  # noqa: E402
+import jax
 
-import cloc_jax  # noqa: E402
-from cloc_jax import convert, sharding  # noqa: E402
-from cloc_jax.config import load_config_file  # noqa: E402
-from cloc_jax.inference import Encoder  # noqa: E402
-from cloc_jax.models.spec import adopt_architecture  # noqa: E402
-from cloc_jax.train import build, init_from, init_state, train_and_evaluate  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
-from tests.convert import reference  # noqa: E402
+import cloc_jax
+from cloc_jax import convert, sharding
+from cloc_jax.config import load_config_file
+from cloc_jax.inference import Encoder
+from cloc_jax.models.spec import adopt_architecture
+from cloc_jax.train import build, init_from, init_state, train_and_evaluate
+from tests.conftest import ROOT
+from tests.convert import reference
 
 
 def _config(source, **overrides):
