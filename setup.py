@@ -24,6 +24,11 @@ setup(
         "tqdm",
         "tensorboardX",
         "sentencepiece",
+        # weight interchange (cloc_jax/convert/): transformers' configs and tokenizers, safetensors files,
+        # ftfy for open_clip's text cleaning
+        "transformers>=4.40",
+        "safetensors>=0.4",
+        "ftfy>=6",
     ],
     extras_require={
         # libtpu (through jax[tpu]) lets the tests compile for TPU topologies on a machine without TPUs.
@@ -35,7 +40,10 @@ setup(
             "pytest-xdist>=3",
             "ruff>=0.6",
             "hypothesis>=6",
-            "transformers>=4.40",
+            # Reference models for the weight tests: open_clip_torch brings torch, torchvision and timm. pip takes
+            # torch 2.14.1 (a CUDA build, ~5 GB, from this machine's disk in ~80 s) because torchvision has no
+            # CPU build matching the 200 MB torch 2.13.0+cpu here; the tests run it on the CPU.
+            "open_clip_torch>=3.0",
             "jax[tpu]",
             "apache-beam>=2.50",
             "nltk>=3.8",

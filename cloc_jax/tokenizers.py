@@ -20,7 +20,8 @@ import tempfile
 import ml_collections
 import numpy as np
 
-TYPES = ("bytes", "sentencepiece", "clip_bpe", "words", "hf", "open_clip")
+TYPES = ("bytes", "sentencepiece", "clip_bpe", "words", "hf", "open_clip", "big_vision")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 OPEN_CLIP_CLEAN = ("lower", "whitespace", "canonicalize")
 VOCAB_MULTIPLE = 128  # pad the embedding table so the `vocab` axis shards on any mesh
 
@@ -84,6 +85,20 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode([i - self.shift for i in ids])
 
 
+class BigVisionTokenizer(SentencePieceTokenizer):
+    """big_vision's SigLIP text pipeline (pp `tokenize(eos="sticky", pad_value=1)`; SigLIP 2's `tok`): the
+    SentencePiece model's own ids (no shift), ASCII lower-casing as tf.strings.lower, EOS appended, padded
+    with `pad_id` (SigLIP: EOS; SigLIP 2: the pad token), which the tower reads at the last position."""
+
+    def __init__(self, path: str, lowercase: bool = True, pad_id: int = 1):
+        super().__init__(path, lowercase=False)
+        self.ascii_lower, self.shift, self.pad_id = lowercase, 0, pad_id
+        self.eot_id, self.vocab_size = self.sp.eos_id(), self.sp.get_piece_size()
+
+    def _encode(self, text: str) -> list[int]:
+        return self.sp.encode(text.translate(_ASCII_LOWER) if self.ascii_lower else text)
+
+
 class _Transformers(Tokenizer):
     """A transformers tokenizer: its ids exactly, special tokens included (CLIP: SOT ... EOT; SigLIP: ... EOS)."""
 
@@ -129,7 +144,7 @@ class HFTokenizer(_Transformers):
 
 
 @functools.cache
-def _bpe_files(gz_path: str) -> tuple[str, str]:
+def _bpe_files(gz_path: str, specials: tuple[str, str] = ("<|startoftext|>", "<|endoftext|>")) -> tuple[str, str]:
     """open_clip's merges file (bpe_simple_vocab_16e6.txt.gz) -> vocab.json + merges.txt that transformers'
     CLIPTokenizer reads: the same vocabulary, built the way open_clip builds it."""
     import json
@@ -140,7 +155,7 @@ def _bpe_files(gz_path: str) -> tuple[str, str]:
         merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     chars = list(bytes_to_unicode().values())
     vocab = [*chars, *(c + "</w>" for c in chars), *("".join(m.split()) for m in merges)]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab += list(specials)
     folder = tempfile.mkdtemp(prefix="open_clip_bpe_")
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump({token: i for i, token in enumerate(vocab)}, f)
@@ -154,12 +169,26 @@ class OpenClipTokenizer(_Transformers):
     case, or punctuation removed as well for "canonicalize") before OpenAI's BPE, SOT ... EOT, 0-padding."""
 
     def __init__(self, path: str, clean: str = "lower"):
+        from tokenizers import Regex, normalizers, pre_tokenizers
         from transformers import CLIPTokenizer
 
         if clean not in OPEN_CLIP_CLEAN:
             raise ValueError(f"tokenizer.clean={clean!r}; open_clip knows {OPEN_CLIP_CLEAN}")
         self.clean = clean
-        super().__init__(CLIPTokenizer(*_bpe_files(path)), lowercase=False, pad_id=0)
+        sot, eot = "<start_of_text>", "<end_of_text>"  # open_clip 3's names of the two special tokens
+        tok = CLIPTokenizer(*_bpe_files(path, (sot, eot)), unk_token=eot, bos_token=sot, eos_token=eot, pad_token=eot)
+        # open_clip's `clean` decides the case (transformers' CLIPTokenizer always lower-cases), and its split
+        # pattern ignores case
+        backend = tok.backend_tokenizer
+        backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " ")])
+        pattern = r"(?i:<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+)"
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        super().__init__(tok, lowercase=False, pad_id=0)
 
     def _clean(self, text: str) -> str:
         import ftfy
@@ -207,6 +236,8 @@ def from_spec(spec: ml_collections.ConfigDict | dict) -> Tokenizer:
         return ByteTokenizer(lowercase)
     if not path or not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer.path={path!r} does not exist; {kind} needs a vocab file")
+    if kind == "big_vision":
+        return BigVisionTokenizer(path, lowercase, spec.get("pad_id", 1))
     if kind == "open_clip":
         return OpenClipTokenizer(path, spec.get("clean", "lower"))
     if kind in ("hf", "clip_bpe"):

@@ -10,9 +10,9 @@ import pytest
 
 from cloc_jax import load
 from cloc_jax.checkpoint import Checkpoints
-from cloc_jax.models.spec import model_spec, spec_mismatch, with_defaults
 from cloc_jax.data.pipeline import train_iterator
 from cloc_jax.export import export
+from cloc_jax.models.spec import model_spec, spec_mismatch, with_defaults
 from cloc_jax.tokenizers import ByteTokenizer
 from cloc_jax.train import train_and_evaluate
 from tests.conftest import tiny_config

@@ -209,17 +209,12 @@ def _tokenizer(path: str, context: int) -> dict:
     which have no BOS), SigLIP 2 with the pad token (`tok`, Gemma's vocabulary): the tower pools the last position."""
     import sentencepiece
 
-    from cloc_jax import tokenizers
-
     model = _sentencepiece_file(path)
     sp = sentencepiece.SentencePieceProcessor(model_file=model)
     if sp.eos_id() < 0:
         raise ValueError(f"{model} defines no end-of-sequence id: not a big_vision SigLIP tokenizer")
     pad = sp.pad_id() if sp.bos_id() >= 0 and sp.pad_id() >= 0 else sp.eos_id()
-    # "big_vision" (tokenizers.py) keeps the model's ids and pads with pad_id. Until it exists "sentencepiece" gives
-    # the same ids for T5 and Gemma vocabularies (they pad with id 0, so nothing shifts), but pads with 0.
-    kind = "big_vision" if "big_vision" in tokenizers.TYPES else "sentencepiece"
-    return dict(type=kind, path=model, lowercase=True, context_length=context, pad_id=pad)
+    return dict(type="big_vision", path=model, lowercase=True, context_length=context, pad_id=pad)
 
 
 def _sentencepiece_file(path: str) -> str:

@@ -71,8 +71,10 @@ def expected_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
     spec = with_defaults(spec)
     _, model = build_from_spec(spec)
     side, context = spec["image_size"], spec["tokenizer"]["context_length"]
-    images, tokens = jnp.zeros((1, side, side, 3)), jnp.zeros((1, context), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, tokens)["params"])
+    inputs = dict(images=jnp.zeros((1, side, side, 3)), tokens=jnp.zeros((1, context), jnp.int32))
+    if model.region_extractor != "none":  # the region heads only exist when called with regions
+        inputs.update(boxes=jnp.zeros((1, 1, 4)), region_tokens=jnp.zeros((1, 1, context), jnp.int32))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs)["params"])
     out = {}
     for key, value in flax.traverse_util.flatten_dict(nn.unbox(shapes), sep="/").items():
         match = _STACK.match(key)

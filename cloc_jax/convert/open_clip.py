@@ -9,6 +9,7 @@ we compute; anything else (layer scale, attentional pooling, timm or transformer
 error naming the key and the file. Only the two towers and the logit scale (and bias) travel.
 """
 
+import filecmp
 import importlib.util
 import json
 import os
@@ -75,10 +76,10 @@ def _square(value, key: str, source: str) -> int:
 
 def _activation(quick_gelu: bool, kwargs: dict | None, where: str, source: str) -> str:
     """open_clip's act_layer (QuickGELU or nn.GELU, with act_kwargs) -> our name."""
-    kwargs = dict(kwargs or {})
-    approximate = kwargs.pop("approximate", "none")
-    if kwargs or approximate not in ("none", "tanh") or (quick_gelu and approximate != "none"):
-        raise ValueError(f"{source}: {where}.act_kwargs={kwargs or approximate!r} has no cloc_jax equivalent")
+    rest = dict(kwargs or {})
+    approximate = rest.pop("approximate", "none")
+    if rest or approximate not in ("none", "tanh") or (quick_gelu and kwargs):
+        raise ValueError(f"{source}: {where}.act_kwargs={kwargs!r} (quick_gelu={quick_gelu}) has no cloc_jax twin")
     return "quick_gelu" if quick_gelu else {"none": "gelu", "tanh": "gelu_tanh"}[approximate]
 
 
@@ -108,12 +109,13 @@ def _architecture(config: dict, source: str) -> dict:
     if isinstance(vision.get("layers", 12), list | tuple):
         raise ValueError(f"{source}: vision_cfg.layers={vision['layers']!r} is a ModifiedResNet; cloc_jax reads ViTs")
     pool = vision.get("pool_type", "tok")
-    if pool != "tok":  # open_clip's "avg" averages the patch tokens beside a class token, which our gap has not
-        raise ValueError(f"{source}: vision_cfg.pool_type={pool!r} has no cloc_jax equivalent (needs 'tok')")
+    if pool != "tok":  # "avg" averages the patch tokens of a ViT that has a class token: our "gap" has none
+        raise ValueError(f"{source}: vision_cfg.pool_type={pool!r} has no cloc_jax equivalent (needs 'tok'; 'avg' "
+                         "averages beside a class token, which cloc_jax's gap pool does not have)")  # fmt: skip
     if text.get("pool_type", "argmax") not in TEXT_POOLS:
         raise ValueError(f"{source}: text_cfg.pool_type={text['pool_type']!r}: cloc_jax reads {sorted(TEXT_POOLS)}")
     if text.get("proj_type", "linear") == "none" or not cfg.get("embed_dim", 512):
-        raise ValueError(f"{source}: text_cfg.proj_type='none': cloc_jax's text tower always projects")
+        raise ValueError(f"{source}: text_cfg.proj_type='none' (or model_cfg.embed_dim=0): cloc_jax's towers project")
     extra = set(text.get("tokenizer_kwargs") or {}) - {"clean"}
     if extra:
         raise ValueError(f"{source}: text_cfg.tokenizer_kwargs.{sorted(extra)[0]} has no cloc_jax equivalent")
@@ -404,13 +406,7 @@ def write(weights: Weights, tokenizer, out: str) -> str:
     text = dict(depth=cfg["text_cfg"]["layers"], proj_bias=spec["model"]["text"]["proj_bias"])
     save_file(_torch_state(p, image, text), os.path.join(out, WEIGHTS[0]), metadata={"format": "pt"})
     bpe, default = spec["tokenizer"]["path"], default_bpe()
-    if not (default and _same_file(bpe, default)):
-        target = os.path.join(out, os.path.basename(bpe))
-        if os.path.abspath(bpe) != os.path.abspath(target):
-            shutil.copy(bpe, target)
+    target = os.path.join(out, os.path.basename(bpe))
+    if not (default and filecmp.cmp(bpe, default, shallow=False)) and os.path.abspath(bpe) != os.path.abspath(target):
+        shutil.copy(bpe, target)
     return out
-
-
-def _same_file(a: str, b: str) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        return fa.read() == fb.read()

@@ -34,9 +34,9 @@ def perturb(model, seed: int = 0):
 
 
 def save_clip(directory: str, act: str = "quick_gelu", side: int = 32) -> str:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from cloc_jax.tokenizers import OpenClipTokenizer
+    from cloc_jax.tokenizers import _bpe_files
 
     layers = dict(intermediate_size=80, hidden_act=act)
     config = CLIPConfig(
@@ -47,7 +47,7 @@ def save_clip(directory: str, act: str = "quick_gelu", side: int = 32) -> str:
         projection_dim=16,
     )
     perturb(CLIPModel(config)).save_pretrained(directory)
-    OpenClipTokenizer(open_clip_bpe()).tok.save_pretrained(directory)  # OpenAI's vocabulary as a CLIPTokenizer
+    CLIPTokenizer(*_bpe_files(open_clip_bpe())).save_pretrained(directory)  # OpenAI's vocabulary
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
         directory
     )

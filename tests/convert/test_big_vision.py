@@ -6,7 +6,6 @@ tokenization, variants, tokenizer files, and bad files as one-line errors."""
 import os
 import re
 import shutil
-import string
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 sentencepiece = pytest.importorskip("sentencepiece")
 
 import cloc_jax  # noqa: E402
-from cloc_jax import convert, tokenizers  # noqa: E402
+from cloc_jax import convert  # noqa: E402
 from cloc_jax.convert import big_vision  # noqa: E402
 from tests.convert import reference  # noqa: E402
 
@@ -179,22 +178,6 @@ def _big_vision_ids(sp, texts, length, pad):
     return np.array(rows, np.int32)
 
 
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-
-
-class BigVisionTokenizer(tokenizers.SentencePieceTokenizer):
-    """The tokenizer variant tokenizers.py needs (type "big_vision"): the model's own ids (no shift), ASCII
-    lower-casing as tf.strings.lower, EOS appended, padded with `pad_id`."""
-
-    def __init__(self, path: str, lowercase: bool = True, pad_id: int = 1):
-        super().__init__(path, lowercase=False)
-        self.ascii_lower, self.shift, self.pad_id = lowercase, 0, pad_id
-        self.eot_id, self.vocab_size = self.sp.eos_id(), self.sp.get_piece_size()
-
-    def _encode(self, text: str) -> list[int]:
-        return self.sp.encode(text.translate(_ASCII_LOWER) if self.ascii_lower else text)
-
-
 def _one_line(error) -> str:
     message = str(error.value)
     assert "\n" not in message, message
@@ -260,51 +243,35 @@ def test_matches_transformers(encoders, hf_model, scan):
     print(f"scan={scan}", {k: f"{v:.2e}" for k, v in errors.items()})
     assert max(errors.values()) <= TOL, errors
     scale, bias = encoder._logit_params(encoder.params)  # exp(t) and b as they are: no clamp
-    assert np.isclose(float(scale), hf_model.logit_scale.exp().item()) and np.isclose(
-        float(bias), hf_model.logit_bias.item()
-    )
+    assert np.isclose(float(scale), hf_model.logit_scale.exp().item())
+    assert np.isclose(float(bias), hf_model.logit_bias.item())
 
 
 def test_texts_match_transformers(encoders, hf_model, spm):
-    """Strings through big_vision's tokenization (the tokenizer variant of this file) match transformers on the ids
-    big_vision's pp op gives; the loaded tokenizer does too once tokenizers.py has the "big_vision" type."""
+    """Strings through the loaded tokenizer give the ids of big_vision's pp op (written out in this file) and the
+    text embeddings transformers computes from those ids."""
     encoder = encoders[True]
     sp = sentencepiece.SentencePieceProcessor(model_file=spm)
     spec = encoder.spec["tokenizer"]
-    assert (spec["pad_id"], spec["lowercase"], spec["context_length"]) == (sp.eos_id(), True, TEXT["length"])
+    assert (spec["type"], spec["pad_id"], spec["lowercase"]) == ("big_vision", sp.eos_id(), True)
     ids = _big_vision_ids(sp, TEXTS, TEXT["length"], pad=sp.eos_id())
     assert ids[-1, -1] == sp.eos_id() and len(sp.encode(TEXTS[-1])) > TEXT["length"]  # one text is cut
-    variant = BigVisionTokenizer(spec["path"], pad_id=spec["pad_id"])
-    np.testing.assert_array_equal(tokenizers.tokenize(variant, TEXTS, encoder.context_length), ids)
+    np.testing.assert_array_equal(encoder.tokenize(TEXTS), ids)
     _, ztxt, _, _ = _reference(hf_model, _images(1), ids)
-    loaded = encoder.tokenizer
-    try:
-        encoder.tokenizer = variant
-        error = np.abs(encoder.encode_text(TEXTS) - ztxt).max()
-    finally:
-        encoder.tokenizer = loaded
+    error = np.abs(encoder.encode_text(TEXTS) - ztxt).max()
     print("strings", f"{error:.2e}")
     assert error <= TOL
-    np.testing.assert_array_equal(encoder.tokenize(TEXTS)[ids != sp.eos_id()], ids[ids != sp.eos_id()])
-
-
-@pytest.mark.skipif("big_vision" not in tokenizers.TYPES, reason="tokenizers.py has no big_vision type yet")
-def test_loaded_tokenizer_is_big_vision_s(encoders, spm):
-    sp = sentencepiece.SentencePieceProcessor(model_file=spm)
-    want = _big_vision_ids(sp, TEXTS, TEXT["length"], pad=sp.eos_id())
-    np.testing.assert_array_equal(encoders[True].tokenize(TEXTS), want)
 
 
 def test_layouts_and_prefixes_read_alike(files):
     first, *others = (big_vision.read(path) for path in files.values())  # what convert.read checks
     spec = first.spec
-    assert (spec["image_size"], spec["model"]["embed_dim"], spec["model"]["image"]["project"]) == (32, 48, False)
-    assert {k: spec["model"]["image"][k] for k in ("width", "depth", "heads", "mlp_dim", "posemb_grid")} == dict(
-        width=48, depth=3, heads=4, mlp_dim=96, posemb_grid=4
-    )
-    assert {k: spec["model"]["text"][k] for k in ("width", "depth", "heads", "mlp_dim", "vocab_size")} == dict(
-        width=32, depth=2, heads=2, mlp_dim=80, vocab_size=300
-    )
+    model, sizes = spec["model"], ("width", "depth", "heads", "mlp_dim")
+    assert (spec["image_size"], model["embed_dim"], model["image"]["project"]) == (IMAGE["side"], TEXT["embed"], False)
+    assert {k: model["image"][k] for k in sizes} == {k: IMAGE[k] for k in sizes}
+    assert {k: model["text"][k] for k in sizes} == {k: TEXT[k] for k in sizes}
+    assert model["image"]["posemb_grid"] == IMAGE["side"] // IMAGE["patch"]
+    assert model["text"]["vocab_size"] == TEXT["vocab"]
     for other in others:
         assert other.params.keys() == first.params.keys()
         for key, value in first.params.items():

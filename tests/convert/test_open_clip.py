@@ -14,6 +14,8 @@ import pytest
 open_clip = pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
 
+from safetensors.torch import load_file, save_file  # noqa: E402
+
 import cloc_jax  # noqa: E402
 from cloc_jax import convert  # noqa: E402
 from cloc_jax.convert import open_clip as oc  # noqa: E402
@@ -60,8 +62,6 @@ def _build(model_cfg: dict, seed: int = 0):
 
 def _save(directory, model_cfg: dict, preprocess: dict, weights: str = oc.WEIGHTS[0], state=None) -> str:
     """The hub layout: open_clip_config.json + the weights file."""
-    from safetensors.torch import save_file
-
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, oc.CONFIG), "w") as f:
         json.dump(dict(model_cfg=model_cfg, preprocess_cfg=preprocess), f)
@@ -158,9 +158,7 @@ def _texts(n=300, seed=0):
     return texts
 
 
-# Both need OpenClipTokenizer (cloc_jax/tokenizers.py) to drop transformers' CLIPTokenizer lowercasing and to split
-# the way open_clip's re.IGNORECASE pattern does, with open_clip's special-token names.
-_CASED = "OpenClipTokenizer lowercases and splits case-sensitively (transformers' CLIPTokenizer): see tokenizers.py"
+# open_clip keeps case with clean="whitespace", splits case-insensitively and names its specials <end_of_text>
 SPECIAL = ["<end_of_text>", "a <|endoftext|> b", "<start_of_text>x", "A <END_OF_TEXT> b"]
 
 
@@ -169,8 +167,8 @@ SPECIAL = ["<end_of_text>", "a <|endoftext|> b", "<start_of_text>x", "A <END_OF_
     [
         ("lower", _texts(240)),
         ("canonicalize", _texts(60, seed=1)),
-        pytest.param("whitespace", _texts(60, seed=2), marks=pytest.mark.xfail(reason=_CASED, strict=True)),
-        pytest.param("lower", SPECIAL, marks=pytest.mark.xfail(reason=_CASED, strict=True)),
+        ("whitespace", _texts(60, seed=2)),
+        ("lower", SPECIAL),
     ],
     ids=["lower", "canonicalize", "whitespace", "special_tokens"],
 )
@@ -232,17 +230,13 @@ def _edit(folder, tmp_path, cfg=None, state=None):
     """A copy of `folder` with its model config and/or state dict replaced."""
     with open(os.path.join(folder, oc.CONFIG)) as f:
         config = json.load(f)
-    from safetensors.torch import load_file
-
     state = load_file(os.path.join(folder, oc.WEIGHTS[0])) if state is None else state
     return _save(tmp_path, config["model_cfg"] if cfg is None else cfg, config["preprocess_cfg"], state=state)
 
 
-def test_bad_folders_are_one_line_errors(tmp_path):
+def test_bad_folders_are_one_line_errors(tmp_path, monkeypatch):
     cfg, preprocess = VARIANTS["quick_gelu"]
     good = _save(tmp_path / "good", cfg, preprocess)
-    from safetensors.torch import load_file
-
     state = load_file(os.path.join(good, oc.WEIGHTS[0]))
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -251,6 +245,10 @@ def test_bad_folders_are_one_line_errors(tmp_path):
     (empty / oc.CONFIG).write_text(json.dumps(dict(model_cfg=cfg)))
     with pytest.raises(FileNotFoundError, match=oc.WEIGHTS[0]):
         convert.read(f"open_clip:{empty}")
+    monkeypatch.setattr(oc, "default_bpe", lambda: None)  # open_clip not installed, no BPE in the folder
+    with pytest.raises(FileNotFoundError, match=f"no BPE merges file \\({oc.BPE}\\).*pip install open_clip_torch"):
+        convert.read(f"open_clip:{good}")
+    monkeypatch.undo()
     extra = _edit(good, tmp_path / "extra", state=dict(state, **{"visual.extra_head.weight": torch.zeros(3)}))
     with pytest.raises(ValueError, match=r"open_clip_model\.safetensors: unexpected parameter visual\.extra_head"):
         convert.read(f"open_clip:{extra}")
@@ -278,6 +276,31 @@ def test_bad_folders_are_one_line_errors(tmp_path):
             convert.read(f"open_clip:{_edit(good, tmp_path / f'{tower}_{key}', cfg=bad, state=state)}")
     with pytest.raises(ValueError, match=r"model_cfg\.multimodal_cfg"):
         convert.read(f"open_clip:{_edit(good, tmp_path / 'coca', cfg=dict(cfg, multimodal_cfg={}), state=state)}")
+
+
+def test_activation_and_norm_settings_round_trip(tmp_path):
+    """act_kwargs (GELU's tanh approximation) and norm_kwargs (eps) read into the spec and write back; the towers
+    must agree on them."""
+    cfg, _ = VARIANTS["quick_gelu"]
+    tanh = dict(act_kwargs={"approximate": "tanh"}, norm_kwargs={"eps": 1e-6})
+    towers = {tower: dict(cfg[tower], **tanh) for tower in ("vision_cfg", "text_cfg")}
+    cfg = dict(cfg, quick_gelu=False, **towers)
+    spec = oc._architecture(dict(model_cfg=cfg), "cfg.json")
+    assert (spec["model"]["activation"], spec["model"]["ln_eps"]) == ("gelu_tanh", 1e-6)
+    params = {"image/pos_embedding": np.zeros((4, 4, 64)), "text/pos_embedding": np.zeros((77, 32))}
+    params["text/token_embed/embedding"] = np.zeros((49408, 32))
+    written = oc.model_config(spec, params)
+    assert written["vision_cfg"] == dict(cfg["vision_cfg"], mlp_ratio=4.0)
+    assert written["text_cfg"] == dict(cfg["text_cfg"], mlp_ratio=4.0) and not written["quick_gelu"]
+    model = open_clip.model.CLIP(**written)  # open_clip builds it: tanh GELU, eps 1e-6
+    assert model.visual.transformer.resblocks[0].mlp.gelu.approximate == "tanh"
+    assert model.transformer.resblocks[0].ln_1.eps == 1e-6
+    for tower in ("vision_cfg", "text_cfg"):
+        other = dict(cfg, **{tower: dict(cfg[tower], act_kwargs=None)})
+        with pytest.raises(ValueError, match="the towers differ in act_kwargs"):
+            oc._architecture(dict(model_cfg=other), "cfg.json")
+    with pytest.raises(ValueError, match=r"vision_cfg\.act_kwargs"):
+        oc._architecture(dict(model_cfg=dict(cfg, quick_gelu=True)), "cfg.json")
 
 
 @pytest.mark.parametrize("folder", ["gelu"], indirect=True)
