@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
             project=True,  # False: no projection after pooling (SigLIP's image tower)
             proj_bias=False,
             posemb_grid=0,
-            posemb_resize="bilinear",  # or "bicubic" (transformers, open_clip) at another resolution
+            posemb_resize="bilinear",  # or "bicubic" (transformers, open_clip), "zoom" (big_vision loading)
             pixel_mean=(0.5, 0.5, 0.5),
             pixel_std=(0.5, 0.5, 0.5),
         ),

@@ -119,7 +119,7 @@ def read(rest: str) -> Weights:
         project=project,
         proj_bias=project,
         posemb_grid=grid,
-        posemb_resize="bilinear",  # big_vision resamples position embeddings bilinearly
+        posemb_resize="zoom",  # big_vision resamples position embeddings with scipy.ndimage.zoom(order=1)
         pixel_mean=[0.5] * 3,  # SigLIP reads [-1, 1] pixels as they are
         pixel_std=[0.5] * 3,
     )

@@ -12,8 +12,8 @@ import numpy as np
 
 from cloc_jax.models.spec import build_from_spec, default_spec, with_defaults
 
-_BLOCK = re.compile(r"^(.*/encoder)/block_(\d+)/(.*)$")
-_STACK = re.compile(r"^(.*/encoder)/blocks/(.*)$")
+_BLOCK = re.compile(r"^(.*/encoder\w*)/block_(\d+)/(.*)$")  # encoder, encoder_clustered
+_STACK = re.compile(r"^(.*/encoder\w*)/blocks/(.*)$")
 
 
 @dataclasses.dataclass

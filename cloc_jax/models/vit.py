@@ -52,7 +52,7 @@ def vit_size(variant: str, width: int = 0, depth: int = 0, heads: int = 0, mlp_d
     return ViTSize(*sizes, patch=int(patch))
 
 
-POSEMB_RESIZES = ("bilinear", "bicubic")
+POSEMB_RESIZES = ("bilinear", "bicubic", "zoom")
 
 
 def _torch_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -74,18 +74,34 @@ def _torch_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
     return out
 
 
+def _linear_corners_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in] weights of linear interpolation with the corners aligned: scipy.ndimage.zoom(order=1),
+    which big_vision's resample_posemb uses."""
+    out = np.zeros((size_out, size_in))
+    for i in range(size_out):
+        src = i * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+        x0 = min(int(np.floor(src)), size_in - 1)
+        t = src - x0
+        out[i, x0] += 1 - t
+        if t:
+            out[i, x0 + 1] += t
+    return out
+
+
 def resize_posemb(posemb: jax.Array, grid: tuple[int, int], method: str = "bilinear") -> jax.Array:
     """Resizes a learned [h, w, D] position embedding to `grid` (any resolution): "bilinear" as big_vision
     (jax.image.resize), "bicubic" as transformers' interpolate_pos_encoding and open_clip (torch's kernel;
-    open_clip antialiases when shrinking, which this does not)."""
+    open_clip antialiases when shrinking, which this does not), "zoom" as big_vision loads a checkpoint at
+    another resolution (scipy.ndimage.zoom, order 1)."""
     if method not in POSEMB_RESIZES:
         raise ValueError(f"model.image.posemb_resize={method!r}; choose one of {POSEMB_RESIZES}")
     if posemb.shape[:2] == tuple(grid):
         return posemb
     if method == "bilinear":
         return jax.image.resize(posemb, (*grid, posemb.shape[-1]), method="bilinear")
-    rows = jnp.asarray(_torch_bicubic_matrix(posemb.shape[0], grid[0]), posemb.dtype)
-    cols = jnp.asarray(_torch_bicubic_matrix(posemb.shape[1], grid[1]), posemb.dtype)
+    matrix = _torch_bicubic_matrix if method == "bicubic" else _linear_corners_matrix
+    rows = jnp.asarray(matrix(posemb.shape[0], grid[0]), posemb.dtype)
+    cols = jnp.asarray(matrix(posemb.shape[1], grid[1]), posemb.dtype)
     return jnp.einsum("ih,jw,hwd->ijd", rows, cols, posemb, precision="highest")
 
 

@@ -22,7 +22,7 @@ from tests.convert import reference
 
 
 def _config(source, **overrides):
-    arg = "init_from=" + source + ",num_steps=40,batch_size=16,image_size=32,lr=1e-3"
+    arg = "init_from=" + source + ",num_steps=40,batch_size=16,image_size=32,lr=3e-4"
     config = load_config_file(os.path.join(ROOT, "configs", "cloc_finetune.py"), arg)
     config.data.update(train_size=2048, heldout_size=32, max_regions=3)
     config.update(log_every=10, eval_every=0, checkpoint_every=1000)
@@ -70,4 +70,4 @@ def test_cloc_run_from_a_clip_learns(clip_dir, tmp_path):
     train_and_evaluate(_config(f"hf:{clip_dir}"), str(tmp_path))
     with open(tmp_path / "metrics.jsonl") as f:
         losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
-    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+    assert len(losses) == 4 and max(losses[-2:]) < 0.85 * losses[0], losses  # the new region heads learn

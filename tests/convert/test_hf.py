@@ -238,3 +238,22 @@ def test_architectures_transformers_cannot_express_are_named(clip_dir, tmp_path)
     weights.spec["model"]["activation"] = "relu"
     with pytest.raises(ValueError, match=r"model.activation='relu'"):
         hf.family_of(weights.spec)
+
+
+def test_convert_command(clip_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from cloc_jax.convert.__main__ import convert as convert_to
+
+    export = convert_to(f"hf:{clip_dir}", str(tmp_path / "export"), scan=False)
+    assert cloc_jax.load(export).spec["model"]["scan"] is False
+    _compare(cloc_jax.load("hf:" + convert_to(export, str(tmp_path / "hf"), to="hf")), clip_dir, "clip")
+    run = subprocess.run(
+        [sys.executable, "-m", "cloc_jax.convert", f"--from={tmp_path}/nothing", f"--out={tmp_path}/x"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith("error: "), run.stderr
+    assert "is no known checkpoint" in run.stderr.strip().splitlines()[-1]

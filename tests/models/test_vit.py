@@ -101,3 +101,20 @@ def test_box_pooling_is_the_image_head_applied_to_the_covered_tokens():
 
     np.testing.assert_allclose(regions[0, 0], head(g[1, 2]), atol=1e-4)
     np.testing.assert_allclose(regions[0, 1], head((g[0, 0] + g[0, 1]) / 2), atol=1e-4)
+
+
+@pytest.mark.parametrize("grid", [(7, 9), (2, 3), (3, 5)])
+def test_posemb_resizing_matches_the_source_libraries(grid):
+    """The "bicubic" method is torch's F.interpolate (what transformers and open_clip use), "zoom" is
+    scipy.ndimage.zoom(order=1) (big_vision's resample_posemb)."""
+    torch = pytest.importorskip("torch")
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    posemb = np.random.default_rng(0).standard_normal((3, 5, 4)).astype(np.float32)
+    want = torch.nn.functional.interpolate(
+        torch.tensor(posemb).permute(2, 0, 1)[None], size=grid, mode="bicubic", align_corners=False
+    )[0].permute(1, 2, 0)
+    np.testing.assert_allclose(resize_posemb(jnp.asarray(posemb), grid, "bicubic"), want.numpy(), atol=1e-5)
+    zoomed = scipy_ndimage.zoom(posemb.astype(np.float64), (grid[0] / 3, grid[1] / 5, 1), order=1)
+    np.testing.assert_allclose(resize_posemb(jnp.asarray(posemb), grid, "zoom"), zoomed, atol=1e-5)
+    with pytest.raises(ValueError, match="posemb_resize='nearest'"):
+        resize_posemb(jnp.asarray(posemb), grid, "nearest")
