@@ -39,7 +39,8 @@ def _encoder_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
 def model_flops(config: ml_collections.ConfigDict) -> float:
     """Training FLOPs per example (3 x forward matmuls; remat recomputation is not model FLOPs)."""
     model, tok = config.model, config.tokenizer
-    size = vit_size(model.image.variant)
+    im = model.image
+    size = vit_size(im.variant, im.width, im.depth, im.heads, im.mlp_dim)
     d, e, t = size.width, model.embed_dim, model.text
     n = (config.image_size // size.patch) ** 2
     image = 2 * n * size.patch**2 * 3 * d + _encoder_flops(n + (model.image.pool == "cls"), d, size.depth, size.mlp_dim)
