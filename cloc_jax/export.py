@@ -116,10 +116,9 @@ def load(source: str, scan: bool | None = None) -> Encoder:
     return Encoder(model, params, tokenizer, spec["tokenizer"]["context_length"], spec["image_size"], spec=spec)
 
 
-def to_tree(flat: dict[str, np.ndarray], shardings: dict | None = None) -> dict:
-    """Flat host arrays -> the nested parameter tree, each array put on its sharding (default device if None)."""
-    put = {k: jax.device_put(v, None if shardings is None else shardings[k]) for k, v in flat.items()}
-    return flax.traverse_util.unflatten_dict(put, sep="/")
+def to_tree(flat: dict[str, np.ndarray]) -> dict:
+    """Flat host arrays -> the nested parameter tree on the default device (inference is single-device)."""
+    return flax.traverse_util.unflatten_dict({k: jax.device_put(v) for k, v in flat.items()}, sep="/")
 
 
 def main(argv):

@@ -129,8 +129,7 @@ def read(rest: str) -> Weights:
     spec["image_size"] = grid * patch
     spec["tokenizer"].update(_tokenizer(path, context))
     spec["tokenizer"]["region_context_length"] = min(spec["tokenizer"]["region_context_length"], context)
-    _check(params, layout.expected_shapes(spec), name, path)
-    return Weights(spec, params, path)
+    return Weights(spec, params, path, name)  # convert.read checks every shape, naming keys as the file does
 
 
 def _convert(flat: dict, source: str) -> tuple[dict[str, np.ndarray], dict[str, str], set[str]]:
@@ -229,17 +228,3 @@ def _sentencepiece_file(path: str) -> str:
         "c4_en, gs://t5-data/vocabs/cc_en.32000/sentencepiece.model, or mc4 for i18n; SigLIP 2: Gemma's)"
         + (f"; found {len(found)} *.model files and none of that name" if found else "")
     )
-
-
-def _check(params: dict, want: dict, name, source: str) -> None:
-    """check_params with the file's names: what is missing, left over or misshapen, in one line."""
-    if missing := sorted(set(want) - set(params)):
-        raise ValueError(f"{source}: missing parameter {name(missing[0])} ({len(missing)} missing)")
-    if unexpected := sorted(set(params) - set(want)):
-        raise ValueError(f"{source}: unexpected parameter {name(unexpected[0])} for this architecture")
-    for key, shape in want.items():
-        if tuple(params[key].shape) != tuple(shape):
-            raise ValueError(
-                f"{source}: {name(key)} has shape {params[key].shape}, where the sizes its other parameters give "
-                f"need {tuple(shape)}"
-            )

@@ -129,9 +129,12 @@ def read(directory: str) -> Weights:
 
 
 def _params(state: dict, family: str, image: dict, text: dict, source: str) -> dict[str, np.ndarray]:
+    used = set()
+
     def get(name: str) -> np.ndarray:
         if name not in state:
             raise ValueError(f"{source}: missing parameter {name}")
+        used.add(name)
         return np.asarray(state[name], np.float32)
 
     clip = family == "clip"
@@ -173,11 +176,7 @@ def _params(state: dict, family: str, image: dict, text: dict, source: str) -> d
         out.update(
             layout.block_from_torch(get, f"text/encoder/block_{i}", text["heads"], _names(f"{t}.encoder.layers.{i}"))
         )
-    known = {"position_ids", "embeddings.position_ids"}
-    used = set(_torch_names(out, family, image, text))
-    if extra := sorted(
-        k for k in state if k not in used and k.rsplit(".", 1)[-1] not in known and "position_ids" not in k
-    ):
+    if extra := sorted(k for k in state if k not in used and "position_ids" not in k):  # (a buffer, not a weight)
         raise ValueError(f"{source}: unexpected parameter {extra[0]} for a {family} model")
     return out
 

@@ -7,6 +7,7 @@ when the spec scans. Importers fill a spec from `default_spec()` with the checkp
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,6 +22,7 @@ class Weights:
     spec: dict
     params: dict[str, np.ndarray]  # flat, "/"-separated, unrolled layout
     source: str  # a file or folder, for error messages
+    name: Callable[[str], str] | None = None  # our key -> the file's name of it, for error messages
 
 
 def import_spec(image: dict, text: dict, **model) -> dict:
@@ -85,18 +87,25 @@ def expected_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_params(weights: Weights) -> None:
-    """Every parameter the spec's model needs is there with its shape, and nothing else: one line naming
-    the key and the file otherwise."""
-    want = expected_shapes(weights.spec)
-    have = weights.params
+def check_shapes(have: dict, want: dict, source: str, name: Callable[[str], str] | None = None) -> None:
+    """Parameter shapes `have` ({key: shape}) are exactly `want`: nothing missing, nothing left over, no shape
+    off; otherwise one line naming the file and the key (as `name` spells it, or as it is)."""
+    name = name or str
     if missing := sorted(set(want) - set(have)):
-        raise ValueError(f"{weights.source}: no weights for parameter {missing[0]} ({len(missing)} missing)")
+        raise ValueError(f"{source}: missing parameter {name(missing[0])} ({len(missing)} missing)")
     if unexpected := sorted(set(have) - set(want)):
-        raise ValueError(f"{weights.source}: unexpected parameter {unexpected[0]} for this architecture")
+        raise ValueError(f"{source}: unexpected parameter {name(unexpected[0])} for this architecture")
     for key, shape in want.items():
-        if tuple(have[key].shape) != tuple(shape):
-            raise ValueError(f"{weights.source}: {key} has shape {tuple(have[key].shape)}, the model wants {shape}")
+        if tuple(have[key]) != tuple(shape):
+            raise ValueError(
+                f"{source}: {name(key)} has shape {tuple(have[key])}, the architecture needs {tuple(shape)}"
+            )
+
+
+def check_params(weights: Weights) -> None:
+    """Every parameter the spec's model needs is there with its shape, and nothing else."""
+    have = {key: value.shape for key, value in weights.params.items()}
+    check_shapes(have, expected_shapes(weights.spec), weights.source, weights.name)
 
 
 # torch <-> cloc_jax for one transformer block. torch Linear weights are [out, in]; ours are einsum kernels

@@ -253,14 +253,9 @@ def _torch_shapes(spec: dict, t: str = "") -> dict[str, tuple[int, ...]]:
 
 def _check_state(state: dict, shapes: dict, source: str) -> None:
     """Every parameter open_clip_config.json implies is there with its shape, and nothing else."""
-    if missing := sorted(set(shapes) - set(state)):
-        raise ValueError(f"{source}: missing parameter {missing[0]} ({len(missing)} missing)")
-    if extra := sorted(set(state) - set(shapes)):
-        raise ValueError(f"{source}: unexpected parameter {extra[0]} for the architecture of {CONFIG}")
-    for name, shape in shapes.items():
-        have = tuple(np.shape(state[name]))
-        if have != shape and not (name.startswith("logit_") and np.size(state[name]) == 1):  # [] or [1]
-            raise ValueError(f"{source}: {name} has shape {have}, {CONFIG} implies {shape}")
+    have = {name: np.shape(value) for name, value in state.items()}
+    have.update({n: () for n, v in state.items() if n.startswith("logit_") and np.size(v) == 1})  # [] or [1]
+    layout.check_shapes(have, shapes, source)
 
 
 def _names(prefix: str) -> dict[str, str]:
