@@ -16,8 +16,12 @@ import jax
 import ml_collections
 
 from cloc_jax import sharding
-from cloc_jax.models.vit import vit_size
-from cloc_jax.train import abstract_state, build, dummy_batch, make_train_step
+from cloc_jax.data import pipeline
+from cloc_jax.models.clustering import num_clusters
+from cloc_jax.models.spec import build_model_from_spec, model_spec
+from cloc_jax.models.vit import ROI_SIZE, vit_size
+from cloc_jax.optim import make_optimizer
+from cloc_jax.train import abstract_state, dummy_batch, make_train_step
 
 GIB = 2**30
 # device_kind -> (peak bf16 FLOP/s, HBM bytes) per JAX device, from the Cloud TPU documentation.
@@ -36,30 +40,56 @@ def _encoder_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
     return depth * (2 * tokens * 4 * width**2 + 2 * tokens * 2 * width * mlp + 2 * 2 * tokens**2 * width)
 
 
+def _text_flops(length: int, texts: int, t: ml_collections.ConfigDict, e: int) -> float:
+    """Training FLOPs of one text-tower row of `length` tokens holding `texts` texts (packed when more
+    than one): the tower, EOT pooling (a one-hot matmul) and the projection of each text."""
+    tower = _encoder_flops(length, t.width, t.depth, t.mlp_dim) + texts * 2 * t.width * e
+    return 3 * tower + 2 * texts * 2 * length * t.width
+
+
 def model_flops(config: ml_collections.ConfigDict) -> float:
-    """Training FLOPs per example (3 x forward matmuls; remat recomputation is not model FLOPs)."""
-    model, tok = config.model, config.tokenizer
-    im = model.image
+    """Training FLOPs per example, as XLA would count the matmuls of the step: 3 x forward (the backward
+    takes input and weight gradients), 2 x where one operand is a constant (images, boxes, one-hot
+    selections: it gets no gradient), 1 x under stop_gradient. Remat recomputation is not model FLOPs;
+    what runs once per step (the tag vocabulary) is shared by the batch."""
+    model, tok, im, t = config.model, config.tokenizer, config.model.image, config.model.text
     size = vit_size(im.variant, im.width, im.depth, im.heads, im.mlp_dim)
-    d, e, t = size.width, model.embed_dim, model.text
-    n = (config.image_size // size.patch) ** 2
-    image = 2 * n * size.patch**2 * 3 * d + _encoder_flops(n + (model.image.pool == "cls"), d, size.depth, size.mlp_dim)
-    if model.image.pool == "map":  # one probe attending over n tokens, then its MLP
-        image += 2 * 2 * d**2 + 2 * 2 * n * d**2 + 2 * 2 * n * d + 2 * 2 * d * size.mlp_dim
-    image += 2 * d * e
-    text = _encoder_flops(tok.context_length, t.width, t.depth, t.mlp_dim) + 2 * t.width * e
-    contrastive = 2 * config.batch_size * e  # this example's row of the [B, B] logits
-    forward = image + text + contrastive
-    if model.region_extractor != "none":
-        m, lr = config.data.max_regions, tok.region_context_length
-        region_texts = m * (_encoder_flops(lr, t.width, t.depth, t.mlp_dim) + 2 * t.width * e)
-        # Prompter: image keys/values once; 2 box-corner rows and 1 text row per region; heads.
-        rows = 3 * m
-        prompter = 2 * 2 * n * d**2 + rows * (2 * 4 * d**2 + 2 * 2 * n * d + 2 * 2 * d * 4 * d)
-        prompter += 2 * m * (d * e + d * d)
-        region_logits = 2 * 2 * m * (config.batch_size * m) * e  # region-text logits and text-text filter
-        forward += region_texts + prompter + region_logits
-    return 3.0 * forward
+    d, e, b, m = size.width, model.embed_dim, config.batch_size, config.data.max_regions
+    side = config.image_size // size.patch
+    n, prefix = side**2, int(im.pool == "cls")
+    k, early = (num_clusters(n, im.cluster_ratio), im.cluster_layer) if im.cluster_ratio else (n, size.depth)
+    flops = 2 * 2 * n * size.patch**2 * 3 * d  # patch embedding
+    flops += 3 * _encoder_flops(n + prefix, d, early, size.mlp_dim)
+    flops += 3 * _encoder_flops(k + prefix, d, size.depth - early, size.mlp_dim)  # clustered: on K tokens
+    if im.cluster_ratio:  # distances and distances to the centres (stop_gradient); merge and unfold (one-hot)
+        flops += 2 * n * n * (d + k) + 2 * 2 * 2 * n * k * d
+    if im.adapter_dim:  # two Convpass per block: down, 3x3 conv over the grid, up
+        a = im.adapter_dim
+        flops += 3 * size.depth * 2 * (2 * 2 * (n + prefix) * d * a + 2 * n * 9 * a * a)
+    if im.pool == "map":  # one probe attending over n tokens, then its MLP
+        flops += 3 * (2 * 2 * d**2 + 2 * 2 * n * d**2 + 2 * 2 * n * d + 2 * 2 * d * size.mlp_dim)
+    proj = 3 * 2 * d * e if im.project else 0  # an image or region embedding's projection
+    flops += proj + _text_flops(tok.context_length, 1, t, e) + 3 * 2 * b * e  # this example's row of the logits
+    if pipeline.tags_enabled(config):  # the vocabulary through the text tower once a step; tag similarities
+        tags = len(pipeline.make_source(config.data, "train", config.image_size).class_names)
+        flops += tags * _text_flops(tok.region_context_length, 1, t, e) / b
+        flops += 3 * 2 * tags * e * ((config.tags.image_weight > 0) + m * (config.tags.region_weight > 0))
+    if model.region_extractor == "none":
+        return flops
+    if tok.region_pack_length:  # one packed row per image
+        flops += _text_flops(tok.region_pack_length, m, t, e)
+    else:
+        flops += m * _text_flops(tok.region_context_length, 1, t, e)
+    flops += 3 * 2 * m * (b * m) * e + 2 * m * (b * m) * e  # region-text logits; text-text filter (stop_gradient)
+    if model.region_extractor == "roi_align":  # two interpolation einsums (weights from the boxes); head
+        return flops + 2 * 2 * m * ROI_SIZE * side * (side + ROI_SIZE) * d + m * proj
+    # Prompter: image keys/values once; 2 box-corner rows and 1 text row per region, each through
+    # q/k/v/out, attention over the n image tokens and its own prompt tokens, MLP; region and box heads.
+    rows = 3 * m
+    flops += 3 * (2 * 2 * n * d**2 + rows * (2 * 4 * d**2 + 2 * 2 * n * d + 2 * 2 * d * 4 * d))
+    flops += 3 * (2 * 2 * (2 * 2 + 1) * m * d + 2 * m * (d * e + e * d + d * (d + 4)))
+    # Constant inputs: key positions (once a step), corner encodings, the box head's grid centres.
+    return flops + 2 * (2 * n * d**2 / b + 2 * m * 2 * d**2 + 2 * 2 * m * n * 2)
 
 
 def topology_devices(topology: str, slices: int = 1) -> list:
@@ -79,20 +109,25 @@ def topology_devices(topology: str, slices: int = 1) -> list:
     return list(desc.devices)
 
 
-def compile_step(config: ml_collections.ConfigDict, devices: list):
-    """(compiled training step for `devices`, its mesh, seconds the compilation took)."""
+def lower_step(config: ml_collections.ConfigDict, devices: list):
+    """(the training step lowered for `devices`, its mesh): XLA's cost analysis of it needs no compilation."""
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.batch_size, mesh)
-    _, model, tx = build(config)
+    model, tx = build_model_from_spec(model_spec(config)), make_optimizer(config.optim, config.num_steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
         _, state = abstract_state(config, model, tx, mesh)
         batch = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)),
             jax.eval_shape(lambda: dummy_batch(config, config.batch_size)),
         )
-        start = time.perf_counter()
-        compiled = jax.jit(make_train_step(config, model, tx), donate_argnums=0).lower(state, batch).compile()
-    return compiled, mesh, time.perf_counter() - start
+        return jax.jit(make_train_step(config, model, tx), donate_argnums=0).lower(state, batch), mesh
+
+
+def compile_step(config: ml_collections.ConfigDict, devices: list):
+    """(compiled training step for `devices`, its mesh, seconds lowering and compiling took)."""
+    start = time.perf_counter()
+    lowered, mesh = lower_step(config, devices)
+    return lowered.compile(), mesh, time.perf_counter() - start
 
 
 def compile_for(config: ml_collections.ConfigDict, devices: list, estimate: bool = False) -> dict:

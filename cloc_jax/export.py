@@ -22,7 +22,7 @@ from cloc_jax.checkpoint import Checkpoints
 from cloc_jax.convert import layout
 from cloc_jax.convert.layout import Weights
 from cloc_jax.inference import Encoder
-from cloc_jax.models.spec import build_from_spec, with_defaults
+from cloc_jax.models.spec import build_from_spec, build_model_from_spec, with_defaults
 
 SPEC_FILE = "spec.json"
 
@@ -34,7 +34,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first")
     spec = ckpt.spec(step)
-    _, model = build_from_spec(spec)
+    model = build_model_from_spec(spec)
     params = ckpt.restore_params(step, _abstract_params(model, spec))
     ckpt.close()
     return write_export(spec, params, out)
@@ -93,7 +93,7 @@ def read_export(directory: str) -> Weights:
     """An export -> Weights (flat, unrolled, in host memory)."""
     directory = os.path.abspath(directory)
     spec = read_spec(directory)
-    _, model = build_from_spec(spec)
+    model = build_model_from_spec(spec)
     params = ocp.StandardCheckpointer().restore(
         os.path.join(directory, "params"), _abstract_params(model, spec, jax.devices("cpu")[0])
     )

@@ -159,22 +159,26 @@ def grounding_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, kind: s
 
 def tag_loss(z: jax.Array, ztag: jax.Array, target: jax.Array, valid: jax.Array, beta: float) -> jax.Array:
     """UMG-CLIP's tag loss: Smooth L1 between cosine similarity and a multi-hot target (labels overlap,
-    so each tag is its own regression). z [R, E], ztag [T, E] unit vectors, target [R, T], valid [R]."""
+    so each tag is its own regression). z [R, E], ztag [T, E] unit vectors, target [R, T], valid [R]:
+    the mean over valid rows only (0, with zero gradient, when none is valid)."""
     per_tag = optax.huber_loss(z @ ztag.T, target, delta=beta) / beta
     return jnp.sum(jnp.where(valid[:, None], per_tag, 0.0)) / (jnp.maximum(valid.sum(), 1) * ztag.shape[0])
 
 
 def _tag_losses(out: dict, batch: dict, tags) -> dict[str, jax.Array]:
-    """Weighted image-tag and region-tag losses, keyed by metric name."""
+    """Weighted image-tag and region-tag losses, keyed by metric name. Only images whose source has tags
+    (`image_tags_valid` [B]) count: an untagged image's all-zero target means "unknown", not "none"."""
     losses = {}
     if tags.image_weight > 0:
-        valid = jnp.ones(out["zimg"].shape[:1], bool)
+        valid = batch["image_tags_valid"]
         losses["loss/image_tags"] = tag_loss(out["zimg"], out["ztag"], batch["image_tags"], valid, tags.beta)
     if tags.region_weight > 0:
         if "zregion" not in out:
             raise ValueError("tags.region_weight > 0 needs region embeddings: set model.region_extractor")
         labels = batch["region_labels"].reshape(-1)
-        target = jax.nn.one_hot(labels, out["ztag"].shape[0])  # label -1 (padding) is all zeros
+        # Label -1 (padding, or no class known) is all zeros and masked; an untagged source's region labels
+        # are -1 or real classes (COCO instances), both right as they are.
+        target = jax.nn.one_hot(labels, out["ztag"].shape[0])
         z = out["zregion"].reshape(-1, out["zregion"].shape[-1])
         losses["loss/region_tags"] = tag_loss(z, out["ztag"], target, labels >= 0, tags.beta)
     return losses

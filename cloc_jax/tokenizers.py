@@ -23,6 +23,7 @@ import numpy as np
 TYPES = ("bytes", "sentencepiece", "clip_bpe", "words", "hf", "open_clip", "big_vision")
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 OPEN_CLIP_CLEAN = ("lower", "whitespace", "canonicalize")
+T5_SENTENCEPIECE = "gs://t5-data/vocabs/cc_en.32000/sentencepiece.model"  # CLOC's tokenizer (big_vision's c4_en)
 VOCAB_MULTIPLE = 128  # pad the embedding table so the `vocab` axis shards on any mesh
 
 
@@ -70,7 +71,10 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece
 
         super().__init__(lowercase)
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except RuntimeError as e:
+            raise ValueError(f"tokenizer.path={path!r} is not a SentencePiece model ({e})") from None
         self.shift = 0 if self.sp.pad_id() == 0 else 1
         eos = self.sp.eos_id()
         if eos < 0:
@@ -235,7 +239,11 @@ def from_spec(spec: ml_collections.ConfigDict | dict) -> Tokenizer:
     if kind == "bytes":
         return ByteTokenizer(lowercase)
     if not path or not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer.path={path!r} does not exist; {kind} needs a vocab file")
+        hint = f" (the paper configs use T5's: a local copy of {T5_SENTENCEPIECE})" if kind == "sentencepiece" else ""
+        raise FileNotFoundError(
+            f"tokenizer.path={path!r} does not exist; {kind} needs a vocab file: "
+            f"pass --config.tokenizer.path=FILE{hint}"
+        )
     if kind == "big_vision":
         return BigVisionTokenizer(path, lowercase, spec.get("pad_id", 1))
     if kind == "open_clip":

@@ -54,12 +54,14 @@ def dummy_batch(config: ml_collections.ConfigDict, batch: int = 1) -> dict:
     if pipeline.tags_enabled(config):
         num_tags = len(pipeline.make_source(config.data, "train", config.image_size).class_names)
         tags["image_tags"] = jnp.zeros((batch, num_tags), jnp.float32)
+        tags["image_tags_valid"] = jnp.zeros((batch,), bool)
     return dict(
         **tags,
         image=jnp.zeros((batch, side, side, 3), jnp.float32),
         tokens=jnp.zeros((batch, config.tokenizer.context_length), jnp.int32),
         boxes=jnp.zeros((batch, m, 4), jnp.float32),
         region_mask=jnp.zeros((batch, m), bool),
+        region_labels=jnp.full((batch, m), -1, jnp.int32),
         region_tokens=jnp.zeros((batch, m, config.tokenizer.region_context_length), jnp.int32),
     )
 
@@ -125,7 +127,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: Model, tx: optax.G
 
         (loss, (out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = model.clamp_logit_scale(optax.apply_updates(state.params, updates))
         metrics = dict(
             **parts,
             loss=loss,
@@ -162,6 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             adopt_architecture(config, ckpt.spec(latest) if pretrained is None else pretrained.spec, config.init_from)
     tokenizer, model, tx = build(config)
     spec = model_spec(config)
+    if config.eval_every and config.evals and not config.data.heldout:
+        print("No evaluation during training: data.heldout is unset", flush=True)
     writer = MetricWriter(workdir)
     data_stats = pipeline.DataStats()
     data_iter = pipeline.train_iterator(config, tokenizer, data_stats)

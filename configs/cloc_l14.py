@@ -1,10 +1,17 @@
-"""CLOC ViT-L/14 at 336 px, the paper's recipe (1024 TPU v5p chips, batch 32,768)."""
+"""CLOC ViT-L/14 at 336 px, the paper's recipe (1024 TPU v5p chips, batch 32,768).
+
+Real data: --config.data.train=SPEC [--config.data.heldout=SPEC] --config.tokenizer.path=<T5's SentencePiece
+model, gs://t5-data/vocabs/cc_en.32000/sentencepiece.model copied locally>; `:data=scenes` is a smoke test on
+the embedded scenes. The paper trains with AdamW, LAMB is our default: `--config.optim.name=adamw` switches.
+"""
 
 from cloc_jax.config import paper_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-    arg = parse_arg(arg, batch_size=32_768, image_size=336)
-    c = paper_config("L/14", arg.image_size, dict(width=768, depth=12, heads=12, mlp_dim=3072), embed_dim=768)
+    arg = parse_arg(arg, batch_size=32_768, image_size=336, data="")
+    c = paper_config(
+        "L/14", arg.image_size, dict(width=768, depth=12, heads=12, mlp_dim=3072), embed_dim=768, data=arg.data
+    )
     c.batch_size = arg.batch_size
     return c

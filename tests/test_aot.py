@@ -30,16 +30,24 @@ def test_bad_topology_and_slice_count_are_one_line():
         sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, slices=2))  # 8 CPU devices of one process
 
 
-@pytest.mark.parametrize("extractor", ["none", "prompter"])
-def test_analytic_flops_match_xla_on_an_unrolled_step(extractor):
-    """XLA counts every multiply-add of the unrolled program (also norms and softmaxes, which the
-    analytic count leaves out): the analytic matmul count must be within 10% below it."""
-    config = tiny_config(**{"model.scan": False, "model.region_extractor": extractor, "mesh.data": 1})
-    config.model.image.variant = "S/16"  # wide enough that matmuls dominate, as in real models
-    config.image_size = 64
-    xla = aot.compile_step(config, jax.devices()[:1])[0].cost_analysis()["flops"]
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("cloc_tiny", {}),  # Prompter regions, MAP head
+        ("umg_tiny", {}),  # token clustering, RoIAlign regions, image and region tags
+        ("cloc_tiny", {"tokenizer.region_pack_length": 32, "model.image.pool": "cls"}),  # packed region texts
+    ],
+)
+def test_analytic_flops_match_xla_on_an_unrolled_step(name, overrides):
+    """XLA counts every operation of the unrolled step; the analytic count is its matmuls, so it is
+    below, by the norms, activations, softmaxes and optimizer update (2-4% in these narrow models,
+    less in wide ones): it must be within 5% below. Leaving out the clustering or the tags (the old
+    count: 74% of XLA's for umg_tiny) or charging packed texts as M rows (136%) fails. XLA's count of
+    the lowered step is within 0.3% of the compiled one's, at a tenth of the time."""
+    config = tiny_config(name, **{"model.scan": False, "mesh.data": 1, **overrides})
+    xla = aot.lower_step(config, jax.devices()[:1])[0].cost_analysis()["flops"]
     analytic = aot.model_flops(config) * config.batch_size
-    assert 0.9 * xla < analytic <= 1.01 * xla, (analytic, xla)
+    assert 0.95 * xla < analytic <= xla, (analytic / xla, analytic, xla)
 
 
 def test_a_step_too_big_for_hbm_is_reported_not_raised():

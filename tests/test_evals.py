@@ -54,3 +54,35 @@ def test_zeroshot_evaluator_by_hand():
     results = dict(ZeroShot(names, ("a {}", "the {}")).run(FakeEncoder(vectors), [batch]))
     assert results["top1"] == pytest.approx(2 / 3)
     assert results["top5"] == 1.0
+
+
+def _seven_classes():
+    names = [f"c{i}" for i in range(7)]
+    return names, {f"a {n}": np.eye(7, dtype=np.float32)[i] for i, n in enumerate(names)}
+
+
+def test_zeroshot_leaves_unknown_labels_out_of_every_metric():
+    names, vectors = _seven_classes()
+    # Scores equal the image vector. Known rows: 0 right at rank 1; 2 (label 2) right at rank 2; 4 (label 5)
+    # ranked last of 7 -> top1 = 1/3, top5 = 2/3. Rows 1 and 3 are unknown (-1), row 5 is padding.
+    images = np.zeros((6, 7), np.float32)
+    images[0, 0] = 1
+    images[1, 3] = 1
+    images[2, [1, 2]] = [1, 0.5]
+    images[3, 6] = 1
+    images[4] = [7, 6, 5, 4, 3, 0, 1]
+    images[5, 6] = 1
+    labels, valid = np.array([0, -1, 2, -1, 5, 6]), np.array([True] * 5 + [False])
+    batches = [dict(image=images[s], label=labels[s], valid=valid[s]) for s in (slice(0, 3), slice(3, 6))]
+    results = dict(ZeroShot(names).run(FakeEncoder(vectors), batches))
+    assert results == pytest.approx({"top1": 1 / 3, "top5": 2 / 3})
+    known = np.array([0, 2, 4])
+    without = dict(image=images[known], label=labels[known], valid=np.ones(3, bool))
+    assert dict(ZeroShot(names).run(FakeEncoder(vectors), [without])) == pytest.approx(results)
+
+
+def test_zeroshot_with_no_known_label_reports_no_metric():
+    names, vectors = _seven_classes()
+    batch = dict(image=np.eye(7, dtype=np.float32)[:3], label=np.full(3, -1), valid=np.ones(3, bool))
+    with pytest.warns(UserWarning, match="no sample has a known label"):
+        assert dict(ZeroShot(names).run(FakeEncoder(vectors), [batch])) == {}

@@ -16,6 +16,9 @@ def test_mean_class_accuracy_by_hand():
     labels = np.array([0, 0, 0, 0, 1, 2, 2])
     pred = np.array([0, 0, 0, 1, 1, 0, 2])
     assert mean_class_accuracy(pred, labels) == pytest.approx((3 / 4 + 1 + 1 / 2) / 3)
+    unknown = np.array([-1, -1, -1])  # label -1 is no class: it adds none and changes none
+    got = mean_class_accuracy(np.concatenate([pred, [0, 1, 2]]), np.concatenate([labels, unknown]))
+    assert got == pytest.approx((3 / 4 + 1 + 1 / 2) / 3)
 
 
 def test_crop_and_resize_reference():
@@ -76,6 +79,51 @@ def test_crop_classification_encodes_each_valid_box():
     results = dict(CropClassification(["c 0", "c 1", "c 2"], ("{}",)).run(FakeEncoder(), [batch]))
     # predictions 2, 2, 0 against labels 0, 2, 2 -> class 0: 0/1, class 2: 1/2
     assert results["macc_crop"] == pytest.approx(0.25)
+
+
+def _batch_with_unknown_labels():
+    """3 images x 4 slots; regions predict axis 0, 1, 2 by their x0 (0.0, 0.1, 0.2). Row 2 is padding."""
+    x0 = np.array([[0.0, 0.1, 0.2, 0.0], [0.2, 0.0, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    boxes = np.zeros((3, 4, 4), np.float32)
+    boxes[..., 0], boxes[..., 2:] = x0, 1.0
+    return dict(
+        image=np.zeros((3, 4, 4, 3), np.float32),
+        boxes=boxes,
+        region_mask=np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], bool),
+        valid=np.array([True, True, False]),
+        region_labels=np.array([[0, -1, 2, 2], [-1, 1, 1, 1], [0, 0, 0, 0]]),
+    )
+
+
+def _reference_macc(pairs):
+    """(prediction, label) pairs of known regions -> (mAcc, accuracy), class by class."""
+    pred, labels = np.array(pairs).T
+    per_class = [np.mean(pred[labels == c] == c) for c in sorted(set(labels.tolist()))]
+    return np.mean(per_class), np.mean(pred == labels)
+
+
+def test_region_classification_leaves_unknown_labels_out():
+    evaluator = RegionClassification(["c 0", "c 1", "c 2"], ("{}",))
+    results = dict(evaluator.run(FakeEncoder(), [_batch_with_unknown_labels()]))
+    # Known regions (prediction, label): image 0 -> (0, 0), (2, 2), (0, 2); image 1 -> (0, 1), (1, 1).
+    macc, acc = _reference_macc([(0, 0), (2, 2), (0, 2), (0, 1), (1, 1)])
+    assert (macc, acc) == pytest.approx(((1 + 1 / 2 + 1 / 2) / 3, 3 / 5))
+    assert results == pytest.approx({"macc": macc, "acc": acc})
+
+
+def test_crop_classification_leaves_unknown_labels_out():
+    batch = _batch_with_unknown_labels()
+    batch["image"][0] = 2.0  # crops of image 0 predict class 2, of image 1 class 0
+    results = dict(CropClassification(["c 0", "c 1", "c 2"], ("{}",)).run(FakeEncoder(), [batch]))
+    macc, _ = _reference_macc([(2, 0), (2, 2), (2, 2), (0, 1), (0, 1)])
+    assert macc == pytest.approx((0 + 0 + 1) / 3) and results == pytest.approx({"macc_crop": macc})
+
+
+@pytest.mark.parametrize("kind", [RegionClassification, CropClassification])
+def test_region_classification_with_no_known_label_reports_no_metric(kind):
+    batch = dict(_batch_with_unknown_labels(), region_labels=np.full((3, 4), -1))
+    with pytest.warns(UserWarning, match="no sample has a known label"):
+        assert dict(kind(["c 0", "c 1", "c 2"], ("{}",)).run(FakeEncoder(), [batch])) == {}
 
 
 def test_region_retrieval_counts_identical_texts_as_hits():

@@ -1,4 +1,5 @@
-"""UMG-CLIP tag supervision: Smooth L1 against multi-hot targets (float64 reference), and a step with tags."""
+"""UMG-CLIP tag supervision: Smooth L1 against multi-hot targets (float64 reference), only over images whose
+source has tags, and a step with tags."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,12 @@ import pytest
 
 from cloc_jax.data import pipeline
 from cloc_jax.losses import tag_loss, training_loss
-from cloc_jax.train import build
+from cloc_jax.tokenizers import ByteTokenizer
+from cloc_jax.train import build, dummy_batch
 from tests.conftest import tiny_config
+from tests.data import fixtures
+
+IMAGE_TAGS = ml_collections.ConfigDict(dict(image_weight=1.0, region_weight=0.0, beta=0.1))
 
 
 def _smooth_l1(x, beta):
@@ -49,6 +54,7 @@ def test_training_loss_adds_weighted_image_and_region_tag_terms():
         region_mask=np.array([[1, 1, 0], [1, 0, 0]], bool),
         region_labels=np.array([[2, 0, -1], [3, -1, -1]]),
         image_tags=np.array([[1, 0, 1, 0], [0, 0, 0, 1]], np.float32),
+        image_tags_valid=np.ones(2, bool),
     )
     out, batch = jax.tree.map(jnp.asarray, (out, batch))
     region_cfg = ml_collections.ConfigDict(dict(weight=1.0, filter_threshold=0.9, grounding="l2", grounding_weight=1.0))
@@ -73,6 +79,7 @@ def test_pipeline_makes_multi_hot_image_tags_from_the_objects():
     for row in range(16):
         record = source[int(batch["index"][row])]
         assert set(np.flatnonzero(batch["image_tags"][row])) == set(record["region_labels"].tolist())
+    assert batch["image_tags_valid"].dtype == bool and batch["image_tags_valid"].all()  # scenes have tags
     assert pipeline.tag_tokens(config, tokenizer).shape == (len(source.class_names), 24)
 
 
@@ -81,3 +88,53 @@ def test_region_tags_without_regions_are_one_line():
     tags = ml_collections.ConfigDict(dict(image_weight=0.0, region_weight=1.0, beta=0.1))
     with pytest.raises(ValueError, match="needs region embeddings"):
         training_loss(out, dict(region_labels=jnp.zeros((2, 1), int)), None, tags=tags)
+
+
+def _image_tag_loss(batch: dict, e: int = 8, seed: int = 0) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """(loss/image_tags of training_loss, its float64 reference over the valid rows, zimg, ztag) for
+    random unit embeddings."""
+    rng = np.random.default_rng(seed)
+    b, t = batch["image_tags"].shape
+    zimg, ztag = _unit(rng.normal(size=(b, e))), _unit(rng.normal(size=(t, e)))
+    out = dict(zimg=zimg, ztxt=_unit(rng.normal(size=(b, e))), scale=10.0, ztag=ztag)
+    fields = {k: batch[k] for k in ("image_tags", "image_tags_valid")}
+    _, parts = training_loss(*jax.tree.map(jnp.asarray, (out, fields)), None, tags=IMAGE_TAGS)
+    rows = np.flatnonzero(batch["image_tags_valid"])
+    want = np.mean(_smooth_l1(zimg[rows] @ ztag.T - batch["image_tags"][rows], 0.1)) if len(rows) else 0.0
+    return float(parts["loss/image_tags"]), want, zimg, ztag
+
+
+def test_a_mixture_with_an_untagged_source_scores_only_the_tagged_images(tmp_path):
+    coco = fixtures.coco_captions_only(fixtures.write_coco(str(tmp_path), fixtures.scene_records(8)))
+    config = tiny_config(**{"data.train": f"0.5*scenes + 0.5*{coco}", "tags.image_weight": 1.0})
+    batch = next(pipeline.train_iterator(config, ByteTokenizer()))
+    source = pipeline.make_source(config.data, "train", config.image_size)
+    from_scenes = np.array([isinstance(source[int(i)]["image"], np.ndarray) for i in batch["index"]])
+    np.testing.assert_array_equal(batch["image_tags_valid"], from_scenes)  # coco captions: untagged
+    assert 0 < from_scenes.sum() < len(from_scenes) and not batch["image_tags"][~from_scenes].any()
+    got, want, zimg, ztag = _image_tag_loss(batch)
+    assert got == pytest.approx(want, rel=1e-5)
+    every_row = np.mean(_smooth_l1(zimg @ ztag.T - batch["image_tags"], 0.1))
+    assert got != pytest.approx(every_row, rel=1e-3)  # what counting the untagged images gave
+
+
+def test_a_batch_without_tagged_images_has_no_image_tag_loss_or_gradient():
+    batch = dict(image_tags=np.zeros((4, 5), np.float32), image_tags_valid=np.zeros(4, bool))
+    got, want, zimg, ztag = _image_tag_loss(batch)
+    assert (got, want) == (0.0, 0.0)
+
+    def loss(zimg, ztag):
+        out = dict(zimg=zimg, ztxt=zimg, scale=10.0, ztag=ztag)
+        return training_loss(out, jax.tree.map(jnp.asarray, batch), None, tags=IMAGE_TAGS)[1]["loss/image_tags"]
+
+    grads = jax.grad(loss, argnums=(0, 1))(jnp.asarray(zimg, jnp.float32), jnp.asarray(ztag, jnp.float32))
+    for grad in grads:
+        assert np.isfinite(grad).all() and not np.any(grad)
+
+
+def test_dummy_batch_has_the_tag_fields_of_a_real_batch():
+    config = tiny_config(**{"tags.image_weight": 1.0})
+    real = next(pipeline.train_iterator(config, ByteTokenizer()))
+    dummy = dummy_batch(config, config.batch_size)
+    for key in ("image_tags", "image_tags_valid"):
+        assert (dummy[key].shape, dummy[key].dtype) == (real[key].shape, real[key].dtype)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cloc_jax.models.spec import build_from_spec, default_spec, with_defaults
+from cloc_jax.models.spec import build_model_from_spec, default_spec, with_defaults
 
 _BLOCK = re.compile(r"^(.*/encoder\w*)/block_(\d+)/(.*)$")  # encoder, encoder_clustered
 _STACK = re.compile(r"^(.*/encoder\w*)/blocks/(.*)$")
@@ -71,7 +71,7 @@ def expected_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
     import jax.numpy as jnp
 
     spec = with_defaults(spec)
-    _, model = build_from_spec(spec)
+    model = build_model_from_spec(spec)
     side, context = spec["image_size"], spec["tokenizer"]["context_length"]
     inputs = dict(images=jnp.zeros((1, side, side, 3)), tokens=jnp.zeros((1, context), jnp.int32))
     if model.region_extractor != "none":  # the region heads only exist when called with regions

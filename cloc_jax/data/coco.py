@@ -6,6 +6,8 @@ Any mix of these files describes one image set (records are joined by image id):
   w, h] in pixels, category_id}]`, `categories[{id, name}]` (category names become `class_names`);
 - RefCOCO refs (`refs(unc).p` pickle as released, or the same list as JSON): `[{ann_id, sentences:
   [{sent}]}]`, attaching a referring expression to an instance box.
+An image's tags (its instances' categories) are known only if an instances/LVIS file lists it: one that
+only a captions file lists is untagged (`has_tags` False), not an image with nothing in it.
 Images are `IMAGE_DIR/<file_name>` (LVIS: the basename of `coco_url`), read when a record is asked for.
 """
 
@@ -35,6 +37,7 @@ class CocoSource:
         objects = defaultdict(list)  # image id -> [(annotation id, bbox, category id)]
         categories: dict[int, str] = {}
         refs: dict[int, str] = {}
+        tagged: set[int] = set()  # images of an instances/LVIS file: their categories are annotated
         for path in annotation_files:
             data = _load(path)
             if isinstance(data, list):  # RefCOCO refs
@@ -44,6 +47,8 @@ class CocoSource:
                 continue
             for image in data.get("images", []):
                 images[image["id"]] = image
+            if "categories" in data and "annotations" in data:  # not captions, not test image info
+                tagged.update(image["id"] for image in data.get("images", []))
             for category in data.get("categories", []):
                 categories[category["id"]] = category["name"].replace("_", " ")
             for ann in data.get("annotations", []):
@@ -58,6 +63,7 @@ class CocoSource:
         self._label = {cid: i for i, cid in enumerate(self.category_ids)}
         self.ids = sorted(images)
         self.images, self.captions, self.objects, self.refs = images, captions, objects, refs
+        self.tagged = tagged
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -87,4 +93,5 @@ class CocoSource:
         record["region_texts"] = [self.class_names[i] if i >= 0 else "" for i in labels]
         record["referring"] = referring
         record["tags"] = np.unique([i for i in labels if i >= 0]).astype(np.int32)
+        record["has_tags"] = image_id in self.tagged
         return record

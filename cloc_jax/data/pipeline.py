@@ -25,6 +25,11 @@ def make_source(data: ml_collections.ConfigDict, split: str, image_size: int):
     """The source of `split` from its spec (`data.train` / `data.heldout`, see sources.py)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; choose one of {SPLITS}")
+    if not data[split].strip():
+        raise ValueError(
+            f"data.{split} is unset: give a source, e.g. --config.data.{split}=array_record:/data/{split}-*.ar "
+            "(spec strings: cloc_jax/data/sources.py), or the config arg data=scenes for the embedded scenes"
+        )
     size = data.train_size if split == "train" else data.heldout_size
     return sources.from_spec(data[split], image_size, scenes_size=size, seed=data.seed)
 
@@ -67,7 +72,8 @@ class Preprocess(grain.transforms.RandomMap):
     Training (`random_map`, `augment` set) resizes as `augment.resize` says, may flip, samples one caption
     and M regions; evaluation (`map`) is deterministic: long-side resize + pad, first caption, first M
     regions. Boxes are repaired (corners reordered, clipped); unusable ones are dropped and counted; a
-    record without a usable image or any text becomes None (grain skips it) and is counted.
+    record without a usable image or any text becomes None (grain skips it) and is counted. With tags,
+    `image_tags` [T] is multi-hot and `image_tags_valid` (bool) says whether the record's source has tags.
     """
 
     def __init__(
@@ -92,7 +98,7 @@ class Preprocess(grain.transforms.RandomMap):
                 )
             if not 0 <= augment.flip <= 1:
                 raise ValueError(f"data.augment.flip={augment.flip} is a probability: use a value in [0, 1]")
-        self.num_tags = num_tags  # > 0: a multi-hot `image_tags` [num_tags] from the record's tag indices
+        self.num_tags = num_tags  # > 0: `image_tags` [num_tags] and `image_tags_valid` from the record's tags
         self.context_length = tokenizer_cfg.context_length
         self.region_context_length = tokenizer_cfg.region_context_length
         self.region_pack_length = tokenizer_cfg.region_pack_length
@@ -192,6 +198,7 @@ class Preprocess(grain.transforms.RandomMap):
             out["image_tags"] = np.zeros(self.num_tags, np.float32)
             tags = np.asarray(record["tags"], np.int64)
             out["image_tags"][tags[(tags >= 0) & (tags < self.num_tags)]] = 1.0
+            out["image_tags_valid"] = np.bool_(record["has_tags"])  # False: tags unknown, not absent
         return out
 
 

@@ -10,6 +10,7 @@ A record (a dict) is what the pipeline's `Preprocess` reads, whatever the source
     region_labels int32 [N]            index into the source's `class_names`, -1 when unknown
     referring     list[str] (N)        a referring expression per box, "" when there is none
     tags          int32 [T]            image-level tags, indices into `class_names`
+    has_tags      bool                 whether the source annotates tags: if not, `tags` is unknown, not empty
     label         int                  image class (index into `class_names`), -1 when unknown
 
 On disk each record is one msgpack map with the same keys (boxes as a list of 4-lists, the image
@@ -40,6 +41,7 @@ def empty_record(index: int, image) -> dict:
         region_labels=np.zeros((0,), np.int32),
         referring=[],
         tags=np.zeros((0,), np.int32),
+        has_tags=False,
         label=-1,
     )
 
@@ -57,6 +59,7 @@ def serialize(record: dict) -> bytes:
             region_labels=np.asarray(record["region_labels"], np.int64).tolist(),
             referring=list(record["referring"]),
             tags=np.asarray(record["tags"], np.int64).tolist(),
+            has_tags=bool(record["has_tags"]),
             label=int(record["label"]),
         )
     )
@@ -83,6 +86,7 @@ def deserialize(data: bytes, index: int) -> dict:
         region_labels=np.asarray(get("region_labels", []), np.int32),
         referring=[text(t) for t in get("referring", [])],
         tags=np.asarray(get("tags", []), np.int32),
+        has_tags=bool(get("has_tags", b"tags" in raw)),  # shards from before the flag: tagged if they store tags
         label=int(get("label", -1)),
     )
 

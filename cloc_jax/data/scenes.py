@@ -108,6 +108,7 @@ class Scenes:
             region_texts=region_texts,
             region_labels=np.array(kept, np.int32),
             tags=np.unique(np.array(kept, np.int32)),  # image-level tags: indices into class_names
+            has_tags=True,
             referring=referring,
             label=np.int32(kept[int(np.argmax(areas))]),  # the largest object names the image
         )

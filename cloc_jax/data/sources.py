@@ -41,6 +41,7 @@ def _tfds_record(example: dict, index: int, names: tuple) -> dict:
     captions = example.get("captions", {}).get("text")
     record["captions"] = [_text(c) for c in np.asarray(captions).reshape(-1)] if captions is not None else []
     record["tags"] = np.unique(labels[labels >= 0]).astype(np.int32)
+    record["has_tags"] = bool(names)  # ref_coco's bare category ids name no class
     return record
 
 
@@ -67,7 +68,8 @@ class TfdsSource:
 
 class Mixture:
     """Weighted mixture of sources (grain's `MapDataset.mix`), with one class vocabulary: the union of
-    theirs in order, every source's label and tag indices remapped into it."""
+    theirs in order, every source's label and tag indices remapped into it. Each record keeps its own
+    source's `has_tags`, so an untagged source's images are not taken for images without tags."""
 
     def __init__(self, sources: list, weights: list[float]):
         names: list[str] = []

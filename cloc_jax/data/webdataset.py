@@ -10,7 +10,8 @@ A sample is the files of one key (`dir/name` up to the first dot): an image (`.j
 
 Boxes are xyxy: normalised when every coordinate is <= 1, else pixels (normalised by the JSON's width
 and height, or the image's). Tags and region names index `class_names.json` beside the shards when it
-exists. The tars are indexed once (headers only) and then read by offset, so grain can shuffle globally.
+exists; a sample has tags (`has_tags`) only with that vocabulary and a `tags` key, even an empty one.
+The tars are indexed once (headers only) and then read by offset, so grain can shuffle globally.
 """
 
 import glob
@@ -112,4 +113,5 @@ class WebDatasetSource:
         record["region_labels"] = np.asarray([self._label.get(t, -1) for t in texts], np.int32)
         record["referring"] = [str(r.get("referring", "")) for r in regions]
         record["tags"] = np.unique([self._label[t] for t in meta.get("tags", []) if t in self._label]).astype(np.int32)
+        record["has_tags"] = bool(self.class_names) and "tags" in meta
         return record

@@ -28,9 +28,12 @@ def build(cfg: ml_collections.ConfigDict, source):
 
 
 def run_all(config: ml_collections.ConfigDict, encoder) -> dict[str, float]:
-    """Runs every configured evaluator on its split; returns {"<prefix>/<metric>": value}."""
+    """Runs every configured evaluator on its split (none whose split is unset); returns
+    {"<prefix>/<metric>": value}."""
     results = {}
     for cfg in config.evals.values():
+        if not config.data[cfg.split]:
+            continue
         if cfg.type == "grounding" and encoder.model.prompter is None:
             continue  # only the Prompter has a grounding head (RoIAlign and CLIP-only models do not)
         source = pipeline.make_source(config.data, cfg.split, config.image_size)

@@ -6,12 +6,13 @@ and the crop-and-encode baseline that any CLIP can run. Batches carry `boxes`, `
 import numpy as np
 
 from cloc_jax.boxes import iou_and_giou
-from cloc_jax.evals.zeroshot import class_embeddings
+from cloc_jax.evals.zeroshot import any_known, class_embeddings
 
 
 def mean_class_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
-    """Accuracy per class present in `labels`, averaged over those classes (COCO/LVIS region mAcc)."""
-    return float(np.mean([np.mean(pred[labels == c] == c) for c in np.unique(labels)]))
+    """Accuracy per class present in `labels`, averaged over those classes (COCO/LVIS region mAcc).
+    Label -1 (unknown) is no class: those samples are left out."""
+    return float(np.mean([np.mean(pred[labels == c] == c) for c in np.unique(labels[labels >= 0])]))
 
 
 def _valid(batch) -> np.ndarray:
@@ -19,8 +20,14 @@ def _valid(batch) -> np.ndarray:
     return batch["region_mask"] & batch["valid"][:, None]
 
 
+def _known(batch) -> np.ndarray:
+    """[B, M] valid regions of a known class (label -1 is scored by no class metric)."""
+    return _valid(batch) & (batch["region_labels"] >= 0)
+
+
 class RegionClassification:
-    """Each ground-truth box -> the nearest class-name embedding; reports `macc` (and plain `acc`)."""
+    """Each ground-truth box of a known class -> the nearest class-name embedding; reports `macc` (and
+    plain `acc`)."""
 
     prefix = "region"
 
@@ -31,13 +38,14 @@ class RegionClassification:
         classes = class_embeddings(encoder, self.class_names, self.templates)
         preds, labels = [], []
         for batch in batches:
-            valid = _valid(batch)
-            z = encoder.encode_regions(batch["image"], batch["boxes"])[valid]
+            known = _known(batch)
+            z = encoder.encode_regions(batch["image"], batch["boxes"])[known]
             preds.append((z @ classes.T).argmax(-1))
-            labels.append(batch["region_labels"][valid])
+            labels.append(batch["region_labels"][known])
         preds, labels = np.concatenate(preds), np.concatenate(labels)
-        yield "macc", mean_class_accuracy(preds, labels)
-        yield "acc", float(np.mean(preds == labels))
+        if any_known(labels, "region_classification"):
+            yield "macc", mean_class_accuracy(preds, labels)
+            yield "acc", float(np.mean(preds == labels))
 
 
 def crop_and_resize(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
@@ -60,7 +68,7 @@ class CropClassification(RegionClassification):
         classes = class_embeddings(encoder, self.class_names, self.templates)
         preds, labels = [], []
         for batch in batches:
-            size, valid = batch["image"].shape[1], _valid(batch)
+            size, known = batch["image"].shape[1], _known(batch)
             # Every (image, box) slot is cropped, padding included, so the encoder sees one static shape.
             crops = [
                 crop_and_resize(image, box, size)
@@ -68,9 +76,11 @@ class CropClassification(RegionClassification):
                 for box in boxes
             ]
             scores = encoder.encode_image(np.stack(crops)) @ classes.T
-            preds.append(scores.argmax(-1)[valid.reshape(-1)])
-            labels.append(batch["region_labels"][valid])
-        yield "macc_crop", mean_class_accuracy(np.concatenate(preds), np.concatenate(labels))
+            preds.append(scores.argmax(-1)[known.reshape(-1)])
+            labels.append(batch["region_labels"][known])
+        preds, labels = np.concatenate(preds), np.concatenate(labels)
+        if any_known(labels, "region_crop"):
+            yield "macc_crop", mean_class_accuracy(preds, labels)
 
 
 def same_text(tokens: np.ndarray) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Zero-shot classification: each class is the mean embedding of its prompts; predict the nearest."""
 
+import warnings
+
 import numpy as np
 
 
@@ -10,8 +12,18 @@ def class_embeddings(encoder, class_names, templates) -> np.ndarray:
     return z / np.linalg.norm(z, axis=-1, keepdims=True)
 
 
+def any_known(labels: np.ndarray, evaluator: str) -> bool:
+    """Whether any sample has a known class. Samples of label -1 (unknown) are left out of every class
+    metric before this; with none left the metrics are undefined, so the evaluator reports none (and
+    warns) instead of a NaN."""
+    if len(labels):
+        return True
+    warnings.warn(f"{evaluator}: no sample has a known label (all -1), so no class metric is reported", stacklevel=2)
+    return False
+
+
 class ZeroShot:
-    """Batches carry `image` and an integer `label` indexing `class_names`."""
+    """Batches carry `image` and an integer `label` indexing `class_names`, -1 (unknown) left out."""
 
     prefix = "zeroshot"
 
@@ -20,13 +32,13 @@ class ZeroShot:
 
     def run(self, encoder, batches):
         classes = class_embeddings(encoder, self.class_names, self.templates)
-        correct, top5 = [], []
+        ranked, labels = [], []
         for batch in batches:
-            valid = batch["valid"]
-            scores = encoder.encode_image(batch["image"])[valid] @ classes.T
-            labels = batch["label"][valid]
-            ranked = np.argsort(-scores, axis=1)
-            correct.append(ranked[:, 0] == labels)
-            top5.append((ranked[:, :5] == labels[:, None]).any(1))
-        yield "top1", float(np.concatenate(correct).mean())
-        yield "top5", float(np.concatenate(top5).mean())
+            known = batch["valid"] & (batch["label"] >= 0)
+            scores = encoder.encode_image(batch["image"])[known] @ classes.T
+            ranked.append(np.argsort(-scores, axis=1)[:, :5])
+            labels.append(batch["label"][known])
+        ranked, labels = np.concatenate(ranked), np.concatenate(labels)
+        if any_known(labels, "zeroshot"):
+            yield "top1", float(np.mean(ranked[:, 0] == labels))
+            yield "top5", float(np.mean((ranked == labels[:, None]).any(1)))

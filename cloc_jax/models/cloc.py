@@ -35,6 +35,14 @@ class Model(nn.Module):
     region_pack_length: int = 0  # > 0: training packs each image's region texts into one row this long
     max_logit_scale: float = MAX_LOGIT_SCALE  # 0: unclamped (imported checkpoints keep their learned value)
 
+    def clamp_logit_scale(self, params: dict) -> dict:
+        """Parameters with the temperature clamped at `max_logit_scale`, applied after each optimizer step
+        (as open_clip does): a clamp in the forward pass would zero the gradient past the limit, and momentum
+        would then push the parameter up where it could never come back. SigLIP's bias stays free."""
+        if not self.max_logit_scale:
+            return params
+        return {**params, "log_scale": jnp.minimum(params["log_scale"], jnp.log(self.max_logit_scale))}
+
     def setup(self):
         if self.loss not in LOSSES:
             raise ValueError(f"model.loss={self.loss!r}; choose one of {LOSSES}")
@@ -67,7 +75,7 @@ class Model(nn.Module):
         return self._regions(self.prompter.memory(grid), grid.shape[1:3], boxes)
 
     def pool_regions(self, images: jax.Array, boxes: jax.Array) -> jax.Array:
-        """CLIP-only regions: box-weighted token averages through the image head -> [B, M, E] unit vectors."""
+        """CLIP-only regions: the image's own head inside each box (`ViT`'s "coverage") -> [B, M, E] unit vectors."""
         return normalize(self.image(images, boxes)[2].astype(jnp.float32))
 
     def ground(self, grid: jax.Array, text_embeddings: jax.Array) -> jax.Array:
@@ -87,10 +95,7 @@ class Model(nn.Module):
         return self.prompter.box_head(pooled, attention, grid_shape)
 
     def logit_params(self) -> tuple[jax.Array, jax.Array | None]:
-        scale = jnp.exp(self.log_scale)
-        if self.max_logit_scale:
-            scale = jnp.minimum(scale, self.max_logit_scale)
-        return scale, self.bias
+        return jnp.exp(self.log_scale), self.bias
 
     def __call__(
         self,

@@ -44,24 +44,36 @@ def spec_mismatch(saved: dict, current: dict) -> str | None:
     return None
 
 
-def build_from_spec(spec: dict) -> tuple[Tokenizer, Model]:
-    """Spec -> (tokenizer, model): training, export, loading and imports all build models here."""
+def build_model_from_spec(spec: dict) -> Model:
+    """Spec -> model. The tokenizer file is read only when the model takes its vocabulary size from it
+    (`model.text.vocab_size` = 0), so a config that states the size compiles (AOT) without the file."""
     spec = with_defaults(spec)
-    if spec["tokenizer"]["region_context_length"] > spec["tokenizer"]["context_length"]:
+    tok = spec["tokenizer"]
+    if tok["region_context_length"] > tok["context_length"]:
         raise ValueError(
-            f"tokenizer.region_context_length={spec['tokenizer']['region_context_length']} exceeds "
-            f"tokenizer.context_length={spec['tokenizer']['context_length']}"
+            f"tokenizer.region_context_length={tok['region_context_length']} exceeds "
+            f"tokenizer.context_length={tok['context_length']}"
         )
-    pack = spec["tokenizer"]["region_pack_length"]
-    if 0 < pack < spec["tokenizer"]["region_context_length"]:
+    pack = tok["region_pack_length"]
+    if 0 < pack < tok["region_context_length"]:
         raise ValueError(
             f"tokenizer.region_pack_length={pack} is shorter than one region text "
-            f"(region_context_length={spec['tokenizer']['region_context_length']}); use 0 (no packing) or more"
+            f"(region_context_length={tok['region_context_length']}); use 0 (no packing) or more"
         )
-    tokenizer = tokenizers.from_spec(spec["tokenizer"])
-    model_config = ml_collections.ConfigDict(spec["model"])
-    context = spec["tokenizer"]["context_length"]
-    return tokenizer, build_model(model_config, spec["image_size"], tokenizer.padded_vocab_size, context, pack)
+    vocab = spec["model"]["text"]["vocab_size"] or tokenizers.from_spec(tok).padded_vocab_size
+    return build_model(ml_collections.ConfigDict(spec["model"]), spec["image_size"], vocab, tok["context_length"], pack)
+
+
+def build_from_spec(spec: dict) -> tuple[Tokenizer, Model]:
+    """Spec -> (tokenizer, model): training, export, loading and imports all build models here."""
+    model = build_model_from_spec(spec)
+    tokenizer = tokenizers.from_spec(with_defaults(spec)["tokenizer"])
+    if tokenizer.vocab_size > model.text.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but model.text.vocab_size={model.text.vocab_size}: "
+            "set model.text.vocab_size=0 (the tokenizer's size) or the tokenizer's size"
+        )
+    return tokenizer, model
 
 
 # Keys that belong to how a run trains, not to what the weights mean: a run started from a checkpoint keeps

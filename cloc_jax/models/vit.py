@@ -105,13 +105,11 @@ def resize_posemb(posemb: jax.Array, grid: tuple[int, int], method: str = "bilin
     return jnp.einsum("ih,jw,hwd->ijd", rows, cols, posemb, precision="highest")
 
 
-def x_grid(grid: jax.Array) -> jax.Array:
-    """[B, h, w, D] -> [B, h*w, D]"""
-    return grid.reshape(grid.shape[0], -1, grid.shape[-1])
-
-
 class MapHead(nn.Module):
-    """Multihead attention pooling: a learned probe attends over the tokens [B, N, D] -> [B, D]."""
+    """Multihead attention pooling: a learned probe attends over the tokens [B, N, D] -> [B, D].
+
+    With `bias` [B, M, N] (log-weights over the tokens) the probe attends once per row -> [B, M, D]: the
+    same head pooling inside M boxes (a box-coverage bias keeps each row's attention in its box)."""
 
     heads: int
     mlp_dim: int
@@ -120,14 +118,21 @@ class MapHead(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
         probe = self.param(
             "probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")), (1, 1, x.shape[-1])
         )
-        probe = jnp.broadcast_to(probe, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
-        x = Attention(self.heads, dtype=self.dtype, name="attn")(probe, x)
-        x = x + Mlp(self.mlp_dim, self.dtype, self.activation, name="mlp")(layer_norm("ln", self.dtype, self.ln_eps)(x))
-        return x[:, 0]
+        rows = 1 if bias is None else bias.shape[1]
+        probe = jnp.broadcast_to(probe, (x.shape[0], rows, x.shape[-1])).astype(x.dtype)
+        y = Attention(self.heads, dtype=self.dtype, name="attn")(probe, x, None if bias is None else bias[:, None])
+        y = y + Mlp(self.mlp_dim, self.dtype, self.activation, name="mlp")(layer_norm("ln", self.dtype, self.ln_eps)(y))
+        return y[:, 0] if bias is None else y
+
+
+def coverage_bias(coverage: jax.Array) -> jax.Array:
+    """Box coverage [B, M, N] (rows sum to 1) -> attention log-weights: attending with it weighs each token
+    by its share of the box; tokens outside the box (and every token of an empty box) get -1e9."""
+    return jnp.where(coverage > 0, jnp.log(jnp.maximum(coverage, 1e-30)), -1e9)
 
 
 def _check_clustering(ratio: float, layer: int, depth: int, tokens: int) -> None:
@@ -182,9 +187,11 @@ class ViT(nn.Module):
     def __call__(self, images: jax.Array, boxes: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """-> (embedding [B, out_dim], grid [B, h, w, D], box-pooled embeddings [B, M, out_dim] or None).
 
-        Boxes [B, M, 4] (xyxy in [0, 1]) pool the grid, then take the same norm and projection as the
-        image: "coverage" averages tokens weighted by how much of each token's cell the box covers (the
-        CLIP-only baseline); "roi_align" is UMG-CLIP's RoIAlign on the token grid.
+        Boxes [B, M, 4] (xyxy in [0, 1]) pool the grid. "coverage" (the CLIP-only baseline) runs the
+        image's own head inside each box, tokens weighted by how much of their cell the box covers: the MAP
+        head attending with a coverage bias (`pool="map"`), else the coverage-weighted mean of the normed
+        tokens (`gap`'s mean restricted to the box; for `cls` the nearest box-local counterpart of the class
+        token). "roi_align" is UMG-CLIP's RoIAlign on the token grid, then the norm and projection.
         """
         if self.pool not in POOLS:
             raise ValueError(f"pool={self.pool!r}; choose one of {POOLS}")
@@ -245,10 +252,13 @@ class ViT(nn.Module):
         if boxes is not None:
             if self.region_pool == "roi_align":
                 scale = jnp.array([w, h, w, h], jnp.float32)
-                pooled_regions = roi_align(grid, boxes * scale, ROI_SIZE).mean(axis=(2, 3))
+                regions = proj(ln_post(roi_align(grid, boxes * scale, ROI_SIZE).mean(axis=(2, 3))))
             else:
-                pooled_regions = jnp.einsum("bmn,bnd->bmd", cell_coverage(boxes, h, w), x_grid(grid))
-            regions = proj(ln_post(pooled_regions))
+                coverage, tokens = cell_coverage(boxes, h, w).astype(x.dtype), x[:, num_prefix:]
+                if self.pool == "map":
+                    regions = proj(head(tokens, coverage_bias(coverage)))
+                else:
+                    regions = proj(jnp.einsum("bmn,bnd->bmd", coverage, tokens))
         return proj(pooled), grid, regions
 
     def _encode(self, x: jax.Array, size: ViTSize, num_prefix: int, grid: tuple[int, int]) -> jax.Array:

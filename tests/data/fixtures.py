@@ -58,8 +58,17 @@ def write_coco(directory: str, recs: list[dict]) -> str:
     return f"coco:{anns}@{os.path.join(directory, 'images')}"
 
 
-def write_webdataset(directory: str, recs: list[dict], per_shard: int = 4, pixel_boxes: bool = False) -> str:
-    """Tar shards of `<key>.png` + `<key>.json`; returns the `webdataset:` spec (a brace range)."""
+def coco_captions_only(coco_spec: str) -> str:
+    """The spec of `write_coco`'s captions file alone: captions and no instances, so no tags."""
+    files, _, images = coco_spec.removeprefix("coco:").rpartition("@")
+    return f"coco:{files.split(',')[0]}@{images}"
+
+
+def write_webdataset(
+    directory: str, recs: list[dict], per_shard: int = 4, pixel_boxes: bool = False, tags: bool = True
+) -> str:
+    """Tar shards of `<key>.png` + `<key>.json` (without a `tags` key unless `tags`); returns the
+    `webdataset:` spec (a brace range)."""
     os.makedirs(directory, exist_ok=True)
     shards = [recs[i : i + per_shard] for i in range(0, len(recs), per_shard)]
     for s, shard in enumerate(shards):
@@ -69,12 +78,13 @@ def write_webdataset(directory: str, recs: list[dict], per_shard: int = 4, pixel
                 scale = np.array([w, h, w, h]) if pixel_boxes else np.ones(4)
                 meta = dict(
                     captions=r["captions"],
-                    tags=[CLASS_NAMES[t] for t in r["tags"]],
                     regions=[
                         dict(bbox=(b * scale).tolist(), caption=t, referring=f)
                         for b, t, f in zip(r["boxes"], r["region_texts"], r["referring"])
                     ],
                 )
+                if tags:
+                    meta["tags"] = [CLASS_NAMES[t] for t in r["tags"]]
                 for ext, payload in (("png", r["image"]), ("json", json.dumps(meta).encode())):
                     info = tarfile.TarInfo(f"sample{r['index']:06d}.{ext}")
                     info.size = len(payload)

@@ -2,6 +2,7 @@
 
 import json
 
+import msgpack
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -49,6 +50,7 @@ def test_each_file_source_reads_back_what_was_written(recs, specs, kind):
         np.testing.assert_allclose(record["boxes"], want["boxes"], atol=1e-6)
         assert record["referring"] == want["referring"]
         np.testing.assert_array_equal(record["tags"], want["tags"])
+        assert record["has_tags"] is True
         if kind == "coco":  # class names as region texts, labels from categories
             np.testing.assert_array_equal(record["region_labels"], want["region_labels"])
             assert record["region_texts"] == [CLASS_NAMES[i] for i in want["region_labels"]]
@@ -79,6 +81,7 @@ def test_tfds_sources_through_mock_data(name, named_classes):
             if not named_classes:  # ref_coco: regions are named by their referring expressions
                 assert record["region_texts"] == record["referring"]
             assert record["image"].dtype == np.uint8 and record["image"].ndim == 3
+            assert record["has_tags"] == named_classes  # ref_coco's bare category ids name no tag
         raw = source.source[0]["objects"]["bbox"][0]  # tfds: (ymin, xmin, ymax, xmax)
         np.testing.assert_array_equal(source[0]["boxes"][0], raw[[1, 0, 3, 2]])
 
@@ -102,6 +105,30 @@ def test_mixture_follows_its_weights_and_unifies_the_vocabularies(specs):
     np.testing.assert_array_equal(others[0]["region_labels"], [CLASS_NAMES.index("blue cross"), len(CLASS_NAMES)])
     assert others[0]["label"] == CLASS_NAMES.index("blue cross")
     assert sources.from_spec(f"0.75*{specs['array_record']} + 0.25*scenes", 48).class_names == CLASS_NAMES
+
+
+def test_only_sources_that_annotate_tags_say_they_have_them(recs, specs, tmp_path):
+    captions = sources.from_spec(fixtures.coco_captions_only(specs["coco"]), 48)
+    assert len(captions) == N and not any(captions[i]["has_tags"] for i in range(N))
+    untagged = sources.from_spec(fixtures.write_webdataset(str(tmp_path / "no_tags"), recs, tags=False), 48)
+    assert not any(untagged[i]["has_tags"] for i in range(N))  # a sample without a `tags` key
+    without_vocabulary = fixtures.write_webdataset(str(tmp_path / "no_vocabulary"), recs)
+    (tmp_path / "no_vocabulary" / records.CLASS_NAMES_FILE).unlink()  # tag names index nothing
+    assert not sources.from_spec(without_vocabulary, 48)[0]["has_tags"]
+    assert sources.from_spec("scenes", 48)[0]["has_tags"] is True
+    assert records.empty_record(0, b"")["has_tags"] is False
+    mix = sources.from_spec(f"0.5*scenes + 0.5*{fixtures.coco_captions_only(specs['coco'])}", 48)
+    for i in range(20):  # each record keeps its own source's flag
+        assert mix[i]["has_tags"] == isinstance(mix[i]["image"], np.ndarray)  # scenes: arrays; coco: bytes
+
+
+def test_shards_from_before_the_tags_flag_are_tagged_if_they_store_tags(recs):
+    old = msgpack.unpackb(serialize(recs[0]))
+    del old["has_tags"]
+    assert deserialize(msgpack.packb(old), 0)["has_tags"] is True
+    del old["tags"]
+    assert deserialize(msgpack.packb(old), 0)["has_tags"] is False
+    assert deserialize(serialize(dict(recs[0], has_tags=False)), 0)["has_tags"] is False
 
 
 @pytest.mark.parametrize("kind", ["array_record", "coco", "webdataset", "mixture"])
@@ -159,3 +186,4 @@ def test_lvis_style_annotations_name_images_by_their_coco_url(recs, tmp_path):
     assert record["image"] == recs[0]["image"] and record["region_texts"] == ["zebra"]
     np.testing.assert_allclose(record["boxes"], [[0.25, 0.5, 0.5, 0.75]])
     np.testing.assert_array_equal(record["region_labels"], [1])
+    assert record["has_tags"] is True

@@ -83,24 +83,44 @@ def test_cell_coverage_is_the_covered_share_of_each_cell():
     np.testing.assert_allclose(w, np.array([0.25, 0.125, 0.0, 0.0]) / 0.375, atol=1e-6)
 
 
-def test_box_pooling_is_the_image_head_applied_to_the_covered_tokens():
-    model = ViT(variant="mu/8", pool="map", posemb_grid=4, out_dim=16)
+def _layer_norm(x, p, eps=1e-6):
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * p["scale"] + p["bias"]
+
+
+def _map_head(tokens, weights, p):
+    """NumPy float64 MAP head: the probe attends over `tokens` [N, D] with attention ∝ weights [N] x exp(qk)."""
+    a = p["attn"]
+    q = np.einsum("d,dhk->hk", p["probe"][0, 0], a["query"]["kernel"]) + a["query"]["bias"]
+    k = np.einsum("nd,dhk->nhk", tokens, a["key"]["kernel"]) + a["key"]["bias"]
+    v = np.einsum("nd,dhk->nhk", tokens, a["value"]["kernel"]) + a["value"]["bias"]
+    logits = np.einsum("hk,nhk->hn", q, k) / np.sqrt(q.shape[-1])
+    attn = weights * np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    y = np.einsum("hkd,hk->d", a["out"]["kernel"], np.einsum("hn,nhk->hk", attn, v)) + a["out"]["bias"]
+    h = _layer_norm(y, p["ln"]) @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"]
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    return y + h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_box_pooling_is_the_image_head_applied_to_the_covered_tokens(pool):
+    """A CLIP-only model's region goes through the head its image embedding goes through: the MAP head
+    attending only inside the box (tokens weighted by coverage), or the mean of the normed tokens."""
+    model = ViT(variant="mu/8", pool=pool, posemb_grid=4, out_dim=16)
     images = jax.random.normal(jax.random.key(2), (1, 32, 32, 3))
     variables = model.init(jax.random.key(0), images)
-    # Box 1: exactly token cell (row 1, col 2); box 2: cells (0, 0) and (0, 1) in equal parts.
-    boxes = jnp.array([[[0.5, 0.25, 0.75, 0.5], [0.0, 0.0, 0.5, 0.25]]])
-    _, grid, regions = model.apply(variables, images, boxes)
+    # Box 1: exactly token cell (row 1, col 2); box 2: cells (0, 0) and (0, 1) in equal parts; box 3: all.
+    boxes = jnp.array([[[0.5, 0.25, 0.75, 0.5], [0.0, 0.0, 0.5, 0.25], [0.0, 0.0, 1.0, 1.0]]])
+    emb, grid, regions = model.apply(variables, images, boxes)
     p = jax.tree.map(
         lambda x: np.asarray(x.value, np.float64), variables["params"], is_leaf=lambda x: hasattr(x, "value")
     )
-    g = np.asarray(grid, np.float64)[0]
-
-    def head(x):
-        x = (x - x.mean()) / np.sqrt(x.var() + 1e-6) * p["ln_post"]["scale"] + p["ln_post"]["bias"]
-        return x @ p["proj"]["kernel"]
-
-    np.testing.assert_allclose(regions[0, 0], head(g[1, 2]), atol=1e-4)
-    np.testing.assert_allclose(regions[0, 1], head((g[0, 0] + g[0, 1]) / 2), atol=1e-4)
+    tokens = _layer_norm(np.asarray(grid, np.float64)[0].reshape(16, -1), p["ln_post"])
+    for row, weights in enumerate([np.eye(16)[6], (np.eye(16)[0] + np.eye(16)[1]) / 2, np.full(16, 1 / 16)]):
+        pooled = _map_head(tokens, weights, p["map_head"]) if pool == "map" else weights @ tokens
+        np.testing.assert_allclose(regions[0, row], pooled @ p["proj"]["kernel"], atol=1e-4, err_msg=str(row))
+    if pool != "cls":  # the whole image as a box is the image embedding
+        np.testing.assert_allclose(regions[0, 2], emb[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("grid", [(7, 9), (2, 3), (3, 5)])
