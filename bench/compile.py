@@ -1,6 +1,6 @@
 """Compile time of the training step with the layers scanned vs unrolled, on this machine's devices.
 
-    python bench/compile.py --config=configs/cloc_l14.py --batch=8
+    python bench/compile.py --config=configs/cloc_l14.py:data=scenes --batch=8
 
 `nn.scan` compiles one layer body whatever the depth; unrolling compiles every layer. Prints one
 JSON line with both times and their ratio (measured in one run).

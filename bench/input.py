@@ -1,7 +1,7 @@
 """Input pipeline throughput per core, and the share of training time spent waiting for it.
 
     python bench/input.py                                   # images/s per core at 224 and 336 px
-    python bench/input.py --train_config=configs/cloc_b16.py --train_steps=6   # + data/wait_fraction
+    python bench/input.py --train_config=configs/cloc_b16.py:data=scenes --train_steps=6   # + data/wait_fraction
 
 Records are JPEG photographs' stand-ins (scenes rendered at 640 x 480, quality 90) in ArrayRecord
 shards; each goes through the full training transform: decode, random resized crop, flip with left/right

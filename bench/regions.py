@@ -1,8 +1,8 @@
 """Cost of the CLOC region stack: the training step with regions (Prompter, M regions, region texts,
 grounding) against the same model and batch without them, measured in one run.
 
-    python bench/regions.py --config=configs/cloc_b16.py --batch=16
-    python bench/regions.py --config=configs/cloc_b16.py --batch=16 --config.tokenizer.type=words \
+    python bench/regions.py --config=configs/cloc_b16.py:data=scenes --batch=16
+    python bench/regions.py --config=configs/cloc_b16.py:data=scenes --batch=16 --config.tokenizer.type=words \
         --config.tokenizer.path=cloc_jax/data/scenes_words.txt --config.tokenizer.region_pack_length=32
 
 Prints one JSON line; `ratio` = seconds with regions / seconds without (target <= 1.15).

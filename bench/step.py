@@ -1,6 +1,6 @@
 """Times the full training step and reports MFU against a matmul measured in the same process.
 
-    python bench/step.py --config=configs/cloc_b16.py --batch=16
+    python bench/step.py --config=configs/cloc_b16.py:data=scenes --batch=16
 
 Prints one JSON line: images_per_s, flops_per_step (XLA cost analysis of the *unrolled* step, because
 a scanned layer stack is counted once), achieved_flops_per_s, peak_flops_per_s (a 4096^2 f32 matmul)

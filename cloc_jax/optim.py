@@ -58,10 +58,10 @@ def layerwise_trust_ratio() -> optax.GradientTransformation:
 
     optax's `scale_by_trust_ratio` takes one norm over a whole array, so the [depth, ...] arrays of
     scanned layers would share one ratio and scan on/off would train different models; here the norms
-    are taken per layer. Left out (ratio 1, a plain Adam step): norms, biases, scalars such as the
-    temperature and the SigLIP bias, embeddings (`NO_DECAY` names or fewer than two axes per layer), and
-    arrays initialised at zero (adapter up-projections, the box head's correction): relative to a zero
-    weight, a trust ratio keeps them near zero for good."""
+    are taken per layer. Left out (ratio 1, a plain Adam step): anything with fewer than two axes per
+    layer (norms, biases, the temperature, the SigLIP bias), position embeddings, the class token and the
+    MAP probe (`NO_DECAY` names), and arrays initialised at zero (adapter up-projections, the box head's
+    correction): relative to a zero weight, a trust ratio keeps them near zero for good."""
 
     def init(params):
         params = sharding.unbox(params)  # init may see boxed (logically partitioned) parameters
