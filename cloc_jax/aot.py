@@ -71,7 +71,7 @@ def model_flops(config: ml_collections.ConfigDict) -> float:
     proj = 3 * 2 * d * e if im.project else 0  # an image or region embedding's projection
     flops += proj + _text_flops(tok.context_length, 1, t, e) + 3 * 2 * b * e  # this example's row of the logits
     if pipeline.tags_enabled(config):  # the vocabulary through the text tower once a step; tag similarities
-        tags = len(pipeline.make_source(config.data, "train", config.image_size).class_names)
+        tags = len(pipeline.tag_names(config))
         flops += tags * _text_flops(tok.region_context_length, 1, t, e) / b
         flops += 3 * 2 * tags * e * ((config.tags.image_weight > 0) + m * (config.tags.region_weight > 0))
     if model.region_extractor == "none":

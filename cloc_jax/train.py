@@ -52,7 +52,7 @@ def dummy_batch(config: ml_collections.ConfigDict, batch: int = 1) -> dict:
     side, m = config.image_size, config.data.max_regions
     tags = {}
     if pipeline.tags_enabled(config):
-        num_tags = len(pipeline.make_source(config.data, "train", config.image_size).class_names)
+        num_tags = len(pipeline.tag_names(config))
         tags["image_tags"] = jnp.zeros((batch, num_tags), jnp.float32)
         tags["image_tags_valid"] = jnp.zeros((batch,), bool)
     return dict(

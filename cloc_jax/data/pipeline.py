@@ -206,10 +206,14 @@ def tags_enabled(config: ml_collections.ConfigDict) -> bool:
     return config.tags.image_weight > 0 or config.tags.region_weight > 0
 
 
+def tag_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The tag vocabulary: the training source's class names (T of them)."""
+    return tuple(make_source(config.data, "train", config.image_size).class_names)
+
+
 def tag_tokens(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> np.ndarray:
-    """The tag vocabulary (the source's class names) as region-length tokens [T, L']."""
-    names = make_source(config.data, "train", config.image_size).class_names
-    return tokenize(tokenizer, list(names), config.tokenizer.region_context_length)
+    """The tag vocabulary as region-length tokens [T, L']."""
+    return tokenize(tokenizer, list(tag_names(config)), config.tokenizer.region_context_length)
 
 
 def per_host_batch_size(batch_size: int) -> int:

@@ -44,9 +44,9 @@ def spec_mismatch(saved: dict, current: dict) -> str | None:
     return None
 
 
-def build_model_from_spec(spec: dict) -> Model:
-    """Spec -> model. The tokenizer file is read only when the model takes its vocabulary size from it
-    (`model.text.vocab_size` = 0), so a config that states the size compiles (AOT) without the file."""
+def build_model_from_spec(spec: dict, tokenizer: Tokenizer | None = None) -> Model:
+    """Spec -> model. Without `tokenizer` its file is read only when the model takes its vocabulary size
+    from it (`model.text.vocab_size` = 0), so a config that states the size compiles (AOT) without the file."""
     spec = with_defaults(spec)
     tok = spec["tokenizer"]
     if tok["region_context_length"] > tok["context_length"]:
@@ -60,14 +60,14 @@ def build_model_from_spec(spec: dict) -> Model:
             f"tokenizer.region_pack_length={pack} is shorter than one region text "
             f"(region_context_length={tok['region_context_length']}); use 0 (no packing) or more"
         )
-    vocab = spec["model"]["text"]["vocab_size"] or tokenizers.from_spec(tok).padded_vocab_size
+    vocab = spec["model"]["text"]["vocab_size"] or (tokenizer or tokenizers.from_spec(tok)).padded_vocab_size
     return build_model(ml_collections.ConfigDict(spec["model"]), spec["image_size"], vocab, tok["context_length"], pack)
 
 
 def build_from_spec(spec: dict) -> tuple[Tokenizer, Model]:
     """Spec -> (tokenizer, model): training, export, loading and imports all build models here."""
-    model = build_model_from_spec(spec)
     tokenizer = tokenizers.from_spec(with_defaults(spec)["tokenizer"])
+    model = build_model_from_spec(spec, tokenizer)
     if tokenizer.vocab_size > model.text.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} ids but model.text.vocab_size={model.text.vocab_size}: "
