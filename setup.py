@@ -22,6 +22,7 @@ setup(
         "absl-py",
         "numpy",
         "tqdm",
+        "psutil",  # host memory: a run that cannot fit says so before it starts
         "tensorboardX",
         "sentencepiece",
         # weight interchange (cloc_jax/convert/): transformers' configs and tokenizers, safetensors files,

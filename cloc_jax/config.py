@@ -150,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
         image_lr_mult=1.0,
         text_lr_mult=1.0,
         trainable=(),  # () trains everything; ("adapter", "map_head") trains only matching parameters
+        # A step with a non-finite loss, gradient or update is skipped (counted as nonfinite/skipped_steps);
+        # this many in a row stop the run with one line (0: never stop). Parameters never become NaN.
+        max_nonfinite_steps=10,
     )
     # In-slice mesh (one axis may be -1 = the rest) x `slices` data-parallel copies over DCN.
     c.mesh = dict(data=-1, fsdp=1, tensor=1, slices=1)

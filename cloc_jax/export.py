@@ -28,16 +28,24 @@ SPEC_FILE = "spec.json"
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
-    """Writes `out/params` (Orbax) and `out/spec.json` from a training workdir's checkpoint."""
+    """Writes `out/params` (Orbax) and `out/spec.json` from a training workdir's checkpoint: `step`, or
+    the newest readable one (an unreadable newer one is named in a warning and left where it is)."""
     ckpt = Checkpoints(workdir)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first")
-    spec = ckpt.spec(step)
-    model = build_model_from_spec(spec)
-    params = ckpt.restore_params(step, _abstract_params(model, spec))
-    ckpt.close()
-    return write_export(spec, params, out)
+
+    def read(step: int):
+        spec = ckpt.spec(step)
+        return spec, ckpt.restore_params(step, _abstract_params(build_model_from_spec(spec), spec))
+
+    try:
+        if step is None:
+            step, found, _ = ckpt.newest_readable(read)
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first")
+        else:
+            found = read(step)
+    finally:
+        ckpt.close()
+    return write_export(*found, out)
 
 
 def write_export(spec: dict, params, out: str) -> str:
@@ -123,7 +131,10 @@ def to_tree(flat: dict[str, np.ndarray]) -> dict:
 
 def main(argv):
     del argv
-    print(export(FLAGS.workdir, FLAGS.out, FLAGS.step))
+    try:
+        print(export(FLAGS.workdir, FLAGS.out, FLAGS.step))
+    except (ValueError, FileNotFoundError) as error:  # no checkpoint, none readable: one line
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from cloc_jax import convert, evals, sharding, tokenizers
+from cloc_jax import convert, evals, guards, sharding, tokenizers
 from cloc_jax.checkpoint import Checkpoints
 from cloc_jax.convert import layout
 from cloc_jax.convert.layout import Weights
@@ -31,6 +31,8 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt_state: Any
+    nonfinite_in_a_row: jax.Array  # steps skipped for a non-finite loss, gradient or update, up to now
+    nonfinite_total: jax.Array
 
 
 def build(config: ml_collections.ConfigDict):
@@ -71,7 +73,8 @@ def abstract_state(config, model: Model, tx: optax.GradientTransformation, mesh)
 
     def init(rng):
         params = model.init(rng, **model_inputs(config, dummy_batch(config)))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, params, tx.init(params), nonfinite_in_a_row=zero, nonfinite_total=zero)
 
     boxed = jax.eval_shape(lambda: init(jax.random.key(0)))  # traced: works for abstract (AOT) devices too
     shardings = sharding.logical_shardings(boxed, mesh, config.axis_rules)
@@ -128,16 +131,30 @@ def make_train_step(config: ml_collections.ConfigDict, model: Model, tx: optax.G
         (loss, (out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = model.clamp_logit_scale(optax.apply_updates(state.params, updates))
-        metrics = dict(
+        grad_norm = optax.global_norm(grads)
+        # A step with a non-finite loss, gradient or new parameter changes nothing (optax.apply_if_finite
+        # looks at the gradients only: an update that overflows the parameters would pass it).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
+        total = state.nonfinite_total + (~finite).astype(jnp.int32)
+        metrics = {
             **parts,
-            loss=loss,
-            grad_norm=optax.global_norm(grads),
-            temperature=1.0 / out["scale"],
-            lr=learning_rate(config.optim, config.num_steps, state.step),
-        )
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "temperature": 1.0 / out["scale"],
+            "lr": learning_rate(config.optim, config.num_steps, state.step),
+            "nonfinite/in_a_row": in_a_row,
+            "nonfinite/skipped_steps": total,
+        }
+        new = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), in_a_row, total)
+        return new, metrics
 
     return train_step
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all()
 
 
 def input_stall(before: float, previous_outputs: dict | None) -> float:
@@ -151,76 +168,117 @@ def input_stall(before: float, previous_outputs: dict | None) -> float:
     return waited if all(x.is_ready() for x in jax.tree.leaves(previous_outputs)) else 0.0
 
 
+def check_host_memory(config: ml_collections.ConfigDict) -> None:
+    """Before any batch is built: the input pipeline's batches fit in this host's memory."""
+    per_host = pipeline.per_host_batch_size(config.batch_size)
+    shapes = jax.eval_shape(lambda: dummy_batch(config, per_host))
+    guards.check_host_memory(guards.array_bytes(shapes), per_host, config.image_size)
+
+
+def compile_step(config, model, tx, state: TrainState, batch: dict):
+    """The jitted, donated train step compiled for these shapes, after checking it fits in device memory."""
+    compiled = jax.jit(make_train_step(config, model, tx), donate_argnums=0).lower(state, batch).compile()
+    guards.check_step_memory(compiled, jax.local_devices()[0])
+    return compiled
+
+
+def initial_state(config, model, tx, mesh, ckpt: Checkpoints, spec: dict, pretrained, data_iter) -> TrainState:
+    """The newest readable checkpoint of this run (advancing `data_iter` to its position), else a fresh
+    state, initialised from `pretrained` weights if given."""
+    latest, state = ckpt.restore_newest(abstract_state(config, model, tx, mesh)[1], data_iter, spec)
+    if latest is not None:
+        print(f"Resumed from {ckpt.directory} at step {latest}")
+        return state
+    state, _ = init_state(config, model, tx, mesh)
+    return init_from(state, pretrained, config.model.scan) if pretrained is not None else state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains to `config.num_steps`, resuming from `<workdir>/checkpoints` if present; returns final evals."""
+    """Trains to `config.num_steps`, resuming from `<workdir>/checkpoints` if present; returns final evals.
+
+    SIGTERM or SIGINT: the current step finishes and is saved, and the function returns early (no evals).
+    `optim.max_nonfinite_steps` skipped (non-finite) steps in a row raise `guards.RunError`."""
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     ckpt = Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every)
-    latest = ckpt.latest_step()
     pretrained = None
     if config.init_from:  # the architecture comes from the weights (resuming: from the run's own checkpoint)
-        pretrained = convert.read(config.init_from) if latest is None else None
+        saved_spec = ckpt.newest_readable(ckpt.spec)[1]
+        pretrained = convert.read(config.init_from) if saved_spec is None else None
         with config.unlocked():
-            adopt_architecture(config, ckpt.spec(latest) if pretrained is None else pretrained.spec, config.init_from)
+            adopt_architecture(config, saved_spec or pretrained.spec, config.init_from)
     tokenizer, model, tx = build(config)
     spec = model_spec(config)
     if config.eval_every and config.evals and not config.data.heldout:
         print("No evaluation during training: data.heldout is unset", flush=True)
-    writer = MetricWriter(workdir)
+    check_host_memory(config)
     data_stats = pipeline.DataStats()
-    data_iter = pipeline.train_iterator(config, tokenizer, data_stats)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
-        if latest is None:
-            state, _ = init_state(config, model, tx, mesh)
-            if pretrained is not None:
-                state = init_from(state, pretrained, config.model.scan)
-        else:
-            ckpt.check_spec(latest, spec)
-            state = ckpt.restore(latest, abstract_state(config, model, tx, mesh)[1], data_iter)
-            print(f"Resumed from {ckpt.directory} at step {latest}")
-        step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
-        context = config.tokenizer.context_length
-        encoder = Encoder(model, state.params, tokenizer, context, config.image_size, config.axis_rules)
-        first = int(state.step)
-        results: dict[str, float] = {}
-        progress = tqdm(
-            range(first, config.num_steps),
-            initial=first,
-            total=config.num_steps,
-            desc="train",
-            disable=jax.process_index() != 0,
-            mininterval=1 if sys.stderr.isatty() else 60,  # a log file gets a line a minute, not a flood
-        )
-        tick, tick_step, waited = time.perf_counter(), first, 0.0
-        metrics = None  # the last dispatched step's outputs: tell a real input stall from running ahead
-        for step in progress:
-            before = time.perf_counter()
-            local = next(data_iter)
-            waited += input_stall(before, metrics)
-            batch = sharding.global_batch(local, mesh)
-            state, metrics = step_fn(state, batch)
-            done = step + 1
-            if step == first:  # compilation is not throughput
-                jax.block_until_ready(metrics)
-                tick, tick_step, waited = time.perf_counter(), done, 0.0
-            if done % config.log_every == 0 or done == config.num_steps:
-                row = jax.device_get(metrics)
-                now = time.perf_counter()
-                row.update(data_stats.snapshot())  # repaired and skipped inputs so far (this process)
-                if done > tick_step:
-                    row["images_per_s"] = (done - tick_step) * config.batch_size / (now - tick)
-                    row["data/wait_fraction"] = waited / (now - tick)  # share of wall time the devices waited
-                tick, tick_step, waited = now, done, 0.0
-                writer.write(done, row, echo=progress.write)
-                progress.set_postfix(loss=f"{row['loss']:.3f}")
-            if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
-                encoder.params = state.params
-                results = evals.run_all(config, encoder)
-                writer.write(done, results, echo=progress.write)
-                tick, waited = time.perf_counter(), 0.0  # evaluation time is not training throughput
-            ckpt.save(done, state, data_iter, spec, force=done == config.num_steps)
-        progress.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    data_iter = pipeline.train_iterator(config, tokenizer, data_stats)  # a source that yields nothing stops here
+    writer = MetricWriter(workdir)
+    preemption = guards.Preemption(ckpt.manager)
+    results: dict[str, float] = {}
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+            state = initial_state(config, model, tx, mesh, ckpt, spec, pretrained, data_iter)
+            context = config.tokenizer.context_length
+            encoder = Encoder(model, state.params, tokenizer, context, config.image_size, config.axis_rules)
+            first = int(state.step)
+            progress = tqdm(
+                range(first, config.num_steps),
+                initial=first,
+                total=config.num_steps,
+                desc="train",
+                disable=jax.process_index() != 0,
+                mininterval=1 if sys.stderr.isatty() else 60,  # a log file gets a line a minute, not a flood
+            )
+            tick, tick_step, waited = time.perf_counter(), first, 0.0
+            metrics = None  # the last dispatched step's outputs: tell a real input stall from running ahead
+            step_fn = None
+            for step in progress:
+                before = time.perf_counter()
+                local = next(data_iter)
+                waited += input_stall(before, metrics)
+                batch = sharding.global_batch(local, mesh)
+                if step_fn is None:  # compiled once, checked against device memory before it runs
+                    step_fn = compile_step(config, model, tx, state, batch)
+                previous = metrics
+                state, metrics = step_fn(state, batch)
+                done = step + 1
+                # The step before this one has finished or nearly: reading its count keeps dispatch ahead.
+                guards.check_nonfinite(previous, done - 1, config.optim.max_nonfinite_steps, ckpt.latest_step())
+                if step == first:  # compilation is not throughput
+                    jax.block_until_ready(metrics)
+                    tick, tick_step, waited = time.perf_counter(), done, 0.0
+                if done % config.log_every == 0 or done == config.num_steps:
+                    row = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    row.update(data_stats.snapshot())  # repaired and skipped inputs so far (this process)
+                    if done > tick_step:
+                        row["images_per_s"] = (done - tick_step) * config.batch_size / (now - tick)
+                        row["data/wait_fraction"] = waited / (now - tick)  # share of wall time the devices waited
+                    tick, tick_step, waited = now, done, 0.0
+                    writer.write(done, row, echo=progress.write)
+                    progress.set_postfix(loss=f"{row['loss']:.3f}")
+                stopping = preemption.requested(done)
+                if config.eval_every and not stopping and (done % config.eval_every == 0 or done == config.num_steps):
+                    encoder.params = state.params
+                    results = evals.run_all(config, encoder)
+                    writer.write(done, results, echo=progress.write)
+                    tick, waited = time.perf_counter(), 0.0  # evaluation time is not training throughput
+                saved = ckpt.save(done, state, data_iter, spec, force=done == config.num_steps)
+                if stopping:
+                    if not saved and ckpt.latest_step() != done:
+                        ckpt.save(done, state, data_iter, spec, force=True)
+                    ckpt.wait()
+                    progress.close()
+                    print(f"Stopped by a signal after step {done}, saved in {ckpt.directory}; rerun to resume")
+                    break
+            else:
+                guards.check_nonfinite(metrics, config.num_steps, config.optim.max_nonfinite_steps, ckpt.latest_step())
+            progress.close()
+    finally:
+        preemption.close()
+        ckpt.wait()  # a save in flight is committed whatever stopped the run
+        ckpt.close()
+        writer.close()
     return results

@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cloc_jax import aot, distributed
+from cloc_jax.guards import RunError
 from cloc_jax.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -77,7 +78,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run():
     try:
         app.run(main, flags_parser=parse_flags)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # config and input errors: one line, no trace
+    except (ValueError, FileNotFoundError, KeyError, RunError) as e:  # config, input, run errors: one line
         sys.exit(f"error: {e}")
 
 

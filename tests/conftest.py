@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 # The CPU backend's concurrency-optimised scheduler can order the collectives of a multi-axis mesh
 # differently on different simulated devices and deadlock them (seen on (2, 2, 2)); launch/tpu.py
@@ -13,8 +14,13 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_cpu_collective_call_terminate_timeout_seconds=900"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache per test run, shared by the xdist workers and the processes tests launch (they
+# inherit the environment): many tests compile the same tiny step (measured: the SIGKILL test's three runs
+# take 105 s instead of 135 s). Per run, so a run never reuses another run's executables.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"cloc_jax_xla_cache_{_RUN}"))
 
-import pytest
+import pytest  # noqa: E402 (after the environment jax reads at import)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/ is a folder of files, not an installed package

@@ -99,6 +99,7 @@ class Preprocess(grain.transforms.RandomMap):
             if not 0 <= augment.flip <= 1:
                 raise ValueError(f"data.augment.flip={augment.flip} is a probability: use a value in [0, 1]")
         self.num_tags = num_tags  # > 0: `image_tags` [num_tags] and `image_tags_valid` from the record's tags
+        self.tokenizer_cfg = tokenizer_cfg
         self.context_length = tokenizer_cfg.context_length
         self.region_context_length = tokenizer_cfg.region_context_length
         self.region_pack_length = tokenizer_cfg.region_pack_length
@@ -222,10 +223,31 @@ def per_host_batch_size(batch_size: int) -> int:
     return batch_size // jax.process_count()
 
 
+# Records tried in order before a run starts; none of them usable is an error (a source that yields
+# nothing would otherwise make grain skip records forever).
+PROBE_RECORDS = 256
+
+
+def check_usable(source, prep: Preprocess, spec: str) -> None:
+    """One line, within seconds, when this host's share of `source` is empty or its first records are
+    all unusable (naming the source and the skip counts)."""
+    share = range(jax.process_index(), len(source), jax.process_count())
+    if not len(share):
+        where = f" (none for host {jax.process_index()} of {jax.process_count()})" if len(source) else ""
+        raise ValueError(f"data source {spec!r} holds {len(source)} records{where}")
+    probe = Preprocess(prep.tokenizer, prep.tokenizer_cfg, prep.image_size, prep.max_regions, num_tags=prep.num_tags)
+    tried = share[:PROBE_RECORDS]
+    if any(probe.map(source[i]) is not None for i in tried):
+        return
+    counts = ", ".join(f"{k.removeprefix('data/')}: {v}" for k, v in probe.stats.snapshot().items())
+    raise ValueError(f"data source {spec!r}: none of its first {len(tried)} records is usable ({counts})")
+
+
 def train_iterator(
     config: ml_collections.ConfigDict, tokenizer: Tokenizer, stats: DataStats | None = None
 ) -> grain.DatasetIterator:
-    """Infinite, shuffled, host-sharded train batches; `get_state()`/`set_state()` make it resumable."""
+    """Infinite, shuffled, host-sharded train batches; `get_state()`/`set_state()` make it resumable.
+    A source that yields nothing is a one-line error here, before anything compiles."""
     source = make_source(config.data, "train", config.image_size)
     ds = grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()]
     ds = ds.shuffle(seed=config.data.seed).repeat()
@@ -240,6 +262,7 @@ def train_iterator(
         augment=config.data.augment,
         stats=stats,
     )
+    check_usable(source, prep, config.data.train)
     ds = ds.random_map(prep, seed=config.data.seed).filter(lambda example: example is not None)
     options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
     ds = ds.to_iter_dataset(options).batch(per_host_batch_size(config.batch_size), drop_remainder=True)

@@ -39,6 +39,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """Grayscale, CMYK, palette, 16-bit and alpha images -> RGB (alpha composited over mid-grey)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, np.float64)
+        if not np.isfinite(array).all():  # a float TIFF can hold NaN or inf
+            raise BadImage("nonfinite_pixels")
         hi = max(array.max(), 1.0)
         image = Image.fromarray((array / hi * 255).astype(np.uint8))
     if image.mode == "P":
@@ -49,10 +51,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def pixels_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Decoded pixels of any dtype -> uint8: floats in [0, 1] are scaled by 255, other values in [0, 255]
+    rounded. NaN or inf pixels, or values outside [0, 255], raise BadImage (a cast would make them black)."""
+    if array.dtype == np.uint8:
+        return array
+    values = np.asarray(array, np.float64)
+    if not np.isfinite(values).all():
+        raise BadImage("nonfinite_pixels")
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise BadImage("pixels_out_of_range")
+    if np.issubdtype(array.dtype, np.floating) and (not values.size or values.max() <= 1.0):
+        values = values * 255.0
+    return np.round(values).astype(np.uint8)
+
+
 def decode_image(data, target_size: int) -> np.ndarray:
     """Encoded bytes or an array -> uint8 [H, W, 3].
 
-    Raises BadImage("missing_image" | "corrupt_image" | "too_large").
+    Raises BadImage("missing_image" | "corrupt_image" | "too_large" | "nonfinite_pixels" |
+    "pixels_out_of_range").
 
     JPEGs are decoded at the smallest power-of-two scale still >= target_size (`draft`), so a
     20,000 px photo costs what a 2,500 px one does; other formats over MAX_PIXELS are skipped
@@ -61,7 +79,7 @@ def decode_image(data, target_size: int) -> np.ndarray:
         array = data if data.ndim == 3 else data[..., None]
         if array.shape[-1] == 1:
             array = np.repeat(array, 3, axis=-1)
-        return np.ascontiguousarray(array[..., :3], np.uint8)
+        return np.ascontiguousarray(pixels_to_uint8(array[..., :3]))
     if not data:
         raise BadImage("missing_image")
     try:

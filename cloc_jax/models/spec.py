@@ -35,11 +35,16 @@ def with_defaults(spec: dict) -> dict:
     return flax.traverse_util.unflatten_dict({**_flat(default_spec()), **_flat(spec)}, sep=".")
 
 
-def spec_mismatch(saved: dict, current: dict) -> str | None:
-    """First differing key of two nested specs, as `key: saved != current`, or None."""
+# Keys that change only how a model runs (memory, speed, batch layout), not its parameters or what they
+# compute: a run resumes with other values (with the mesh, which is not in the spec at all).
+LAYOUT_KEYS = ("model.remat", "model.dtype", "tokenizer.region_pack_length")
+
+
+def spec_mismatch(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> str | None:
+    """First differing key of two nested specs, outside `ignore`, as `key: saved != current`, or None."""
     saved, current = _flat(saved), _flat(current)
     for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
+        if key not in ignore and saved.get(key) != current.get(key):
             return f"{key}: {saved.get(key)!r} != {current.get(key)!r}"
     return None
 
