@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -84,6 +85,12 @@ def test_workdir_with_a_different_model_is_refused(trained):
         train_and_evaluate(other, workdir)
 
 
+def test_remat_dtype_and_packing_are_layout_not_identity(trained):
+    _, workdir, _ = trained
+    other = tiny_config(**{"model.remat": "full", "model.dtype": "bfloat16", "tokenizer.region_pack_length": 48})
+    Checkpoints(workdir).check_spec(6, model_spec(other))  # resumes: no error
+
+
 def test_export_then_load_gives_the_trained_model(trained, tmp_path):
     config, workdir, _ = trained
     out = export(workdir, str(tmp_path / "export"))
@@ -125,3 +132,80 @@ def test_clip_only_model_pools_regions_from_tokens_and_cannot_ground(tmp_path):
     assert model.encode_regions(images, np.array([[[0, 0, 0.5, 0.5]]], np.float32)).shape == (1, 1, 128)
     with pytest.raises(ValueError, match="ground needs the Prompter's box head"):
         model.ground(images, [["a red circle"]])
+
+
+def _largest_file(directory: str) -> str:
+    files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _garble(path: str) -> None:
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 3)
+        f.write(np.random.default_rng(0).integers(0, 256, max(64, size // 3), np.uint8).tobytes())
+
+
+DAMAGE = {
+    "truncated data file": lambda step: _truncate(_largest_file(os.path.join(step, "state"))),
+    "garbled bytes": lambda step: _garble(_largest_file(os.path.join(step, "state"))),
+    "missing metadata": lambda step: os.remove(os.path.join(step, "state", "_METADATA")),
+    "cut iterator state": lambda step: _truncate(os.path.join(step, "data", "process_0-of-1.json")),
+}
+
+
+def _restore_newest(config, workdir: str):
+    from cloc_jax import sharding
+    from cloc_jax.train import abstract_state, build
+
+    tokenizer, model, tx = build(config)
+    mesh = sharding.make_mesh(config.mesh)
+    data_iter = train_iterator(config, tokenizer)
+    with jax.set_mesh(mesh):
+        step, state = Checkpoints(workdir).restore_newest(
+            abstract_state(config, model, tx, mesh)[1], data_iter, model_spec(config)
+        )
+    return step, state, data_iter
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp_path, capsys, damage):
+    config, workdir, _ = trained
+    copy_dir = str(tmp_path / "run")
+    shutil.copytree(workdir, copy_dir)
+    DAMAGE[damage](os.path.join(copy_dir, "checkpoints", "6"))
+    step, state, data_iter = _restore_newest(config, copy_dir)
+    assert step == 4 and int(state.step) == 4
+    warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:"))
+    assert os.path.join(copy_dir, "checkpoints", "6") in warning and "unreadable" in warning
+    assert len(warning) < 400  # one line with the reason, not a TensorStore spec dump
+    # Moved aside for a person to inspect, not deleted; the run's own list no longer has it.
+    assert os.path.isdir(os.path.join(copy_dir, "checkpoints_unreadable", "6"))
+    assert Checkpoints(copy_dir).manager.all_steps() == [2, 4]
+    assert data_iter.get_state()["next_index"] == 4 * config.batch_size  # the data position of step 4
+    want = Checkpoints(workdir).restore_params(4, jax.tree.map(lambda x: x, state.params))
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_no_readable_checkpoint_is_one_line_and_export_skips_a_damaged_one(trained, tmp_path):
+    config, workdir, _ = trained
+    copy_dir = str(tmp_path / "run")
+    shutil.copytree(workdir, copy_dir)
+    DAMAGE["truncated data file"](os.path.join(copy_dir, "checkpoints", "6"))
+    exported = load(export(copy_dir, str(tmp_path / "export")))  # from step 4, and 6 is left in place
+    assert os.path.isdir(os.path.join(copy_dir, "checkpoints", "6"))
+    want = load(export(workdir, str(tmp_path / "export_4"), step=4))
+    for x, y in zip(jax.tree.leaves(exported.params), jax.tree.leaves(want.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    DAMAGE["missing metadata"](os.path.join(copy_dir, "checkpoints", "6"))
+    for step in (2, 4):
+        DAMAGE["missing metadata"](os.path.join(copy_dir, "checkpoints", str(step)))
+    with pytest.raises(ValueError, match=r"no readable checkpoint in .* \(tried steps \[6, 4, 2\]"):
+        _restore_newest(config, copy_dir)
+    assert sorted(os.listdir(os.path.join(copy_dir, "checkpoints"))) == ["2", "4", "6"]  # nothing moved

@@ -10,12 +10,12 @@ import subprocess
 import tarfile
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from cloc_jax import convert
 from cloc_jax.checkpoint import Checkpoints
+from cloc_jax.export import export
 from tests.conftest import ROOT
 from tests.test_train import LAUNCH, TINY, launch, metric_rows
 
@@ -33,9 +33,9 @@ def _wait_for_checkpoint(proc, workdir: str, at_least: int, timeout: float = 300
     raise AssertionError(f"no checkpoint >= {at_least} in {workdir} before the run ended or {timeout} s passed")
 
 
-def _final_params(workdir: str, step: int):
-    restore = ocp.args.Composite(state=ocp.args.StandardRestore())
-    return jax.tree.leaves(Checkpoints(workdir).manager.restore(step, args=restore)["state"]["params"])
+def _final_params(workdir: str, step: int) -> dict[str, np.ndarray]:
+    """The parameters of checkpoint `step`, read on one device whatever mesh and processes saved them."""
+    return convert.read(export(workdir, os.path.join(workdir, f"export_{step}"), step=step)).params
 
 
 def _stopped_step(out: str) -> int:
@@ -74,9 +74,9 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
         with open(os.path.join(workdir, "checkpoints", "30", "data", "process_0-of-1.json")) as f:
             assert json.load(f) == {"next_index": 30 * 16}
     a, b = _final_params(interrupted, 30), _final_params(straight, 30)
-    assert len(a) == len(b) > 10
-    for x, y in zip(a, b):  # same ops, same data, same device count: equal up to float noise
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert a.keys() == b.keys() and len(a) > 10
+    for key in a:  # same ops, same data, same device count: equal up to float noise
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7, err_msg=key)
     steps = [row["step"] for row in metric_rows(interrupted)]  # log rows continue without a gap
     assert steps[-1] == 30 and set(range(5, 31, 5)) <= set(steps)
 
@@ -97,6 +97,16 @@ def _two_processes(workdir: str, port: int, *extra: str) -> list[subprocess.Pope
     return procs
 
 
+def _outputs(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
+    """Every process's output; on a timeout all are killed (they ignore SIGTERM: it means save and stop)."""
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,7 +120,7 @@ def test_two_processes_train_together_stop_together_on_sigterm_and_resume(tmp_pa
     where an uninterrupted two-process run ends."""
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     procs = _two_processes(straight, _free_port(), "--config.num_steps=10")
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    outs = _outputs(procs)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "4 device(s) (cpu), 2 process(es)" in outs[0]
     assert [row["step"] for row in metric_rows(straight)] == [5, 10]  # one writer: no duplicated rows
@@ -122,17 +132,18 @@ def test_two_processes_train_together_stop_together_on_sigterm_and_resume(tmp_pa
     _wait_for_checkpoint(procs[0], interrupted, 2)
     for p in procs:
         p.send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    outs = _outputs(procs, timeout=300)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     stopped = _stopped_step(outs[0])
     assert stopped == _stopped_step(outs[1]) < 10  # both hosts agreed on the step
     assert Checkpoints(interrupted).latest_step() == stopped
     procs = _two_processes(interrupted, _free_port(), "--config.num_steps=10", "--config.checkpoint_every=2")
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    outs = _outputs(procs)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert f"at step {stopped}" in outs[0]
-    for x, y in zip(_final_params(interrupted, 10), _final_params(straight, 10)):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    a, b = _final_params(interrupted, 10), _final_params(straight, 10)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7, err_msg=key)
 
 
 def test_an_lr_spike_stops_the_run_in_one_line_and_every_checkpoint_stays_finite(tmp_path):
@@ -147,8 +158,7 @@ def test_an_lr_spike_stops_the_run_in_one_line_and_every_checkpoint_stays_finite
     ckpt = Checkpoints(workdir)
     assert ckpt.manager.all_steps()
     for step in ckpt.manager.all_steps():
-        params = _final_params(workdir, step)
-        assert all(np.isfinite(p).all() for p in params), step
+        assert all(np.isfinite(p).all() for p in _final_params(workdir, step).values()), step
 
 
 def _tar_with_unusable_samples(directory: str) -> str:
@@ -205,3 +215,26 @@ def test_the_paper_config_on_this_machine_stops_with_the_memory_line(tmp_path):
     assert last.startswith("error: the input pipeline needs about") and "lower --config.batch_size" in last, last
     assert "batches of 32768 images at 336 px" in last
     assert time.time() - start < 120
+
+
+def test_a_run_saved_on_8_devices_resumes_on_4_with_another_remat_past_a_damaged_checkpoint(tmp_path):
+    """Mesh, device count and remat are layout, not identity: the 8-device (8, 1, 1) run of this process
+    resumes in a 4-device (2, 2, 1) process with full remat, passing over its garbled newest checkpoint."""
+    from cloc_jax.train import train_and_evaluate
+    from tests.conftest import tiny_config
+
+    workdir = str(tmp_path)
+    train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), workdir)  # 8 devices: data=8
+    state = os.path.join(workdir, "checkpoints", "4", "state")
+    largest = max((os.path.join(d, f) for d, _, names in os.walk(state) for f in names), key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    args = ["--config.num_steps=6", "--config.mesh.fsdp=2", "--config.model.remat=full", "--config.checkpoint_every=2"]
+    out = subprocess.run([*LAUNCH, *TINY, *args, f"--workdir={workdir}"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    warning = next(x for x in out.stdout.splitlines() if x.startswith("warning: checkpoint"))
+    assert os.path.join(workdir, "checkpoints", "4") in warning
+    assert f"Resumed from {os.path.join(workdir, 'checkpoints')} at step 2" in out.stdout
+    assert "4 device(s)" in out.stdout and Checkpoints(workdir).latest_step() == 6
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_unreadable", "4"))

@@ -74,7 +74,7 @@ def test_unknown_config_key_is_one_line(tmp_path):
     )
 
 
-def test_a_nan_box_that_bypasses_the_pipeline_does_not_poison_the_step():
+def test_a_nan_box_does_not_poison_the_step_and_a_nan_loss_changes_nothing():
     import flax.linen as nn
 
     from cloc_jax import sharding
@@ -92,9 +92,22 @@ def test_a_nan_box_that_bypasses_the_pipeline_does_not_poison_the_step():
     batch["boxes"] = batch["boxes"].at[:, 0].set(jax.numpy.array([0.1, 0.1, 0.6, 0.7])).at[3, 0, 0].set(np.nan)
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
         state, _ = init_state(config, model, tx, mesh)
-        state, metrics = jax.jit(make_train_step(config, model, tx))(state, sharding.global_batch(batch, mesh))
-    assert all(np.isfinite(float(v)) for v in metrics.values())
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+        step = jax.jit(make_train_step(config, model, tx))
+        state, metrics = step(state, sharding.global_batch(batch, mesh))
+        assert all(np.isfinite(float(v)) for v in metrics.values())
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+        # A step whose loss is NaN (here: NaN pixels) changes neither the parameters nor the optimizer state,
+        # and is counted; the next finite step trains again.
+        before = jax.device_get((state.params, state.opt_state))
+        poisoned = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(np.nan))
+        state, metrics = step(state, sharding.global_batch(poisoned, mesh))
+        assert not np.isfinite(float(metrics["loss"]))
+        assert int(metrics["nonfinite/in_a_row"]) == int(metrics["nonfinite/skipped_steps"]) == 1
+        for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get((state.params, state.opt_state)))):
+            np.testing.assert_array_equal(x, y)
+        state, metrics = step(state, sharding.global_batch(batch, mesh))
+        assert int(metrics["nonfinite/in_a_row"]) == 0 and int(metrics["nonfinite/skipped_steps"]) == 1
+        assert int(state.step) == 3
 
 
 def test_roi_align_extractor_trains_and_evaluates_without_a_grounding_head(tmp_path):

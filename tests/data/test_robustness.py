@@ -100,3 +100,36 @@ def test_preprocess_counts_each_kind_once():
     assert counts["data/skipped/missing_image"] == 1 and counts["data/skipped/no_text"] == 1
     assert counts["data/dropped/boxes"] == 1  # the NaN box; the swapped and the oversized ones are repaired
     assert counts["data/repaired/caption_from_regions"] == 1 and counts["data/repaired/text"] == 1
+
+
+def _record(index: int, image) -> dict:
+    record = records.empty_record(index, image)
+    record["captions"] = ["a red circle"]
+    return record
+
+
+def test_non_finite_and_out_of_range_pixels_are_skipped_and_counted():
+    stats = DataStats()
+    config = tiny_config()
+    prep = Preprocess(ByteTokenizer(), config.tokenizer, 32, 3, stats=stats)
+    good = np.full((8, 8, 3), 0.5, np.float32)
+    nan, inf, huge = good.copy(), good.copy(), good * 1e6
+    nan[2, 3, 1], inf[0, 0, 0] = np.nan, np.inf
+    outputs = [prep.map(_record(i, image)) for i, image in enumerate([nan, inf, huge, good])]
+    assert [o is None for o in outputs] == [True, True, True, False]
+    assert stats.snapshot() == {"data/skipped/nonfinite_pixels": 2, "data/skipped/pixels_out_of_range": 1}
+    # floats in [0, 1] are scaled by 255: 0.5 -> 128 -> 128 / 127.5 - 1
+    np.testing.assert_allclose(outputs[3]["image"][0, 0], 128 / 127.5 - 1.0, atol=1e-6)
+
+
+def test_the_probe_refuses_only_a_source_whose_first_records_are_all_unusable():
+    from cloc_jax.data.pipeline import check_usable
+
+    config = tiny_config()
+    prep = Preprocess(ByteTokenizer(), config.tokenizer, 32, 3)
+    broken = [_record(i, b"not an image") for i in range(5)]
+    check_usable([*broken, _record(5, np.zeros((8, 8, 3), np.uint8))], prep, "mine")  # the 6th is usable
+    with pytest.raises(ValueError, match=r"'mine': none of its first 5 records is usable \(skipped/corrupt_image: 5\)"):
+        check_usable(broken, prep, "mine")
+    with pytest.raises(ValueError, match="'mine' holds 0 records"):
+        check_usable([], prep, "mine")
