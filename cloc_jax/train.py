@@ -209,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     spec = model_spec(config)
     if config.eval_every and config.evals and not config.data.heldout:
         print("No evaluation during training: data.heldout is unset", flush=True)
+    pipeline.check_split_set(config.data, "train")  # what to pass comes before what cannot fit
     check_host_memory(config)
     data_stats = pipeline.DataStats()
     data_iter = pipeline.train_iterator(config, tokenizer, data_stats)  # a source that yields nothing stops here

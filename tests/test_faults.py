@@ -30,7 +30,8 @@ def _wait_for_checkpoint(proc, workdir: str, at_least: int, timeout: float = 300
         if steps and max(map(int, steps)) >= at_least:
             return
         time.sleep(0.05)
-    raise AssertionError(f"no checkpoint >= {at_least} in {workdir} before the run ended or {timeout} s passed")
+    out = proc.communicate()[0] if proc.poll() is not None and proc.stdout else ""
+    raise AssertionError(f"no checkpoint >= {at_least} in {workdir} (exit code {proc.poll()}): {(out or '')[-3000:]}")
 
 
 def _final_params(workdir: str, step: int) -> dict[str, np.ndarray]:
@@ -83,9 +84,12 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
 
 def _two_processes(workdir: str, port: int, *extra: str) -> list[subprocess.Popen]:
     procs = []
+    # No shared compilation cache: a process that finds the step cached runs ahead of one that compiles it,
+    # and Gloo's 30 s rendezvous times out (seen under a loaded test run).
+    clean = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     for pid in range(2):
         env = {
-            **os.environ,
+            **clean,
             "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
             "JAX_PLATFORMS": "cpu",
             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",

@@ -21,8 +21,8 @@ from cloc_jax.tokenizers import Tokenizer, tokenize
 SPLITS = ("train", "heldout")
 
 
-def make_source(data: ml_collections.ConfigDict, split: str, image_size: int):
-    """The source of `split` from its spec (`data.train` / `data.heldout`, see sources.py)."""
+def check_split_set(data: ml_collections.ConfigDict, split: str) -> None:
+    """One line when `data.<split>` names no source."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; choose one of {SPLITS}")
     if not data[split].strip():
@@ -30,6 +30,11 @@ def make_source(data: ml_collections.ConfigDict, split: str, image_size: int):
             f"data.{split} is unset: give a source, e.g. --config.data.{split}=array_record:/data/{split}-*.ar "
             "(spec strings: cloc_jax/data/sources.py), or the config arg data=scenes for the embedded scenes"
         )
+
+
+def make_source(data: ml_collections.ConfigDict, split: str, image_size: int):
+    """The source of `split` from its spec (`data.train` / `data.heldout`, see sources.py)."""
+    check_split_set(data, split)
     size = data.train_size if split == "train" else data.heldout_size
     return sources.from_spec(data[split], image_size, scenes_size=size, seed=data.seed)
 

@@ -34,6 +34,7 @@ def perturb(model, seed: int = 0):
 
 
 def save_clip(directory: str, act: str = "quick_gelu", side: int = 32) -> str:
+    import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     from cloc_jax.tokenizers import _bpe_files
@@ -46,6 +47,7 @@ def save_clip(directory: str, act: str = "quick_gelu", side: int = 32) -> str:
         ),
         projection_dim=16,
     )
+    torch.manual_seed(0)  # the same tiny CLIP every run: tests that train from it are not at the mercy of its draw
     perturb(CLIPModel(config)).save_pretrained(directory)
     CLIPTokenizer(*_bpe_files(open_clip_bpe())).save_pretrained(directory)  # OpenAI's vocabulary
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
