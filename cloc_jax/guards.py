@@ -91,28 +91,26 @@ def check_host_memory(batch_bytes: int, per_host_batch: int, image_size: int) ->
         )
 
 
-def device_memory_limit(device) -> tuple[int, str]:
-    """(bytes one device can hold, what that figure is). CPU devices share the host's memory."""
+def device_memory_limit(device) -> tuple[int, str, bool]:
+    """(bytes one device can hold, what that figure is, whether the arguments already live in it). CPU
+    devices share the host's memory, whose available figure already leaves out the resident state."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory", False
     local = max(1, jax.local_device_count())
-    return psutil.virtual_memory().available // local, f"available host memory / {local} local device(s)"
+    return psutil.virtual_memory().available // local, f"available host memory / {local} local device(s)", True
 
 
 def check_step_memory(compiled, device) -> None:
     """One line when the compiled step needs more memory per device than the device has (XLA's memory
-    analysis: arguments + outputs + temporaries, less what donation aliases)."""
+    analysis: arguments, unless already resident in host memory, + outputs + temporaries, less what
+    donation aliases)."""
     analysis = compiled.memory_analysis()
     if analysis is None:
         return
-    need = (
-        analysis.argument_size_in_bytes
-        + analysis.output_size_in_bytes
-        + analysis.temp_size_in_bytes
-        - analysis.alias_size_in_bytes
-    )
-    have, what = device_memory_limit(device)
+    have, what, resident = device_memory_limit(device)
+    arguments = 0 if resident else analysis.argument_size_in_bytes
+    need = arguments + analysis.output_size_in_bytes + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes
     if need > have:
         raise RunError(
             f"the training step needs {need / GiB:.1f} GiB per device (XLA's memory analysis: "
