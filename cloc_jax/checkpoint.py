@@ -54,9 +54,9 @@ class Checkpoints:
     def spec(self, step: int) -> dict:
         return with_defaults(self.manager.restore(step, args=ocp.args.Composite(spec=ocp.args.JsonRestore()))["spec"])
 
-    def check_spec(self, step: int, spec: dict, saved: dict | None = None) -> None:
+    def check_spec(self, step: int, spec: dict) -> None:
         """Refuses a checkpoint of another model; layout keys (remat, dtype, packing) may differ."""
-        diff = spec_mismatch(self.spec(step) if saved is None else saved, spec, ignore=LAYOUT_KEYS)
+        diff = spec_mismatch(self.spec(step), spec, ignore=LAYOUT_KEYS)
         if diff:
             raise NotResumable(
                 f"{self.directory} holds a checkpoint of a different model ({diff}); use a new --workdir"
@@ -84,7 +84,7 @@ class Checkpoints:
         Newer unreadable ones are moved aside once an older one has restored."""
 
         def read(step):
-            self.check_spec(step, spec, self.spec(step))
+            self.check_spec(step, spec)
             return self.restore(step, abstract_state, data_iter)
 
         step, state, unreadable = self.newest_readable(read)

@@ -6,6 +6,7 @@ used (broken image, no text) are skipped and counted in `DataStats`, which the t
 """
 
 import collections
+import copy
 import threading
 from collections.abc import Iterator
 
@@ -104,7 +105,6 @@ class Preprocess(grain.transforms.RandomMap):
             if not 0 <= augment.flip <= 1:
                 raise ValueError(f"data.augment.flip={augment.flip} is a probability: use a value in [0, 1]")
         self.num_tags = num_tags  # > 0: `image_tags` [num_tags] and `image_tags_valid` from the record's tags
-        self.tokenizer_cfg = tokenizer_cfg
         self.context_length = tokenizer_cfg.context_length
         self.region_context_length = tokenizer_cfg.region_context_length
         self.region_pack_length = tokenizer_cfg.region_pack_length
@@ -240,7 +240,8 @@ def check_usable(source, prep: Preprocess, spec: str) -> None:
     if not len(share):
         where = f" (none for host {jax.process_index()} of {jax.process_count()})" if len(source) else ""
         raise ValueError(f"data source {spec!r} holds {len(source)} records{where}")
-    probe = Preprocess(prep.tokenizer, prep.tokenizer_cfg, prep.image_size, prep.max_regions, num_tags=prep.num_tags)
+    probe = copy.copy(prep)  # the same preprocessing, counting into its own stats
+    probe.stats = DataStats()
     tried = share[:PROBE_RECORDS]
     if any(probe.map(source[i]) is not None for i in tried):
         return
