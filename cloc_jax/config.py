@@ -126,7 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
         heldout_size=1024,
         seed=0,
         max_regions=4,  # M regions sampled per training image (the paper's default; M = 2 does about as well)
-        eval_max_regions=4,  # evaluation keeps up to this many ground-truth regions per image
+        eval_max_regions=4,  # evaluation keeps up to this many ground-truth regions per image (more: counted)
+        eval_max_captions=8,  # and this many captions (COCO has up to 7; retrieval scores every one)
         referring_prob=0.5,  # chance a region's text is its referring expression instead of its caption
         # Training-time geometry: "pad" = long-side resize + pad (CLOC), "crop" = random resized crop
         # (CLIP; boxes keeping < min_visible of their area are dropped). A flip swaps left/right in the
@@ -162,17 +163,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 5000
     c.eval_batch_size = 256
     c.evals = dict(
-        retrieval=dict(type="retrieval", split="heldout"),
-        zeroshot=dict(type="zeroshot", split="heldout", templates=SCENE_TEMPLATES),
-        region=dict(type="region_classification", split="heldout", templates=SCENE_TEMPLATES),
-        region_crop=dict(type="region_crop", split="heldout", templates=SCENE_TEMPLATES),
-        region_retrieval=dict(type="region_retrieval", split="heldout"),
-        grounding=dict(type="grounding", split="heldout"),
+        retrieval=eval_entry("retrieval", "heldout"),
+        zeroshot=eval_entry("zeroshot", "heldout", templates=SCENE_TEMPLATES),
+        region=eval_entry("region_classification", "heldout", templates=SCENE_TEMPLATES),
+        region_crop=eval_entry("region_crop", "heldout", prefix="region", templates=SCENE_TEMPLATES),
+        region_retrieval=eval_entry("region_retrieval", "heldout", prefix="region"),
+        grounding=eval_entry("grounding", "heldout"),
     )
     c.init_from = ""  # an exported model (python -m cloc_jax.export) to start from, e.g. for adapter tuning
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     return c
+
+
+def eval_entry(type_: str, data: str, **options) -> dict:
+    """One evaluation (cloc_jax/evals/__init__.py): its type, its data (a split of `data` or a source spec),
+    and every option with its default, so each can be set from the command line."""
+    entry = dict(type=type_, data=data, prefix="", templates=("a {}",), classes="", present_only=False)
+    entry.update(max_regions=0, max_captions=0)  # 0: data.eval_max_regions / data.eval_max_captions
+    unknown = set(options) - set(entry)
+    if unknown:
+        raise ValueError(f"evaluation options {sorted(unknown)}; choose from {sorted(entry)}")
+    return {**entry, **options}
 
 
 # Class prompts for real data until a benchmark brings its own (CLIP's plain template).

@@ -30,6 +30,11 @@ SPEC_FILE = "spec.json"
 def export(workdir: str, out: str, step: int | None = None) -> str:
     """Writes `out/params` (Orbax) and `out/spec.json` from a training workdir's checkpoint: `step`, or
     the newest readable one (an unreadable newer one is named in a warning and left where it is)."""
+    return write_export(*read_checkpoint(workdir, step), out)
+
+
+def read_checkpoint(workdir: str, step: int | None = None) -> tuple[dict, dict]:
+    """A training workdir's checkpoint `step` (default: the newest readable) -> (spec, nested params)."""
     ckpt = Checkpoints(workdir)
 
     def read(step: int):
@@ -41,11 +46,10 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
             step, found, _ = ckpt.newest_readable(read)
             if step is None:
                 raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first")
-        else:
-            found = read(step)
+            return found
+        return read(step)
     finally:
         ckpt.close()
-    return write_export(*found, out)
 
 
 def write_export(spec: dict, params, out: str) -> str:
@@ -89,7 +93,9 @@ def _abstract_params(model, spec: dict, device=None):
 def read_spec(directory: str) -> dict:
     path = os.path.join(directory, SPEC_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory} is no known checkpoint: it has no {SPEC_FILE} (not an export)")
+        raise FileNotFoundError(
+            f"{directory} is no known checkpoint: no {SPEC_FILE} (not an export), no checkpoints/ (not a workdir)"
+        )
     with open(path) as f:
         spec = json.load(f)
     if spec["tokenizer"].get("path"):
@@ -98,19 +104,24 @@ def read_spec(directory: str) -> dict:
 
 
 def read_export(directory: str) -> Weights:
-    """An export -> Weights (flat, unrolled, in host memory)."""
+    """An export, or a training workdir (its newest readable checkpoint) -> Weights (flat, unrolled, in
+    host memory)."""
     directory = os.path.abspath(directory)
-    spec = read_spec(directory)
-    model = build_model_from_spec(spec)
-    params = ocp.StandardCheckpointer().restore(
-        os.path.join(directory, "params"), _abstract_params(model, spec, jax.devices("cpu")[0])
-    )
+    if not os.path.exists(os.path.join(directory, SPEC_FILE)) and os.path.isdir(os.path.join(directory, "checkpoints")):
+        spec, params = read_checkpoint(directory)
+    else:
+        spec = read_spec(directory)
+        model = build_model_from_spec(spec)
+        params = ocp.StandardCheckpointer().restore(
+            os.path.join(directory, "params"), _abstract_params(model, spec, jax.devices("cpu")[0])
+        )
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     return Weights(spec, layout.unrolled({k: np.asarray(v) for k, v in flat.items()}), directory)
 
 
 def load(source: str, scan: bool | None = None) -> Encoder:
-    """Any source (an export directory, `hf:DIR`, `open_clip:DIR`, `big_vision:FILE.npz[:VARIANT]`) -> an
+    """Any source (an export directory, a training workdir, `hf:DIR`, `open_clip:DIR`,
+    `big_vision:FILE.npz[:VARIANT]`) -> an
     Encoder with `encode_image` / `encode_text` / `image_features` / `logits`; `scan` lays the layers out
     scanned or unrolled (default: as the source has them; imports scan)."""
     from cloc_jax import convert

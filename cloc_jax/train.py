@@ -221,6 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state = initial_state(config, model, tx, mesh, ckpt, spec, pretrained, data_iter)
             context = config.tokenizer.context_length
             encoder = Encoder(model, state.params, tokenizer, context, config.image_size, config.axis_rules)
+            evaluator = evals.device_for(config, encoder, mesh) if config.eval_every and config.evals else None
             first = int(state.step)
             progress = tqdm(
                 range(first, config.num_steps),
@@ -260,8 +261,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     progress.set_postfix(loss=f"{row['loss']:.3f}")
                 stopping = preemption.requested(done)
                 if config.eval_every and not stopping and (done % config.eval_every == 0 or done == config.num_steps):
-                    encoder.params = state.params
-                    results = evals.run_all(config, encoder)
+                    evaluator.set_params(state.params)
+                    results = evals.run_all(config, evaluator)
                     writer.write(done, results, echo=progress.write)
                     tick, waited = time.perf_counter(), 0.0  # evaluation time is not training throughput
                 saved = ckpt.save(done, state, data_iter, spec, force=done == config.num_steps)

@@ -32,7 +32,7 @@ def read(source: str) -> Weights:
         weights = read_export(source)
     else:
         raise ValueError(
-            f"{source!r} is no known checkpoint: give an export directory or one of "
+            f"{source!r} is no known checkpoint: give an export directory, a training workdir or one of "
             + ", ".join(f"{p}:PATH" for p in PREFIXES)
         )
     layout.check_params(weights)

@@ -17,6 +17,7 @@ import numpy as np
 
 from cloc_jax.boxes import repair
 from cloc_jax.data import sources, transforms
+from cloc_jax.data.records import empty_record
 from cloc_jax.tokenizers import Tokenizer, tokenize
 
 SPLITS = ("train", "heldout")
@@ -72,14 +73,23 @@ def _fit(values, n: int, fill) -> list:
     return values + [fill] * (n - len(values))
 
 
+def _expressions(value) -> list[str]:
+    """A box's referring expressions (one string or a list of them) -> the non-empty ones, stripped."""
+    values = [value] if isinstance(value, str) else list(value)
+    return [t for t in (str(v).strip() for v in values) if t]
+
+
 class Preprocess(grain.transforms.RandomMap):
     """One record -> fixed shapes: image [S, S, 3] float32 in [-1, 1], tokens [L], regions [M, ...].
 
-    Training (`random_map`, `augment` set) resizes as `augment.resize` says, may flip, samples one caption
-    and M regions; evaluation (`map`) is deterministic: long-side resize + pad, first caption, first M
-    regions. Boxes are repaired (corners reordered, clipped); unusable ones are dropped and counted; a
-    record without a usable image or any text becomes None (grain skips it) and is counted. With tags,
-    `image_tags` [T] is multi-hot and `image_tags_valid` (bool) says whether the record's source has tags.
+    Training (`random_map`, `augment` set) resizes as `augment.resize` says, may flip, samples one caption,
+    M regions and one referring expression per region; evaluation (`map`) is deterministic: long-side
+    resize + pad, first M regions, and also every caption (`captions` [C, L], `caption_mask` [C]) and every
+    (region, referring expression) pair (`ground_boxes` [M, 4], `ground_tokens` [M, L'], `ground_mask`
+    [M]); what does not fit in C or M is counted. Boxes are repaired (corners reordered, clipped); unusable
+    ones are dropped and counted; a record without a usable image or any text becomes None (grain skips
+    it) and is counted. With tags, `image_tags` [T] is multi-hot and `image_tags_valid` (bool) says
+    whether the record's source has tags.
     """
 
     def __init__(
@@ -92,8 +102,10 @@ class Preprocess(grain.transforms.RandomMap):
         num_tags: int = 0,
         augment: ml_collections.ConfigDict | None = None,
         stats: DataStats | None = None,
+        max_captions: int = 1,
     ):
         self.tokenizer, self.image_size, self.max_regions = tokenizer, image_size, max_regions
+        self.max_captions = max_captions  # evaluation: captions kept per image
         self.referring_prob, self.augment, self.stats = referring_prob, augment, stats or DataStats()
         if augment is not None:
             if augment.resize not in transforms.RESIZES:
@@ -150,7 +162,11 @@ class Preprocess(grain.transforms.RandomMap):
         boxes, keep = repair(record["boxes"])
         n = len(boxes)
         region_texts = [str(t).strip() for t in _fit(record["region_texts"], n, "")]
-        referring = [str(t).strip() for t in _fit(record["referring"], n, "")]
+        expressions = [_expressions(t) for t in _fit(record["referring"], n, "")]
+        if rng is None:  # evaluation: the first expression stands for the box; all of them are grounded
+            referring = [e[0] if e else "" for e in expressions]
+        else:
+            referring = [e[int(rng.integers(len(e)))] if e else "" for e in expressions]
         labels = np.asarray(_fit(record["region_labels"], n, -1), np.int32)
         captions = [c.strip() for c in record["captions"] if isinstance(c, str) and c.strip()]
         texts = captions + region_texts + referring
@@ -174,6 +190,8 @@ class Preprocess(grain.transforms.RandomMap):
         caption = captions[int(rng.integers(len(captions)))] if rng is not None else captions[0]
         if rng is not None and len(kept) > self.max_regions:
             kept = np.sort(rng.choice(kept, self.max_regions, replace=False))
+        if rng is None:
+            self.stats.add("dropped/regions_over_eval_max", max(0, len(kept) - self.max_regions))
         kept = kept[: self.max_regions]
         chosen = [region_texts[i] for i in kept]
         refs = [referring[i] or region_texts[i] for i in kept]
@@ -205,7 +223,33 @@ class Preprocess(grain.transforms.RandomMap):
             tags = np.asarray(record["tags"], np.int64)
             out["image_tags"][tags[(tags >= 0) & (tags < self.num_tags)]] = 1.0
             out["image_tags_valid"] = np.bool_(record["has_tags"])  # False: tags unknown, not absent
+        if rng is None:
+            out.update(self._every_caption(captions))
+            pairs = [(i, e) for i in np.flatnonzero(usable) for e in expressions[i] or [region_texts[i]]]
+            out.update(self._every_expression(boxes, pairs))
         return out
+
+    def _every_caption(self, captions: list[str]) -> dict:
+        """Evaluation: every caption of the image -> captions [C, L], caption_mask [C]."""
+        self.stats.add("dropped/captions_over_eval_max", max(0, len(captions) - self.max_captions))
+        kept = captions[: self.max_captions]
+        tokens = np.zeros((self.max_captions, self.context_length), np.int32)
+        tokens[: len(kept)] = tokenize(self.tokenizer, kept, self.context_length)
+        return dict(captions=tokens, caption_mask=np.arange(self.max_captions) < len(kept))
+
+    def _every_expression(self, boxes: np.ndarray, pairs: list) -> dict:
+        """Evaluation: every (usable box, referring expression) pair, the box's text when it has none ->
+        ground_boxes [M, 4], ground_tokens [M, L'], ground_mask [M] (RefCOCO scores each expression)."""
+        m = self.max_regions
+        self.stats.add("dropped/expressions_over_eval_max", max(0, len(pairs) - m))
+        pairs = pairs[:m]
+        ground_boxes = np.zeros((m, 4), np.float32)
+        ground_boxes[: len(pairs)] = boxes[[i for i, _ in pairs]].reshape(-1, 4)
+        return dict(
+            ground_boxes=ground_boxes,
+            ground_tokens=self._pad_regions(self._region_texts([e for _, e in pairs])),
+            ground_mask=np.arange(m) < len(pairs),
+        )
 
 
 def tags_enabled(config: ml_collections.ConfigDict) -> bool:
@@ -277,19 +321,46 @@ def train_iterator(
 
 
 def eval_batches(
-    config: ml_collections.ConfigDict, source, tokenizer: Tokenizer, batch_size: int, stats: DataStats | None = None
-) -> Iterator[dict]:
-    """Every usable record of `source` once, in order; the last batch is padded and `valid` marks real rows."""
-    prep = Preprocess(tokenizer, config.tokenizer, config.image_size, config.data.eval_max_regions, stats=stats)
-    rows = (prep.map(source[i]) for i in range(len(source)))  # deterministic: first caption, first M regions
+    config: ml_collections.ConfigDict,
+    source,
+    tokenizer: Tokenizer,
+    per_host: int,
+    max_regions: int,
+    max_captions: int,
+    stats: DataStats | None = None,
+) -> tuple[int, Iterator[dict]]:
+    """This host's share of `source` (every process_count-th record), every usable record once, in order,
+    decoded by `data.num_threads` workers -> (number of batches, batches of `per_host` rows). The count is
+    the same on every host (all run the same collectives): short hosts end in all-padding batches, and
+    `valid` marks real rows."""
+    prep = Preprocess(
+        tokenizer, config.tokenizer, config.image_size, max_regions, stats=stats, max_captions=max_captions
+    )
+    count = -(-len(source) // jax.process_count())
+    num_batches = -(-count // per_host)
+    ds = grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()].map(prep.map)
+    options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
+    rows = ds.to_iter_dataset(options).filter(lambda row: row is not None)
+    return num_batches, _padded(iter(rows), per_host, num_batches, prep)
+
+
+def _padded(rows: Iterator[dict], per_host: int, num_batches: int, prep: Preprocess) -> Iterator[dict]:
     chunk: list[dict] = []
-    for row in filter(None, rows):
+    made = 0
+    for row in rows:
         chunk.append(row)
-        if len(chunk) == batch_size:
-            yield _stack(chunk, batch_size)
-            chunk = []
+        if len(chunk) == per_host:
+            yield _stack(chunk, per_host)
+            made, chunk = made + 1, []
     if chunk:
-        yield _stack(chunk, batch_size)
+        yield _stack(chunk, per_host)
+        made += 1
+    if made < num_batches:  # a host whose share had skipped records, or none
+        filler = copy.copy(prep)
+        filler.stats = DataStats()  # padding is not data: counted nowhere
+        row = filler.map(dict(empty_record(-1, np.zeros((8, 8, 3), np.uint8)), captions=["padding"]))
+        for _ in range(num_batches - made):
+            yield {**_stack([row], per_host), "valid": np.zeros(per_host, bool)}
 
 
 def _stack(rows: list[dict], batch_size: int) -> dict:

@@ -8,7 +8,7 @@ A record (a dict) is what the pipeline's `Preprocess` reads, whatever the source
     boxes         float32 [N, 4]       xyxy, normalised to [0, 1] by the image's width and height
     region_texts  list[str] (N)        a caption or class name per box
     region_labels int32 [N]            index into the source's `class_names`, -1 when unknown
-    referring     list[str] (N)        a referring expression per box, "" when there is none
+    referring     list[str | list[str]] (N)  the referring expressions of each box: one, several or none ("", [])
     tags          int32 [T]            image-level tags, indices into `class_names`
     has_tags      bool                 whether the source annotates tags: if not, `tags` is unknown, not empty
     label         int                  image class (index into `class_names`), -1 when unknown
@@ -84,7 +84,7 @@ def deserialize(data: bytes, index: int) -> dict:
         boxes=np.asarray(get("boxes", []), np.float32).reshape(n, 4),
         region_texts=[text(t) for t in get("region_texts", [])],
         region_labels=np.asarray(get("region_labels", []), np.int32),
-        referring=[text(t) for t in get("referring", [])],
+        referring=[[text(x) for x in t] if isinstance(t, list) else text(t) for t in get("referring", [])],
         tags=np.asarray(get("tags", []), np.int32),
         has_tags=bool(get("has_tags", b"tags" in raw)),  # shards from before the flag: tagged if they store tags
         label=int(get("label", -1)),

@@ -2,10 +2,11 @@
 
 A source is named by a spec string, so a command line can point anywhere:
 
-    scenes[:split]                              the embedded dataset (split: train | heldout)
+    scenes[:split[:size]]                       the embedded dataset (split: train | heldout)
     array_record:/data/train-*.array_record     shards in the record schema (records.py)
     tfds:ref_coco/refcoco_unc:train             tfds.data_source (coco_captions, ref_coco, lvis)
     coco:ANN.json[,ANN.json...]@IMAGE_DIR        COCO-format captions/instances/LVIS/RefCOCO files
+    karpathy:dataset_coco.json:test@IMAGE_DIR    Karpathy's caption splits (COCO 5k, Flickr30k 1k test)
     webdataset:/data/{00000..00099}.tar         WebDataset tars: an image + a JSON per key
     0.7*array_record:/a/*.array_record + 0.3*scenes   a weighted mixture of any of the above
 """
@@ -15,7 +16,7 @@ import re
 import grain
 import numpy as np
 
-from cloc_jax.data import coco, webdataset
+from cloc_jax.data import coco, karpathy, webdataset
 from cloc_jax.data.records import ArrayRecordSource, empty_record
 from cloc_jax.data.scenes import Scenes
 
@@ -32,12 +33,13 @@ def _tfds_record(example: dict, index: int, names: tuple) -> dict:
     labels = np.where((labels[:n] >= 0) & (labels[:n] < len(names)), labels[:n], -1)
     record["boxes"] = bbox[:n][:, [1, 0, 3, 2]]
     record["region_labels"] = labels.astype(np.int32)
-    if refexp is not None:
-        record["referring"] = [_text(np.asarray(r).reshape(-1)[0]) if np.size(r) else "" for r in refexp[:n]]
+    if refexp is not None:  # every expression of each box (RefCOCO scores each one)
+        record["referring"] = [[_text(t) for t in np.asarray(r).reshape(-1)] for r in refexp[:n]]
     else:
-        record["referring"] = [""] * n
-    # ref_coco labels are bare COCO category ids: its regions are named by their referring expressions
-    record["region_texts"] = [names[i] if i >= 0 else r for i, r in zip(labels, record["referring"])]
+        record["referring"] = [[] for _ in range(n)]
+    # ref_coco labels are bare COCO category ids: its regions are named by their first referring expression
+    first = [r[0] if r else "" for r in record["referring"]]
+    record["region_texts"] = [names[i] if i >= 0 else r for i, r in zip(labels, first)]
     captions = example.get("captions", {}).get("text")
     record["captions"] = [_text(c) for c in np.asarray(captions).reshape(-1)] if captions is not None else []
     record["tags"] = np.unique(labels[labels >= 0]).astype(np.int32)
@@ -117,7 +119,10 @@ def from_spec(spec: str, image_size: int, scenes_size: int = 1024, seed: int = 0
         return Mixture(parts, weights)
     kind, _, rest = spec.partition(":")
     if kind == "scenes":
-        return Scenes(rest or "train", size=scenes_size, image_size=image_size, seed=seed)
+        split, _, size = rest.partition(":")
+        if size and not size.isdigit():
+            raise ValueError(f"data source {spec!r}: expected scenes:SPLIT[:SIZE]")
+        return Scenes(split or "train", size=int(size or scenes_size), image_size=image_size, seed=seed)
     if kind == "array_record":
         return ArrayRecordSource(rest)
     if kind == "tfds":
@@ -130,6 +135,13 @@ def from_spec(spec: str, image_size: int, scenes_size: int = 1024, seed: int = 0
         if not sep:
             raise ValueError(f"data source {spec!r}: expected coco:ANN.json[,ANN.json]@IMAGE_DIR")
         return coco.CocoSource(files.split(","), image_dir)
+    if kind == "karpathy":
+        files, sep, image_dir = rest.rpartition("@")
+        path, colon, split = files.rpartition(":")
+        if not sep or not colon:
+            raise ValueError(f"data source {spec!r}: expected karpathy:DATASET.json:SPLIT@IMAGE_DIR")
+        return karpathy.KarpathySource(path, split, image_dir)
     if kind == "webdataset":
         return webdataset.WebDatasetSource(rest)
-    raise ValueError(f"data source {spec!r}: unknown kind {kind!r} (scenes, array_record, tfds, coco, webdataset)")
+    kinds = "scenes, array_record, tfds, coco, karpathy, webdataset"
+    raise ValueError(f"data source {spec!r}: unknown kind {kind!r} ({kinds})")

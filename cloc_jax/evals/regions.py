@@ -1,18 +1,14 @@
 """Region evaluations on ground-truth boxes: classification (mAcc), region<->text retrieval, grounding,
 and the crop-and-encode baseline that any CLIP can run. Batches carry `boxes`, `region_mask`,
-`region_labels`, `region_tokens` and `referring_tokens` as the data pipeline makes them.
+`region_labels`, `region_tokens`, and for grounding every (box, expression) pair as `ground_boxes`,
+`ground_tokens`, `ground_mask`, as `data.pipeline.eval_batches` makes them.
 """
 
 import numpy as np
 
 from cloc_jax.boxes import iou_and_giou
-from cloc_jax.evals.zeroshot import any_known, class_embeddings
-
-
-def mean_class_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
-    """Accuracy per class present in `labels`, averaged over those classes (COCO/LVIS region mAcc).
-    Label -1 (unknown) is no class: those samples are left out."""
-    return float(np.mean([np.mean(pred[labels == c] == c) for c in np.unique(labels[labels >= 0])]))
+from cloc_jax.evals.ranking import best_ranks, label_ranks, mean_class_accuracy, recalls
+from cloc_jax.evals.zeroshot import any_known
 
 
 def _valid(batch) -> np.ndarray:
@@ -26,26 +22,31 @@ def _known(batch) -> np.ndarray:
 
 
 class RegionClassification:
-    """Each ground-truth box of a known class -> the nearest class-name embedding; reports `macc` (and
-    plain `acc`)."""
+    """Each ground-truth box of a known class -> the nearest class-prompt embedding (CLOC's COCO/LVIS
+    protocol); reports `macc` (mean over the classes present) and plain `acc`."""
 
     prefix = "region"
+    needs = frozenset({"regions"})
+    output, metric = "regions", "macc"
 
     def __init__(self, class_names, templates=("a {}",)):
         self.class_names, self.templates = tuple(class_names), tuple(templates)
+        self.embeddings, self.labels = [], []
 
-    def run(self, encoder, batches):
-        classes = class_embeddings(encoder, self.class_names, self.templates)
-        preds, labels = [], []
-        for batch in batches:
-            known = _known(batch)
-            z = encoder.encode_regions(batch["image"], batch["boxes"])[known]
-            preds.append((z @ classes.T).argmax(-1))
-            labels.append(batch["region_labels"][known])
-        preds, labels = np.concatenate(preds), np.concatenate(labels)
-        if any_known(labels, "region_classification"):
-            yield "macc", mean_class_accuracy(preds, labels)
-            yield "acc", float(np.mean(preds == labels))
+    def update(self, out: dict, batch: dict) -> None:
+        known = _known(batch)
+        self.embeddings.append(out[self.output][known])
+        self.labels.append(batch["region_labels"][known])
+
+    def result(self, texts):
+        labels = np.concatenate(self.labels)
+        if not any_known(labels, self.metric):
+            return
+        scores = np.concatenate(self.embeddings) @ texts.classes(self.class_names, self.templates).T
+        correct = label_ranks(scores, labels) == 0
+        yield self.metric, mean_class_accuracy(correct, labels)
+        if self.output == "regions":
+            yield "acc", float(np.mean(correct))
 
 
 def crop_and_resize(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
@@ -64,30 +65,13 @@ def crop_and_resize(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray
 class CropClassification(RegionClassification):
     """The CLIP-only baseline: crop each box, resize it to the input size, run the image tower -> `macc_crop`."""
 
-    def run(self, encoder, batches):
-        classes = class_embeddings(encoder, self.class_names, self.templates)
-        preds, labels = [], []
-        for batch in batches:
-            size, known = batch["image"].shape[1], _known(batch)
-            # Every (image, box) slot is cropped, padding included, so the encoder sees one static shape.
-            crops = [
-                crop_and_resize(image, box, size)
-                for image, boxes in zip(batch["image"], batch["boxes"])
-                for box in boxes
-            ]
-            scores = encoder.encode_image(np.stack(crops)) @ classes.T
-            preds.append(scores.argmax(-1)[known.reshape(-1)])
-            labels.append(batch["region_labels"][known])
-        preds, labels = np.concatenate(preds), np.concatenate(labels)
-        if any_known(labels, "region_crop"):
-            yield "macc_crop", mean_class_accuracy(preds, labels)
+    needs = frozenset({"crops"})
+    output, metric = "crops", "macc_crop"
 
 
 def same_text(tokens: np.ndarray) -> np.ndarray:
-    """[R, L] -> [R, R] bool: identical token sequences (one caption may describe many regions)."""
-    _, ids = np.unique(tokens, axis=0, return_inverse=True)
-    ids = ids.reshape(-1)
-    return ids[:, None] == ids[None, :]
+    """[R, L] -> [R] ids, equal for identical token sequences (one caption may describe many regions)."""
+    return np.unique(tokens, axis=0, return_inverse=True)[1].reshape(-1)
 
 
 class RegionRetrieval:
@@ -98,38 +82,41 @@ class RegionRetrieval:
     """
 
     prefix = "region"
+    needs = frozenset({"regions"})
 
     def __init__(self, ks=(1, 10)):
         self.ks = tuple(ks)
+        self.regions, self.tokens = [], []
 
-    def run(self, encoder, batches):
-        regions, texts, tokens = [], [], []
-        for batch in batches:
-            valid = _valid(batch)
-            regions.append(encoder.encode_regions(batch["image"], batch["boxes"])[valid])
-            texts.append(encoder.encode_text(batch["region_tokens"][valid]))
-            tokens.append(batch["region_tokens"][valid])
-        sim = np.concatenate(regions) @ np.concatenate(texts).T
-        match = same_text(np.concatenate(tokens))
-        for k in self.ks:
-            top_t = np.argsort(-sim, axis=1)[:, :k]
-            top_r = np.argsort(-sim.T, axis=1)[:, :k]
-            rows = np.arange(len(sim))[:, None]
-            yield f"r2t_r{k}", float(match[rows, top_t].any(1).mean())
-            yield f"t2r_r{k}", float(match[rows, top_r].any(1).mean())
+    def update(self, out: dict, batch: dict) -> None:
+        valid = _valid(batch)
+        self.regions.append(out["regions"][valid])
+        self.tokens.append(batch["region_tokens"][valid])
+
+    def result(self, texts):
+        tokens = np.concatenate(self.tokens)
+        regions, text_embeddings, ids = np.concatenate(self.regions), texts.encode(tokens), same_text(tokens)
+        yield from recalls(best_ranks(regions, text_embeddings, ids, ids), self.ks, "r2t").items()
+        yield from recalls(best_ranks(text_embeddings, regions, ids, ids), self.ks, "t2r").items()
 
 
 class Grounding:
-    """Referring expression -> box through the grounding head; `acc50` = fraction with IoU >= 0.5."""
+    """Every referring expression -> a box through the grounding head (RefCOCO/+/g protocol: one sample per
+    expression); `acc50` = fraction with IoU >= 0.5 to its box, `miou` the mean IoU."""
 
     prefix = "grounding"
+    needs = frozenset({"ground"})
 
-    def run(self, encoder, batches):
-        ious = []
-        for batch in batches:
-            valid = _valid(batch)
-            pred = encoder.ground(batch["image"], batch["referring_tokens"])
-            ious.append(iou_and_giou(pred[valid], batch["boxes"][valid])[0])
-        ious = np.concatenate(ious)
-        yield "acc50", float(np.mean(ious >= 0.5))
-        yield "miou", float(np.mean(ious))
+    def __init__(self):
+        self.ious = []
+
+    def update(self, out: dict, batch: dict) -> None:
+        valid = batch["ground_mask"] & batch["valid"][:, None]
+        self.ious.append(iou_and_giou(out["ground"][valid], batch["ground_boxes"][valid])[0])
+
+    def result(self, texts):
+        del texts
+        ious = np.concatenate(self.ious)
+        if len(ious):
+            yield "acc50", float(np.mean(ious >= 0.5))
+            yield "miou", float(np.mean(ious))

@@ -1,15 +1,15 @@
-"""Zero-shot classification: each class is the mean embedding of its prompts; predict the nearest."""
+"""Zero-shot classification: each class is the mean embedding of its prompts; predict the nearest.
+
+Every evaluator has the same shape: `needs` names the device outputs it reads per batch, `update(out,
+batch)` keeps what it needs of one batch (every host's rows), and `result(texts)` encodes its texts once
+(`evals.device.Texts`) and yields (metric, value) pairs.
+"""
 
 import warnings
 
 import numpy as np
 
-
-def class_embeddings(encoder, class_names, templates) -> np.ndarray:
-    """[C, E] unit vectors, each class the normalised mean of its prompts over templates."""
-    prompts = [t.format(name) for name in class_names for t in templates]
-    z = encoder.encode_text(prompts).reshape(len(class_names), len(templates), -1).mean(1)
-    return z / np.linalg.norm(z, axis=-1, keepdims=True)
+from cloc_jax.evals.ranking import label_ranks
 
 
 def any_known(labels: np.ndarray, evaluator: str) -> bool:
@@ -23,22 +23,30 @@ def any_known(labels: np.ndarray, evaluator: str) -> bool:
 
 
 class ZeroShot:
-    """Batches carry `image` and an integer `label` indexing `class_names`, -1 (unknown) left out."""
+    """Batches carry an integer `label` indexing `class_names` (-1, unknown, left out) -> top1, top5.
+
+    `present_only`: only the classes that occur in the split are candidates (ImageNet-A and -R: 200 of
+    ImageNet's 1,000 classes, the protocol of CLIP and open_clip)."""
 
     prefix = "zeroshot"
+    needs = frozenset({"image"})
 
-    def __init__(self, class_names, templates=("a {}",)):
-        self.class_names, self.templates = tuple(class_names), tuple(templates)
+    def __init__(self, class_names, templates=("a {}",), present_only: bool = False):
+        self.class_names, self.templates, self.present_only = tuple(class_names), tuple(templates), present_only
+        self.images, self.labels = [], []
 
-    def run(self, encoder, batches):
-        classes = class_embeddings(encoder, self.class_names, self.templates)
-        ranked, labels = [], []
-        for batch in batches:
-            known = batch["valid"] & (batch["label"] >= 0)
-            scores = encoder.encode_image(batch["image"])[known] @ classes.T
-            ranked.append(np.argsort(-scores, axis=1)[:, :5])
-            labels.append(batch["label"][known])
-        ranked, labels = np.concatenate(ranked), np.concatenate(labels)
-        if any_known(labels, "zeroshot"):
-            yield "top1", float(np.mean(ranked[:, 0] == labels))
-            yield "top5", float(np.mean((ranked == labels[:, None]).any(1)))
+    def update(self, out: dict, batch: dict) -> None:
+        known = batch["valid"] & (batch["label"] >= 0)
+        self.images.append(out["image"][known])
+        self.labels.append(batch["label"][known])
+
+    def result(self, texts):
+        labels = np.concatenate(self.labels)
+        if not any_known(labels, "zeroshot"):
+            return
+        classes = texts.classes(self.class_names, self.templates)
+        candidates = np.unique(labels) if self.present_only else np.arange(len(self.class_names))
+        scores = np.concatenate(self.images) @ classes[candidates].T
+        ranks = label_ranks(scores, np.searchsorted(candidates, labels))
+        yield "top1", float(np.mean(ranks < 1))
+        yield "top5", float(np.mean(ranks < 5))

@@ -78,8 +78,9 @@ def test_tfds_sources_through_mock_data(name, named_classes):
             record = source[i]
             n = len(record["boxes"])
             assert len(record["region_texts"]) == len(record["referring"]) == len(record["region_labels"]) == n
-            if not named_classes:  # ref_coco: regions are named by their referring expressions
-                assert record["region_texts"] == record["referring"]
+            if not named_classes:  # ref_coco: every expression of a box; the region is named by its first
+                assert all(isinstance(r, list) for r in record["referring"])
+                assert record["region_texts"] == [r[0] if r else "" for r in record["referring"]]
             assert record["image"].dtype == np.uint8 and record["image"].ndim == 3
             assert record["has_tags"] == named_classes  # ref_coco's bare category ids name no tag
         raw = source.source[0]["objects"]["bbox"][0]  # tfds: (ymin, xmin, ymax, xmax)

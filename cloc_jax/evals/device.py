@@ -1,0 +1,129 @@
+"""Evaluation on device, sharded like training: per-host batches in, every host's rows out.
+
+Each host passes its own rows ([B, ...], B = eval batch / processes); they become global arrays over the
+mesh's batch axes, one jitted forward serves every output a data pass needs (the image forward is shared by
+the image embedding, the regions and grounding), and the outputs are gathered so that every host holds all
+rows in process order ([P * B, ...]) and computes the same metrics. Texts (captions, class prompts) are
+encoded densely at the end, split across hosts the same way; class prompts once per evaluation run.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cloc_jax import sharding
+from cloc_jax.evals.regions import crop_and_resize
+from cloc_jax.inference import Encoder
+from cloc_jax.models.cloc import Model, normalize
+
+OUTPUTS = ("image", "regions", "ground", "crops")
+
+
+def _forward(model: Model, images, boxes, ground_tokens, needs: frozenset) -> dict:
+    """images [B, S, S, 3], boxes [B, M, 4], ground_tokens [B, M, L'] -> the `needs` of OUTPUTS (not crops)."""
+    out = {}
+    if model.prompter is None:  # box pooling (CLIP-only) or RoIAlign: regions come out of the image forward
+        embedding, _, regions = model.image(images, boxes if "regions" in needs else None)
+        out["image"] = normalize(embedding.astype(jnp.float32))
+        if "regions" in needs:
+            out["regions"] = normalize(regions.astype(jnp.float32))
+        return out
+    out["image"], grid = model.encode_image(images)
+    memory = model.prompter.memory(grid)  # shared by box prompts and text prompts
+    if "regions" in needs:
+        out["regions"] = model._regions(memory, grid.shape[1:3], boxes)
+    if "ground" in needs:
+        out["ground"] = model._ground(memory, grid.shape[1:3], model.encode_texts(ground_tokens))
+    return out
+
+
+def _on_mesh(params, mesh: Mesh):
+    """Parameters on the mesh: kept where training sharded them, else replicated (an imported model)."""
+    devices = set(mesh.devices.flat)
+    if all(leaf.sharding.device_set == devices for leaf in jax.tree.leaves(params)):
+        return params
+    replicated = NamedSharding(mesh, PartitionSpec())
+    host = jax.tree.map(np.asarray, params)
+    return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, replicated, lambda i: a[i]), host)
+
+
+class Device:
+    """An Encoder's model run over `mesh` for evaluation, `per_host` rows per host and call."""
+
+    def __init__(self, encoder: Encoder, mesh: Mesh, per_host: int):
+        local = sharding.data_parallel_size(mesh) // jax.process_count()
+        if per_host % max(local, 1):
+            raise ValueError(f"eval batch per host {per_host} is not divisible by its {local} data-parallel devices")
+        self.encoder, self.mesh, self.per_host = encoder, mesh, per_host
+        model = encoder.model
+        self._text = jax.jit(lambda p, tokens: model.apply({"params": p}, tokens, method=Model.encode_text))
+        self._image = jax.jit(lambda p, images: model.apply({"params": p}, images, method=Model.encode_image)[0])
+        self._forwards = {}  # needs -> jitted forward
+        self.set_params(encoder.params)
+
+    def set_params(self, params) -> None:
+        """New parameters (training evaluates as it goes): compiled functions stay, class prompts re-encode."""
+        self.params = _on_mesh(params, self.mesh)
+        self._classes = {}  # (class names, templates) -> [C, E]
+
+    def _run(self, fn, local: dict) -> dict:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.encoder.axis_rules):
+            out = fn(self.params, **sharding.global_batch(local, self.mesh))
+        return multihost_utils.process_allgather(out, tiled=True)
+
+    def gather(self, batch: dict) -> dict:
+        """A per-host batch's fields but the image -> every host's rows, in process order."""
+        return multihost_utils.process_allgather({k: v for k, v in batch.items() if k != "image"}, tiled=True)
+
+    def outputs(self, batch: dict, needs: frozenset) -> dict:
+        """One per-host batch -> {output: every host's rows} for the `needs` (a subset of OUTPUTS)."""
+        unknown = set(needs) - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"evaluation outputs {sorted(unknown)}; choose from {OUTPUTS}")
+        device = frozenset(needs - {"crops"})
+        if device not in self._forwards:
+            model = self.encoder.model
+            self._forwards[device] = jax.jit(
+                lambda p, images, boxes, ground_tokens: model.apply(
+                    {"params": p}, images, boxes, ground_tokens, device, method=_forward
+                )
+            )
+        inputs = dict(images=batch["image"], boxes=batch["boxes"], ground_tokens=batch["ground_tokens"])
+        out = self._run(self._forwards[device], inputs)
+        if "crops" in needs:
+            out["crops"] = self._crops(batch["image"], batch["boxes"])
+        return out
+
+    def _crops(self, images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """Every (image, box) slot cropped and resized to the input size, padding included (one static
+        shape), through the image tower -> [P * B, M, E]."""
+        size, (b, m) = images.shape[1], boxes.shape[:2]
+        crops = np.stack([crop_and_resize(im, box, size) for im, row in zip(images, boxes) for box in row])
+        chunks = [self._run(self._image, dict(images=crops[i : i + b])) for i in range(0, len(crops), b)]
+        chunks = [c.reshape(-1, b, c.shape[-1]) for c in chunks]  # each [P, B, E]: chunk i of every host
+        return np.stack(chunks, 1).reshape(-1, m, chunks[0].shape[-1])
+
+    def encode(self, texts) -> np.ndarray:
+        """Strings or tokens [N, L], the same on every host -> unit embeddings [N, E], each host encoding
+        its part of every chunk of P * B texts."""
+        tokens = texts if isinstance(texts, np.ndarray) else self.encoder.tokenize(texts)
+        n, chunk, rank = len(tokens), self.per_host * jax.process_count(), jax.process_index()
+        padded = np.concatenate([tokens, np.zeros((-n % chunk, tokens.shape[1]), tokens.dtype)])
+        out = [
+            self._run(self._text, dict(tokens=padded[i + rank * self.per_host :][: self.per_host]))
+            for i in range(0, len(padded), chunk)
+        ]
+        return np.concatenate(out)[:n] if out else np.zeros((0, 0), np.float32)
+
+    def classes(self, class_names, templates) -> np.ndarray:
+        """[C, E] unit vectors, each class the normalised mean of its prompts over templates (encoded once
+        per evaluation run for every evaluator that asks)."""
+        key = (tuple(class_names), tuple(templates))
+        if key not in self._classes:
+            prompts = [t.format(name) for name in class_names for t in templates]
+            z = self.encode(prompts).reshape(len(class_names), len(templates), -1).mean(1)
+            self._classes[key] = z / np.linalg.norm(z, axis=-1, keepdims=True)
+        return self._classes[key]

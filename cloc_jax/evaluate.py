@@ -1,0 +1,120 @@
+"""The papers' benchmarks for any model, from one command.
+
+python -m cloc_jax.evaluate --model=SRC --suite=paper [--data.imagenet=tfds:imagenet2012:validation ...]
+    [--out=results.json] [--batch_size=256]
+
+SRC: anything `cloc_jax.load` takes (an export, a training workdir, hf:DIR, open_clip:DIR, big_vision:FILE).
+Suites and benchmarks: cloc_jax/evals/benchmarks.py. A benchmark whose data is not there is skipped with
+the reason; with several processes (launched as for training) every host evaluates its share.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cloc_jax import distributed, evals, sharding
+from cloc_jax.config import base_config
+from cloc_jax.evals import benchmarks
+from cloc_jax.evals.device import Device
+from cloc_jax.export import load
+
+_MODEL = flags.DEFINE_string("model", None, "export dir, training workdir, hf:DIR, open_clip:DIR, big_vision:FILE")
+_SUITE = flags.DEFINE_enum("suite", "paper", list(benchmarks.SUITES), "which benchmarks to run")
+_OUT = flags.DEFINE_string("out", None, "write one JSON record per benchmark and metric here")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "images per evaluation batch (all hosts together)")
+_THREADS = flags.DEFINE_integer("num_threads", 4, "decoding threads per host")
+_DATA = config_flags.DEFINE_config_dict(
+    "data", ml_collections.ConfigDict({name: cfg["data"] for name, cfg in benchmarks.BENCHMARKS.items()})
+)
+
+
+def eval_config(spec: dict, batch_size: int, num_threads: int) -> ml_collections.ConfigDict:
+    """The settings evaluation reads (image size, tokenizer lengths, data options) for a model's spec."""
+    c = base_config()
+    c.image_size = spec["image_size"]
+    c.tokenizer.update(spec["tokenizer"])
+    c.eval_batch_size = batch_size
+    c.data.num_threads = num_threads
+    c.evals = {}
+    return c
+
+
+def protocol(cfg: ml_collections.ConfigDict) -> dict:
+    out = dict(type=cfg.type, templates=len(cfg.templates), classes=cfg.classes or "the data's own")
+    return {**out, "present_only": cfg.present_only} if cfg.type == "zeroshot" else out
+
+
+def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -> tuple[list[dict], list[dict]]:
+    """-> (records: one per benchmark and metric, skipped: one per benchmark not run, with the reason)."""
+    encoder = load(model)
+    config = eval_config(encoder.spec, batch_size, num_threads)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(batch_size, mesh)
+    device = Device(encoder, mesh, batch_size // jax.process_count())
+    records, skipped, groups = [], [], {}
+    for name in benchmarks.SUITES[suite]:
+        cfg = ml_collections.ConfigDict(dict(benchmarks.BENCHMARKS[name], data=data[name]))
+        if not cfg.data:
+            skipped.append(dict(benchmark=name, reason=f"no data: pass --data.{name}=SPEC"))
+        elif not evals.runnable(cfg, encoder):
+            skipped.append(dict(benchmark=name, reason=f"{cfg.type} needs the Prompter's box head"))
+        else:
+            groups.setdefault(cfg.data, {})[name] = cfg
+    for spec, entries in groups.items():
+        try:
+            source = evals.open_source(config, next(iter(entries.values())))
+        except Exception as error:  # tfds not prepared, a missing file: skipped, saying why
+            reason = f"cannot open {spec}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            skipped.extend(dict(benchmark=name, reason=reason) for name in entries)
+            continue
+        results, stats = evals.evaluate_source(config, device, source, entries, desc=", ".join(entries))
+        for key, value in results.items():
+            name, metric = key.split("/", 1)
+            records.append(
+                dict(benchmark=name, metric=metric, value=value, model=model, data=spec, images=len(source))
+                | dict(protocol=protocol(entries[name]), data_stats=stats)
+            )
+    return records, skipped
+
+
+def format_table(records: list[dict], skipped: list[dict], suite: str) -> str:
+    lines = [f"{'benchmark':<24} {'metric':<10} {'value':>7}"]
+    lines += [f"{r['benchmark']:<24} {r['metric']:<10} {100 * r['value']:7.2f}" for r in records]
+    if suite == "paper":
+        found = {f"{r['benchmark']}/{r['metric']}": r["value"] for r in records}
+        lines += ["", "CLOC Table 2 columns (zero-shot, %):"]
+        lines += [" | ".join(column for column, _ in benchmarks.PAPER_COLUMNS)]
+        lines += [" | ".join(f"{100 * found[m]:.1f}" if m in found else "-" for _, m in benchmarks.PAPER_COLUMNS)]
+    lines += [f"skipped {s['benchmark']}: {s['reason']}" for s in skipped]
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    if not _MODEL.value:
+        raise app.UsageError("--model is required")
+    distributed.initialize()
+    try:
+        records, skipped = run(_MODEL.value, _SUITE.value, _DATA.value, _BATCH.value, _THREADS.value)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if jax.process_index() == 0:
+        print(format_table(records, skipped, _SUITE.value), flush=True)
+        if _OUT.value:
+            with open(_OUT.value, "w") as f:
+                json.dump(dict(records=records, skipped=skipped), f, indent=1)
+    if not records:
+        sys.exit(f"error: no benchmark of suite {_SUITE.value!r} ran (see the reasons above)")
+
+
+if __name__ == "__main__":
+    app.run(main)
