@@ -29,8 +29,9 @@ def write_array_record(directory: str, recs: list[dict], num_shards: int = 2) ->
     return os.path.join(directory, "*.array_record")
 
 
-def write_coco(directory: str, recs: list[dict]) -> str:
-    """captions + instances + RefCOCO refs JSON and an image folder; returns the `coco:` spec."""
+def write_coco(directory: str, recs: list[dict], region_captions: bool = False, ref_splits=("train",)) -> str:
+    """captions + instances + RefCOCO refs JSON and an image folder; returns the `coco:` spec. With
+    `region_captions` each box annotation carries "region <its text>"; refs cycle through `ref_splits`."""
     os.makedirs(os.path.join(directory, "images"), exist_ok=True)
     images, captions, instances, refs = [], [], [], []
     for r in recs:
@@ -40,11 +41,14 @@ def write_coco(directory: str, recs: list[dict]) -> str:
             f.write(r["image"])
         images.append(dict(id=int(r["index"]) + 100, file_name=name, width=w, height=h))
         captions += [dict(id=len(captions), image_id=int(r["index"]) + 100, caption=c) for c in r["captions"]]
-        for box, label, referring in zip(r["boxes"], r["region_labels"], r["referring"]):
+        for k, (box, label, referring) in enumerate(zip(r["boxes"], r["region_labels"], r["referring"])):
             x0, y0, x1, y1 = (box * [w, h, w, h]).tolist()
             ann = dict(id=len(instances) + 7, image_id=int(r["index"]) + 100, category_id=int(label) + 1)
             instances.append(dict(ann, bbox=[x0, y0, x1 - x0, y1 - y0]))
-            refs.append(dict(ann_id=ann["id"], sentences=[dict(sent=referring)]))
+            if region_captions:
+                instances[-1]["caption"] = f"region {r['region_texts'][k]}"
+            split = ref_splits[k % len(ref_splits)]
+            refs.append(dict(ann_id=ann["id"], split=split, sentences=[dict(sent=referring)]))
     categories = [dict(id=i + 1, name=n) for i, n in enumerate(CLASS_NAMES)]
     files = {
         "captions.json": dict(images=images, annotations=captions),
@@ -56,6 +60,28 @@ def write_coco(directory: str, recs: list[dict]) -> str:
             json.dump(content, f)
     anns = ",".join(os.path.join(directory, n) for n in files)
     return f"coco:{anns}@{os.path.join(directory, 'images')}"
+
+
+def five_captions(record: dict) -> list[str]:
+    return [f"{record['captions'][0]} ({k})" for k in range(5)]
+
+
+def write_karpathy(directory: str, recs: list[dict], test) -> str:
+    """Karpathy's `dataset_coco.json` layout (images under `filepath/`, five sentences each) with the records
+    at positions `test` in the test split and the rest in train; returns the `karpathy:...:test@DIR` spec."""
+    os.makedirs(os.path.join(directory, "val2014"), exist_ok=True)
+    images = []
+    for i, r in enumerate(recs):
+        name = f"COCO_val2014_{i:012d}.png"
+        with open(os.path.join(directory, "val2014", name), "wb") as f:
+            f.write(r["image"])
+        sentences = [dict(raw=c, tokens=c.split()) for c in five_captions(r)]
+        split = "test" if i in test else "train"
+        images.append(dict(filepath="val2014", filename=name, imgid=i, split=split, sentences=sentences, cocoid=i))
+    path = os.path.join(directory, "dataset_coco.json")
+    with open(path, "w") as f:
+        json.dump(dict(images=images, dataset="coco"), f)
+    return f"karpathy:{path}:test@{directory}"
 
 
 def coco_captions_only(coco_spec: str) -> str:

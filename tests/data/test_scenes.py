@@ -1,9 +1,10 @@
+import jax
 import numpy as np
 import pytest
 
 from cloc_jax.data.pipeline import eval_batches, make_source, train_iterator
 from cloc_jax.data.scenes import CLASS_NAMES, COLOURS, HELDOUT_COMBOS, Scenes
-from cloc_jax.tokenizers import ByteTokenizer
+from cloc_jax.tokenizers import ByteTokenizer, tokenize
 
 
 def test_same_seed_same_scene_different_seed_different_scene():
@@ -58,10 +59,62 @@ def test_train_batches_have_static_shapes_masks_and_are_deterministic(config):
 
 def test_eval_batches_cover_the_split_once_and_mark_padding(config):
     source = make_source(config.data, "heldout", config.image_size)
-    batches = list(eval_batches(config, source, ByteTokenizer(), batch_size=16))
-    assert [b["image"].shape[0] for b in batches] == [16, 16, 16]
+    count, batches = eval_batches(config, source, ByteTokenizer(), 16, max_regions=4, max_captions=3)
+    batches = list(batches)
+    assert count == 3 and [b["image"].shape[0] for b in batches] == [16, 16, 16]
     ids = np.concatenate([b["index"][b["valid"]] for b in batches])
     np.testing.assert_array_equal(ids, np.arange(40))
+
+
+def test_every_host_gets_the_same_number_of_batches_and_together_every_record(config, monkeypatch):
+    """3 simulated hosts over 40 records with 5 unusable ones, all on host 0: it ends in padding batches."""
+    source = make_source(config.data, "heldout", config.image_size)
+
+    class Damaged:
+        class_names = source.class_names
+
+        def __len__(self):
+            return len(source)
+
+        def __getitem__(self, i):
+            record = source[i]
+            return dict(record, image=b"broken") if i % 3 == 0 and i < 15 else record
+
+    seen, counts = [], []
+    for host in range(3):
+        monkeypatch.setattr(jax, "process_index", lambda h=host: h)
+        monkeypatch.setattr(jax, "process_count", lambda: 3)
+        count, batches = eval_batches(config, Damaged(), ByteTokenizer(), 4, max_regions=4, max_captions=3)
+        batches = list(batches)
+        assert len(batches) == count == 4  # ceil(ceil(40 / 3) / 4)
+        counts.append(sum(int(b["valid"].sum()) for b in batches))
+        seen += [int(i) for b in batches for i in b["index"][b["valid"]]]
+    assert counts == [9, 13, 13]  # host 0 holds records 0, 3, ..., 39: five of them broken
+    assert sorted(seen) == [i for i in range(40) if not (i % 3 == 0 and i < 15)]
+
+
+def test_eval_rows_hold_every_caption_and_every_referring_expression(config):
+    from cloc_jax.data.pipeline import DataStats, Preprocess
+
+    record = Scenes("heldout", image_size=32)[0]
+    n = len(record["boxes"])
+    record["captions"] = [f"caption {i}" for i in range(5)]
+    record["referring"] = [["the first", "the left one", "  "]] + [f"box {i}" for i in range(1, n)]
+    stats = DataStats()
+    tok = ByteTokenizer()
+    prep = Preprocess(tok, config.tokenizer, 32, max_regions=n + 1, stats=stats, max_captions=4)
+    out = prep.map(record)
+    assert out["caption_mask"].tolist() == [True] * 4
+    np.testing.assert_array_equal(out["captions"][3], tokenize(tok, ["caption 3"], config.tokenizer.context_length)[0])
+    assert stats.snapshot() == {"data/dropped/captions_over_eval_max": 1}
+    # box 0 has two non-empty expressions, every other box one: n + 1 pairs, box 0 twice
+    assert out["ground_mask"].sum() == n + 1
+    np.testing.assert_array_equal(out["ground_boxes"][0], out["ground_boxes"][1])
+    np.testing.assert_array_equal(out["ground_boxes"][2], out["boxes"][1])
+    length = config.tokenizer.region_context_length
+    expected = tokenize(tok, ["the first", "the left one", "box 1"], length)
+    np.testing.assert_array_equal(out["ground_tokens"][:3], expected)
+    np.testing.assert_array_equal(out["referring_tokens"][0], expected[0])  # the first stands for the box
 
 
 def test_bad_boxes_are_repaired_or_dropped_and_counted(config):

@@ -48,7 +48,8 @@ def test_each_file_source_reads_back_what_was_written(recs, specs, kind):
             transforms.decode_image(record["image"], 48), transforms.decode_image(want["image"], 48)
         )
         np.testing.assert_allclose(record["boxes"], want["boxes"], atol=1e-6)
-        assert record["referring"] == want["referring"]
+        # COCO-format refs hold every sentence of a box
+        assert record["referring"] == ([[r] for r in want["referring"]] if kind == "coco" else want["referring"])
         np.testing.assert_array_equal(record["tags"], want["tags"])
         assert record["has_tags"] is True
         if kind == "coco":  # class names as region texts, labels from categories
@@ -188,3 +189,32 @@ def test_lvis_style_annotations_name_images_by_their_coco_url(recs, tmp_path):
     np.testing.assert_allclose(record["boxes"], [[0.25, 0.5, 0.5, 0.75]])
     np.testing.assert_array_equal(record["region_labels"], [1])
     assert record["has_tags"] is True
+
+
+def test_karpathy_splits_hold_every_sentence_of_their_images(tmp_path, recs):
+    spec = fixtures.write_karpathy(str(tmp_path), recs, test=range(0, N, 2))
+    test = sources.from_spec(spec, 48)
+    assert len(test) == len(range(0, N, 2)) and test.class_names == ()
+    for i, want in zip(range(len(test)), recs[::2]):
+        record = test[i]
+        assert record["captions"] == fixtures.five_captions(want)
+        np.testing.assert_array_equal(
+            transforms.decode_image(record["image"], 48), transforms.decode_image(want["image"], 48)
+        )
+    assert len(sources.from_spec(spec.replace(":test@", ":train@"), 48)) == N - len(test)
+    with pytest.raises(ValueError, match="karpathy split='tset'"):
+        sources.from_spec(spec.replace(":test@", ":tset@"), 48)
+
+
+def test_coco_region_captions_and_one_refcoco_split(tmp_path, recs):
+    spec = fixtures.write_coco(str(tmp_path), recs[:4], region_captions=True, ref_splits=("testA", "testB"))
+    files, _, images = spec.removeprefix("coco:").rpartition("@")
+    instances, refs = files.split(",")[1], files.split(",")[2]
+    whole = sources.from_spec(f"coco:{instances},{refs}@{images}", 48)
+    assert whole[0]["region_texts"] == [f"region {t}" for t in recs[0]["region_texts"]]  # the box's caption
+    test_a = sources.from_spec(f"coco:{instances},{refs}:testA@{images}", 48)
+    # the refs alternate testA, testB box by box: each image keeps its testA boxes only
+    for i in range(len(test_a)):
+        record, want = test_a[i], recs[i]
+        np.testing.assert_allclose(record["boxes"], want["boxes"][0::2], atol=1e-6)
+        assert record["referring"] == [[r] for r in want["referring"][0::2]]
