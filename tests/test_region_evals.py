@@ -197,7 +197,7 @@ def test_mean_class_accuracy_over_many_classes_some_absent():
 def test_a_class_tied_with_the_right_one_counts_as_a_miss():
     class Tied(FakeEncoder):
         def encode_regions(self, images, boxes):
-            return np.full(boxes.shape[:2] + (3,), 1 / np.sqrt(3), np.float32)  # equally close to every class
+            return np.full((*boxes.shape[:2], 3), 1 / np.sqrt(3), np.float32)  # equally close to every class
 
     results = run(RegionClassification(["c 0", "c 1", "c 2"], ("{}",)), Tied(), [_batch()])
     assert results == {"macc": 0.0, "acc": 0.0}
