@@ -15,6 +15,7 @@ setup(
         "grain>=0.2.12",
         "array_record>=0.5",
         "tensorflow-datasets>=4.9",
+        "importlib_resources",  # tfds imports it for some builders (ImageNet's) without declaring it
         "pillow>=10",
         "msgpack>=1.0",
         "ml_collections>=1.0",

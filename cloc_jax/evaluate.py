@@ -62,7 +62,8 @@ def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -
     for name in benchmarks.SUITES[suite]:
         cfg = ml_collections.ConfigDict(dict(benchmarks.BENCHMARKS[name], data=data[name]))
         if not cfg.data:
-            skipped.append(dict(benchmark=name, reason=f"no data: pass --data.{name}=SPEC"))
+            example = benchmarks.DATA_EXAMPLES.get(name, "SPEC")
+            skipped.append(dict(benchmark=name, reason=f"no data: pass --data.{name}={example}"))
         elif not evals.runnable(cfg, encoder):
             skipped.append(dict(benchmark=name, reason=f"{cfg.type} needs the Prompter's box head"))
         else:
@@ -70,11 +71,15 @@ def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -
     for spec, entries in groups.items():
         try:
             source = evals.open_source(config, next(iter(entries.values())))
-        except Exception as error:  # tfds not prepared, a missing file: skipped, saying why
-            reason = f"cannot open {spec}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        except FileNotFoundError as error:  # tfds not prepared, a missing file: skipped, saying why
+            reason = f"no data: {str(error).splitlines()[0]}"
             skipped.extend(dict(benchmark=name, reason=reason) for name in entries)
             continue
-        results, stats = evals.evaluate_source(config, device, source, entries, desc=", ".join(entries))
+        try:
+            results, stats = evals.evaluate_source(config, device, source, entries, desc=spec[-40:])
+        except evals.NoUsableData as error:  # e.g. a wrong image folder: every image missing
+            skipped.extend(dict(benchmark=name, reason=str(error)) for name in entries)
+            continue
         for key, value in results.items():
             name, metric = key.split("/", 1)
             records.append(
@@ -85,7 +90,7 @@ def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -
 
 
 def format_table(records: list[dict], skipped: list[dict], suite: str) -> str:
-    lines = [f"{'benchmark':<24} {'metric':<10} {'value':>7}"]
+    lines = [f"{'benchmark':<24} {'metric':<10} {'%':>7}"]
     lines += [f"{r['benchmark']:<24} {r['metric']:<10} {100 * r['value']:7.2f}" for r in records]
     if suite == "paper":
         found = {f"{r['benchmark']}/{r['metric']}": r["value"] for r in records}

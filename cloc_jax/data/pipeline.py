@@ -87,8 +87,8 @@ class Preprocess(grain.transforms.RandomMap):
     resize + pad, first M regions, and also every caption (`captions` [C, L], `caption_mask` [C]) and every
     (region, referring expression) pair (`ground_boxes` [M, 4], `ground_tokens` [M, L'], `ground_mask`
     [M]); what does not fit in C or M is counted. Boxes are repaired (corners reordered, clipped); unusable
-    ones are dropped and counted; a record without a usable image or any text becomes None (grain skips
-    it) and is counted. With tags, `image_tags` [T] is multi-hot and `image_tags_valid` (bool) says
+    ones are dropped and counted; a record without a usable image (or, in training, any text) becomes None
+    (grain skips it) and is counted. With tags, `image_tags` [T] is multi-hot and `image_tags_valid` (bool) says
     whether the record's source has tags.
     """
 
@@ -181,12 +181,15 @@ class Preprocess(grain.transforms.RandomMap):
         self.stats.add("dropped/boxes_outside_crop", int((keep & ~visible).sum()))
         self.stats.add("dropped/boxes_without_text", int((keep & visible & ~usable).sum()))
         kept = np.flatnonzero(usable)
-        if not captions:  # detection-style data: describe the image by its regions
-            if not len(kept):
-                self.stats.add("skipped/no_text")
-                return None
+        written = captions  # evaluation scores only the captions the data has
+        if not captions and len(kept):  # detection-style data: describe the image by its regions
             captions = ["a photo of " + ", ".join(dict.fromkeys(region_texts[i] for i in kept))]
             self.stats.add("repaired/caption_from_regions")
+        elif not captions and rng is not None:  # nothing to learn from
+            self.stats.add("skipped/no_text")
+            return None
+        elif not captions:  # evaluation: an image with a class and no text is still an image (zero-shot)
+            captions = [""]
         caption = captions[int(rng.integers(len(captions)))] if rng is not None else captions[0]
         if rng is not None and len(kept) > self.max_regions:
             kept = np.sort(rng.choice(kept, self.max_regions, replace=False))
@@ -224,7 +227,7 @@ class Preprocess(grain.transforms.RandomMap):
             out["image_tags"][tags[(tags >= 0) & (tags < self.num_tags)]] = 1.0
             out["image_tags_valid"] = np.bool_(record["has_tags"])  # False: tags unknown, not absent
         if rng is None:
-            out.update(self._every_caption(captions))
+            out.update(self._every_caption(written))
             pairs = [(i, e) for i in np.flatnonzero(usable) for e in expressions[i] or [region_texts[i]]]
             out.update(self._every_expression(boxes, pairs))
         return out

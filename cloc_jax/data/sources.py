@@ -11,6 +11,7 @@ A source is named by a spec string, so a command line can point anywhere:
     0.7*array_record:/a/*.array_record + 0.3*scenes   a weighted mixture of any of the above
 """
 
+import os
 import re
 
 import grain
@@ -22,9 +23,12 @@ from cloc_jax.data.scenes import Scenes
 
 
 def _tfds_record(example: dict, index: int, names: tuple) -> dict:
-    """A tfds example of coco_captions, ref_coco or lvis -> record. tfds boxes are (ymin, xmin, ymax,
-    xmax); per-object fields are cut to their shortest length (mock data does not align them)."""
+    """A tfds example of a classification set (imagenet2012 and its variants: `label`) or of coco,
+    coco_captions, ref_coco or lvis (`objects`) -> record. tfds boxes are (ymin, xmin, ymax, xmax);
+    per-object fields are cut to their shortest length (mock data does not align them)."""
     record = empty_record(index, example["image"])
+    if "label" in example:  # an image class
+        record["label"] = int(example["label"]) if 0 <= int(example["label"]) < len(names) else -1
     objects = example.get("objects", {})
     bbox = np.asarray(objects.get("bbox", np.zeros((0, 4))), np.float32).reshape(-1, 4)
     labels = np.asarray(objects.get("label", np.zeros((0,))), np.int64).reshape(-1)
@@ -43,7 +47,7 @@ def _tfds_record(example: dict, index: int, names: tuple) -> dict:
     captions = example.get("captions", {}).get("text")
     record["captions"] = [_text(c) for c in np.asarray(captions).reshape(-1)] if captions is not None else []
     record["tags"] = np.unique(labels[labels >= 0]).astype(np.int32)
-    record["has_tags"] = bool(names)  # ref_coco's bare category ids name no class
+    record["has_tags"] = bool(names) and "objects" in example  # ref_coco's bare category ids name no class
     return record
 
 
@@ -52,13 +56,28 @@ def _text(value) -> str:
 
 
 class TfdsSource:
-    """`tfds.data_source(name, split)` (random access, no TensorFlow graph) adapted to records."""
+    """`tfds.data_source(name, split)` (random access, no TensorFlow graph) adapted to records. Never
+    downloads: a dataset that is not prepared is a FileNotFoundError saying so."""
 
     def __init__(self, name: str, split: str, data_dir: str | None = None):
         import tensorflow_datasets as tfds
 
-        self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
-        label = self.source.dataset_info.features["objects"]["label"]
+        try:
+            self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+        except KeyError as error:  # tfds: "`splits` is empty ... has not been generated yet"
+            where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+            raise FileNotFoundError(
+                f"tfds {name}:{split} is not prepared under {where} (tfds build {name.split('/')[0]}; "
+                f"some need a manual download): {str(error).strip(chr(34))[:80]}"
+            ) from None
+        except tfds.core.DatasetNotFoundError as error:
+            raise FileNotFoundError(f"tfds has no dataset {name!r}: {error}") from None
+        except ModuleNotFoundError as error:  # tfds's coco and coco_captions builders import TensorFlow
+            raise ValueError(
+                f"tfds:{name} needs {error.name} installed; or read its files (coco:, karpathy:)"
+            ) from None
+        features = self.source.dataset_info.features
+        label = features["label"] if "label" in features else features["objects"]["label"]
         self.class_names = tuple(getattr(label, "names", ()))  # a ClassLabel (coco, lvis) or bare ids
 
     def __len__(self) -> int:

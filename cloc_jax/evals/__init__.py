@@ -20,6 +20,11 @@ from cloc_jax.evals.device import Device
 from cloc_jax.evals.retrieval import Retrieval
 from cloc_jax.evals.zeroshot import ZeroShot
 
+
+class NoUsableData(ValueError):
+    """An evaluation's data source held no record the pipeline could use."""
+
+
 TYPES = ("retrieval", "zeroshot", "region_classification", "region_crop", "region_retrieval", "grounding")
 
 
@@ -69,11 +74,16 @@ def evaluate_source(config, device: Device, source, entries: dict, desc: str = "
         config, source, device.encoder.tokenizer, device.per_host, regions_cap, captions_cap, stats
     )
     quiet = jax.process_index() != 0
+    usable = 0
     for batch in tqdm(batches, desc, total=num_batches, disable=quiet, mininterval=1 if sys.stderr.isatty() else 60):
         out = device.outputs(batch, needs)
         gathered = device.gather(batch)
+        usable += int(gathered["valid"].sum())
         for evaluator in evaluators.values():
             evaluator.update(out, gathered)
+    if not usable:
+        counts = ", ".join(f"{k.removeprefix('data/')}: {v}" for k, v in stats.snapshot().items())
+        raise NoUsableData(f"none of the {len(source)} records of {desc} is usable ({counts or 'no records'})")
     results = {}
     for name, evaluator in evaluators.items():
         prefix = entries[name].prefix or name
@@ -96,5 +106,5 @@ def run_all(config: ml_collections.ConfigDict, device: Device) -> dict[str, floa
     results = {}
     for spec, entries in groups.items():
         source = open_source(config, next(iter(entries.values())))
-        results.update(evaluate_source(config, device, source, entries, desc=f"eval {spec}")[0])
+        results.update(evaluate_source(config, device, source, entries, desc=f"eval {spec[-40:]}")[0])
     return results

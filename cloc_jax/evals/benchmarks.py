@@ -57,12 +57,12 @@ BENCHMARKS = {
     "imagenet_a": _imagenet_entry("tfds:imagenet_a:test", present_only=True),
     "imagenet_r": _imagenet_entry("tfds:imagenet_r:test", present_only=True),
     "imagenet_sketch": _imagenet_entry("tfds:imagenet_sketch:test"),
-    # image<->text R@1/5/10 over every caption: tfds coco_captions holds Karpathy's splits (test: 5k)
-    "coco_retrieval": eval_entry("retrieval", "tfds:coco_captions:test"),
-    "flickr30k_retrieval": eval_entry("retrieval", ""),  # karpathy:dataset_flickr30k.json:test@IMAGE_DIR
+    # image<->text R@1/5/10 over every caption of Karpathy's test splits (COCO 5k, Flickr30k 1k)
+    "coco_retrieval": eval_entry("retrieval", ""),
+    "flickr30k_retrieval": eval_entry("retrieval", ""),
     # region classification on ground-truth boxes, mAcc over classes (CLOC's protocol); the caps are
     # COCO's and LVIS's own per-image detection limits, and boxes beyond them are counted
-    "coco_regions": _regions("tfds:coco/2017:validation", max_regions=100),
+    "coco_regions": _regions("", max_regions=100),
     "lvis_regions": _regions("tfds:lvis:validation", max_regions=300),
     # region<->text R@1/R@10 on any COCO-format set whose box annotations carry a caption (GRIT-style)
     "grit_regions": eval_entry("region_retrieval", "", max_regions=100),
@@ -77,6 +77,15 @@ BENCHMARKS = {
     "scenes_region_crop": eval_entry("region_crop", "scenes:heldout", templates=SCENE_TEMPLATES),
     "scenes_region_retrieval": eval_entry("region_retrieval", "scenes:heldout"),
     "scenes_grounding": eval_entry("grounding", "scenes:heldout"),
+}
+
+# Where the benchmarks without a tfds default find their data (tfds's coco and coco_captions builders
+# need TensorFlow; their files do not).
+DATA_EXAMPLES = {
+    "coco_retrieval": "karpathy:/data/dataset_coco.json:test@/data/coco  (or tfds:coco_captions:test)",
+    "flickr30k_retrieval": "karpathy:/data/dataset_flickr30k.json:test@/data/flickr30k/images",
+    "coco_regions": "coco:/data/coco/annotations/instances_val2017.json@/data/coco/val2017",
+    "grit_regions": "coco:/data/grit/region_captions.json@/data/grit/images",
 }
 
 # CLOC's Table 2 (zero-shot): the columns these benchmarks give, as (column, metric).

@@ -20,6 +20,7 @@ from cloc_jax.inference import Encoder
 from cloc_jax.models.cloc import Model, normalize
 
 OUTPUTS = ("image", "regions", "ground", "crops")
+TEXT_ROWS = 1024  # texts per host and call (ImageNet's 80,000 class prompts: 80 calls on one host)
 
 
 def _forward(model: Model, images, boxes, ground_tokens, needs: frozenset) -> dict:
@@ -108,13 +109,13 @@ class Device:
 
     def encode(self, texts) -> np.ndarray:
         """Strings or tokens [N, L], the same on every host -> unit embeddings [N, E], each host encoding
-        its part of every chunk of P * B texts."""
+        its part of every chunk of P * TEXT_ROWS texts."""
         tokens = texts if isinstance(texts, np.ndarray) else self.encoder.tokenize(texts)
-        n, chunk, rank = len(tokens), self.per_host * jax.process_count(), jax.process_index()
+        rows = self.per_host * max(1, TEXT_ROWS // self.per_host)  # a multiple of the image batch: divisible
+        n, chunk, rank = len(tokens), rows * jax.process_count(), jax.process_index()
         padded = np.concatenate([tokens, np.zeros((-n % chunk, tokens.shape[1]), tokens.dtype)])
         out = [
-            self._run(self._text, dict(tokens=padded[i + rank * self.per_host :][: self.per_host]))
-            for i in range(0, len(padded), chunk)
+            self._run(self._text, dict(tokens=padded[i + rank * rows :][:rows])) for i in range(0, len(padded), chunk)
         ]
         return np.concatenate(out)[:n] if out else np.zeros((0, 0), np.float32)
 

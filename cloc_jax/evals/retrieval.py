@@ -26,7 +26,7 @@ class Retrieval:
         self.images, self.captions, self.counts = [], [], []
 
     def update(self, out: dict, batch: dict) -> None:
-        valid = batch["valid"]
+        valid = batch["valid"] & batch["caption_mask"].any(1)  # an image without captions is no query
         self.images.append(out["image"][valid])
         self.captions.append(batch["captions"][valid][batch["caption_mask"][valid]])
         self.counts.append(batch["caption_mask"][valid].sum(1))

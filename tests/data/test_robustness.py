@@ -91,8 +91,13 @@ def test_preprocess_counts_each_kind_once():
     stats = DataStats()
     config = tiny_config()
     prep = Preprocess(ByteTokenizer(), config.tokenizer, 32, 3, augment=config.data.augment, stats=stats)
-    outputs = [prep.map(records.deserialize(item, i)) for i, item in enumerate(data)]
+    rng = np.random.default_rng(0)
+    outputs = [prep.random_map(records.deserialize(item, i), rng) for i, item in enumerate(data)]
     assert sum(o is None for o in outputs) == 5
+    # evaluation keeps the record with an image and no text (zero-shot needs only the image and its class)
+    evaluation = Preprocess(ByteTokenizer(), config.tokenizer, 32, 3)
+    kept = [evaluation.map(records.deserialize(item, i)) for i, item in enumerate(data)]
+    assert sum(o is None for o in kept) == 4
     for o in filter(None, outputs):
         assert o["image"].shape == (32, 32, 3) and np.isfinite(o["image"]).all() and np.isfinite(o["boxes"]).all()
     counts = stats.snapshot()

@@ -1,0 +1,163 @@
+"""Evaluation on device over a mesh against the plain single-device Encoder, and `python -m cloc_jax.evaluate`
+end to end: the embedded scenes, tfds mock data of imagenet2012 / ref_coco / lvis, Karpathy's COCO layout,
+and two processes against one. Meshes: the 8 simulated devices, data-parallel."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cloc_jax import load, sharding
+from cloc_jax.config import base_config
+from cloc_jax.data import pipeline, sources
+from cloc_jax.evals.device import OUTPUTS, Device
+from cloc_jax.evals.regions import crop_and_resize
+from cloc_jax.evaluate import eval_config
+from tests.conftest import ROOT
+from tests.evaluate_helpers import write_tiny_export
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    return {name: write_tiny_export(str(root / name), name) for name in ("cloc_tiny", "clip_tiny", "umg_tiny")}
+
+
+def _scenes_batch(encoder, n=16):
+    config = eval_config(encoder.spec, n, 2)
+    source = sources.from_spec("scenes:heldout:16", encoder.image_size)
+    return next(pipeline.eval_batches(config, source, encoder.tokenizer, n, max_regions=4, max_captions=2)[1])
+
+
+@pytest.mark.parametrize("name", ["cloc_tiny", "clip_tiny", "umg_tiny"])
+def test_device_outputs_over_8_devices_equal_the_single_device_encoder(exports, name):
+    encoder = load(exports[name])
+    batch = _scenes_batch(encoder)
+    device = Device(encoder, sharding.make_mesh(base_config().mesh), 16)
+    assert len(device.mesh.devices.flat) == 8
+    needs = set(OUTPUTS) - ({"ground"} if encoder.model.prompter is None else set())
+    out = device.outputs(batch, frozenset(needs))
+    np.testing.assert_allclose(out["image"], encoder.encode_image(batch["image"]), atol=2e-5)
+    np.testing.assert_allclose(out["regions"], encoder.encode_regions(batch["image"], batch["boxes"]), atol=2e-5)
+    if "ground" in needs:
+        expected = encoder.ground(batch["image"], batch["ground_tokens"])
+        np.testing.assert_allclose(out["ground"], expected, atol=2e-5)
+    size = batch["image"].shape[1]
+    crops = np.stack([crop_and_resize(batch["image"][3], box, size) for box in batch["boxes"][3]])
+    np.testing.assert_allclose(out["crops"][3], encoder.encode_image(crops)[:4], atol=2e-5)
+    gathered = device.gather(batch)
+    assert "image" not in gathered and (gathered["index"] == batch["index"]).all()
+
+
+def test_texts_are_encoded_in_chunks_across_devices_and_class_prompts_once(exports, monkeypatch):
+    encoder = load(exports["cloc_tiny"])
+    device = Device(encoder, sharding.make_mesh(base_config().mesh), 8)
+    texts = [f"{s} red circle" for s in ("large", "small", "a", "the")] * 5  # 20: not a multiple of 8
+    np.testing.assert_allclose(device.encode(texts), encoder.encode_text(texts), atol=2e-5)
+    names, templates = ["red circle", "blue square"], ("large {}", "small {}")
+    z = encoder.encode_text([t.format(n) for n in names for t in templates]).reshape(2, 2, -1).mean(1)
+    np.testing.assert_allclose(
+        device.classes(names, templates), z / np.linalg.norm(z, axis=1, keepdims=True), atol=2e-5
+    )
+    monkeypatch.setattr(device, "encode", lambda texts: pytest.fail("class prompts encoded twice"))
+    device.classes(names, templates)
+    monkeypatch.undo()
+    device.set_params(encoder.params)  # new parameters: the prompts must be encoded again
+    monkeypatch.setattr(device, "encode", lambda texts: pytest.fail("re-encoded, as it must be"))
+    with pytest.raises(pytest.fail.Exception, match="re-encoded"):
+        device.classes(names, templates)
+
+
+EVALUATE = [sys.executable, "-m", "cloc_jax.evaluate"]
+
+
+def _cli(*args, env=None, timeout=600):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **(env or {})}
+    return subprocess.run([*EVALUATE, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def _run_main(*argv):
+    """`python -m cloc_jax.evaluate ARGV` in this process (tfds mock data patches this process only)."""
+    from absl import flags
+
+    from cloc_jax import evaluate
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["evaluate", *argv])
+    try:
+        evaluate.main(["evaluate"])
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def _records(path):
+    with open(path) as f:
+        out = json.load(f)
+    return {(r["benchmark"], r["metric"]): r for r in out["records"]}, {s["benchmark"]: s for s in out["skipped"]}
+
+
+def test_imagenet_through_tfds_mock_data_against_a_numpy_reference(exports, tmp_path, capsys):
+    import tensorflow_datasets as tfds
+
+    out = tmp_path / "imagenet.json"
+    with tfds.testing.mock_data(num_examples=24):
+        _run_main(f"--model={exports['cloc_tiny']}", "--suite=imagenet", "--batch_size=16", f"--out={out}")
+        source = sources.from_spec("tfds:imagenet2012:validation", 32)
+        images = [source[i] for i in range(len(source))]
+    records, skipped = _records(out)
+    assert not skipped and {b for b, _ in records} == {
+        "imagenet",
+        "imagenet_v2",
+        "imagenet_a",
+        "imagenet_r",
+        "imagenet_sketch",
+    }
+    top1 = records["imagenet", "top1"]
+    assert top1["images"] == 24 and top1["protocol"] == dict(
+        type="zeroshot", templates=80, classes="imagenet", present_only=False
+    )
+    assert records["imagenet_a", "top1"]["protocol"]["present_only"] is True
+    # The reference: the single-device encoder, the 1,000 names x 80 templates, NumPy argsort.
+    encoder = load(exports["cloc_tiny"])
+    with open(os.path.join(ROOT, "cloc_jax", "evals", "imagenet.json")) as f:
+        meta = json.load(f)
+    prompts = [t.format(c) for c in meta["classes"] for t in meta["templates_openai"]]
+    z = np.concatenate([encoder.encode_text(prompts[i : i + 4000]) for i in range(0, len(prompts), 4000)])
+    z = z.reshape(1000, 80, -1).mean(1)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    prep = pipeline.Preprocess(encoder.tokenizer, eval_config(encoder.spec, 16, 1).tokenizer, 32, 4)
+    rows = [prep.map(r) for r in images]
+    scores = encoder.encode_image(np.stack([r["image"] for r in rows])) @ z.T
+    labels = np.array([r["label"] for r in rows])
+    ranked = np.argsort(-scores, axis=1, kind="stable")
+    assert top1["value"] == pytest.approx(np.mean(ranked[:, 0] == labels))
+    assert records["imagenet", "top5"]["value"] == pytest.approx(np.mean((ranked[:, :5] == labels[:, None]).any(1)))
+    assert "CLOC Table 2" not in capsys.readouterr().out  # the paper's columns come with --suite=paper only
+
+
+def test_refcoco_and_lvis_through_tfds_mock_data(exports, tmp_path):
+    import tensorflow_datasets as tfds
+
+    out = tmp_path / "refcoco.json"
+    with tfds.testing.mock_data(num_examples=6):
+        _run_main(f"--model={exports['cloc_tiny']}", "--suite=refcoco", "--batch_size=16", f"--out={out}")
+        source = sources.from_spec("tfds:ref_coco/refcoco_unc:testA", 32)
+        expressions = sum(len(e) for i in range(len(source)) for e in source[i]["referring"] if e)
+    records, skipped = _records(out)
+    assert not skipped and len({b for b, _ in records}) == 8  # RefCOCO, RefCOCO+ val/testA/testB; g val/test
+    assert 0 <= records["refcoco_testA", "acc50"]["value"] <= 1 and expressions > 0
+    # tfds mock data gives each image hundreds of expressions, over the cap of 32: counted, not hidden
+    stats = records["refcoco_testA", "acc50"]["data_stats"]
+    assert stats["data/dropped/expressions_over_eval_max"] > 0
+    out = tmp_path / "lvis.json"
+    with tfds.testing.mock_data(num_examples=6):
+        _run_main(f"--model={exports['clip_tiny']}", "--suite=regions", "--batch_size=16", f"--out={out}")
+    records, skipped = _records(out)
+    assert records["lvis_regions", "macc"]["protocol"] == dict(
+        type="region_classification", templates=1, classes="the data's own"
+    )
+    assert skipped["coco_regions"]["reason"].startswith("no data: pass --data.coco_regions=coco:")
+    assert skipped["grit_regions"]["reason"].startswith("no data: pass --data.grit_regions=coco:")
