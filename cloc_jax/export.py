@@ -113,7 +113,7 @@ def read_export(directory: str) -> Weights:
         spec = read_spec(directory)
         model = build_model_from_spec(spec)
         params = ocp.StandardCheckpointer().restore(
-            os.path.join(directory, "params"), _abstract_params(model, spec, jax.devices("cpu")[0])
+            os.path.join(directory, "params"), _abstract_params(model, spec, jax.local_devices(backend="cpu")[0])
         )
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     return Weights(spec, layout.unrolled({k: np.asarray(v) for k, v in flat.items()}), directory)

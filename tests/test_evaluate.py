@@ -161,3 +161,100 @@ def test_refcoco_and_lvis_through_tfds_mock_data(exports, tmp_path):
     )
     assert skipped["coco_regions"]["reason"].startswith("no data: pass --data.coco_regions=coco:")
     assert skipped["grit_regions"]["reason"].startswith("no data: pass --data.grit_regions=coco:")
+
+
+def test_the_paper_suite_on_a_karpathy_layout_fixture_end_to_end(exports, tmp_path):
+    from tests.data import fixtures
+
+    recs = fixtures.scene_records(10, image_size=40, split="heldout")
+    spec = fixtures.write_karpathy(str(tmp_path / "karpathy"), recs, test=range(10))
+    out = tmp_path / "paper.json"
+    env = {"TFDS_DATA_DIR": str(tmp_path / "no_tfds")}  # nothing prepared: tfds benchmarks are skipped
+    run = _cli(
+        f"--model={exports['cloc_tiny']}", f"--data.coco_retrieval={spec}", "--batch_size=8", f"--out={out}", env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    records, skipped = _records(out)
+    assert {b for b, _ in records} == {"coco_retrieval"}
+    assert set(skipped) == {"imagenet", "grit_regions", "coco_regions", "lvis_regions"}
+    assert "tfds build imagenet2012" in skipped["imagenet"]["reason"]
+    assert "CLOC Table 2 columns" in run.stdout and "coco_retrieval" in run.stdout
+    assert "it/s" in run.stderr or "s/it" in run.stderr  # the progress bar
+    # The reference: the single-device encoder, every one of the 5 captions of each image, loops in float64.
+    encoder = load(exports["cloc_tiny"])
+    prep = pipeline.Preprocess(encoder.tokenizer, eval_config(encoder.spec, 8, 1).tokenizer, 32, 4)
+    images = encoder.encode_image(np.stack([prep.map(dict(r, captions=["x"]))["image"] for r in recs])).astype(float)
+    texts = encoder.encode_text([c for r in recs for c in fixtures.five_captions(r)]).astype(float)
+    owner = np.repeat(np.arange(10), 5)
+    sim = images @ texts.T
+    i2t = [sum(s > sim[i, owner == i].max() for s in sim[i, owner != i]) < 1 for i in range(10)]
+    t2i = [sum(sim[j, t] >= sim[owner[t], t] for j in range(10) if j != owner[t]) < 1 for t in range(50)]
+    assert records["coco_retrieval", "i2t_r1"]["value"] == pytest.approx(np.mean(i2t))
+    assert records["coco_retrieval", "t2i_r1"]["value"] == pytest.approx(np.mean(t2i))
+    assert records["coco_retrieval", "t2i_r10"]["value"] == 1.0  # 10 images: every one is in the top 10
+    record = records["coco_retrieval", "t2i_r5"]
+    assert record["images"] == 10 and record["data"] == spec and record["model"] == exports["cloc_tiny"]
+
+
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["--model=/nonexistent/model"], "error: '/nonexistent/model' is no known checkpoint"),
+        (["--data.imagenet=nope:1"], "error: data source 'nope:1': unknown kind 'nope'"),
+        (["--data.imagenet=karpathy:/missing.json:test@/x", "--suite=imagenet"], "error: no benchmark of suite"),
+    ],
+)
+def test_bad_input_is_one_line(exports, args, says):
+    model = [] if any(a.startswith("--model") for a in args) else [f"--model={exports['cloc_tiny']}"]
+    run = _cli(*model, "--batch_size=8", *args, env={"TFDS_DATA_DIR": "/nonexistent"}, timeout=300)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert says in run.stderr + run.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SCENES = [
+    f"--data.scenes_{b}=scenes:heldout:40"
+    for b in ("retrieval", "zeroshot", "regions", "region_crop", "region_retrieval", "grounding")
+]
+
+
+def test_two_processes_give_the_one_process_metrics(exports, tmp_path):
+    """The scenes suite (every evaluator) on 1 process x 4 devices and on 2 processes x 2 devices: the same
+    batch of 16 per step, 4 rows per device, so the numbers must agree."""
+    args = [f"--model={exports['cloc_tiny']}", "--suite=scenes", "--batch_size=16", *SCENES]
+    one = _cli(*args, f"--out={tmp_path / 'one.json'}", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    port, procs = _free_port(), []
+    clean = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # see test_faults
+    for pid in range(2):
+        env = {
+            **clean,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(pid),
+        }
+        cmd = [*EVALUATE, *args, f"--out={tmp_path / f'two_{pid}.json'}"]
+        procs.append(
+            subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert not (tmp_path / "two_1.json").exists()  # process 0 writes the results
+    expected, _ = _records(tmp_path / "one.json")
+    got, _ = _records(tmp_path / "two_0.json")
+    assert set(got) == set(expected) and len(got) == 17
+    for key in expected:
+        assert got[key]["value"] == pytest.approx(expected[key]["value"], abs=1e-6), key

@@ -64,17 +64,22 @@ class TfdsSource:
 
         try:
             self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
-        except KeyError as error:  # tfds: "`splits` is empty ... has not been generated yet"
+        except (KeyError, NotImplementedError) as error:  # no splits generated / not random-access files
+            if isinstance(error, NotImplementedError) and tfds.builder(name, data_dir=data_dir or None).is_prepared():
+                raise ValueError(
+                    f"tfds {name} is prepared as TFRecord; random access needs ArrayRecord: "
+                    f"tfds build {name.split('/')[0]} --file_format=array_record"
+                ) from None
             where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
             raise FileNotFoundError(
                 f"tfds {name}:{split} is not prepared under {where} (tfds build {name.split('/')[0]}; "
-                f"some need a manual download): {str(error).strip(chr(34))[:80]}"
+                "some need a manual download)"
             ) from None
         except tfds.core.DatasetNotFoundError as error:
             raise FileNotFoundError(f"tfds has no dataset {name!r}: {error}") from None
         except ModuleNotFoundError as error:  # tfds's coco and coco_captions builders import TensorFlow
             raise ValueError(
-                f"tfds:{name} needs {error.name} installed; or read its files (coco:, karpathy:)"
+                f"tfds:{name} needs {error.name or 'TensorFlow'} installed; or read its files (coco:, karpathy:)"
             ) from None
         features = self.source.dataset_info.features
         label = features["label"] if "label" in features else features["objects"]["label"]

@@ -218,3 +218,9 @@ def test_coco_region_captions_and_one_refcoco_split(tmp_path, recs):
         record, want = test_a[i], recs[i]
         np.testing.assert_allclose(record["boxes"], want["boxes"][0::2], atol=1e-6)
         assert record["referring"] == [[r] for r in want["referring"][0::2]]
+
+
+def test_a_tfds_dataset_that_is_not_prepared_is_not_downloaded_and_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"tfds imagenet_a:test is not prepared under .*tfds build imagenet_a"):
+        sources.TfdsSource("imagenet_a", "test", data_dir=str(tmp_path))
+    assert not any(tmp_path.rglob("*.tar"))  # nothing was fetched
