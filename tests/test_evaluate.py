@@ -258,3 +258,23 @@ def test_two_processes_give_the_one_process_metrics(exports, tmp_path):
     assert set(got) == set(expected) and len(got) == 17
     for key in expected:
         assert got[key]["value"] == pytest.approx(expected[key]["value"], abs=1e-6), key
+
+
+def test_training_runs_benchmark_entries_beside_its_heldout_ones(exports):
+    """`config.evals` with a benchmark entry on its own data and the held-out split's entries: one pass
+    each, the benchmark's metrics under its name."""
+    from cloc_jax import evals
+    from cloc_jax.evals import benchmarks
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    with config.unlocked():
+        config.evals = dict(
+            zeroshot=config.evals.zeroshot.to_dict(),
+            imagenet=dict(benchmarks.BENCHMARKS["scenes_zeroshot"], data="scenes:heldout:16", prefix="scenes"),
+        )
+    encoder = load(exports["cloc_tiny"])
+    device = evals.device_for(config, encoder, sharding.make_mesh(config.mesh))
+    results = evals.run_all(config, device)
+    assert set(results) == {"zeroshot/top1", "zeroshot/top5", "scenes/top1", "scenes/top5"}
+    assert all(0 <= v <= 1 for v in results.values())

@@ -20,7 +20,7 @@ from cloc_jax.inference import Encoder
 from cloc_jax.models.cloc import Model, normalize
 
 OUTPUTS = ("image", "regions", "ground", "crops")
-TEXT_ROWS = 1024  # texts per host and call (ImageNet's 80,000 class prompts: 80 calls on one host)
+TEXT_ROWS = 1024  # at most this many texts per host and call (ImageNet's 80,000 prompts: 79 calls on one host)
 
 
 def _forward(model: Model, images, boxes, ground_tokens, needs: frozenset) -> dict:
@@ -109,10 +109,14 @@ class Device:
 
     def encode(self, texts) -> np.ndarray:
         """Strings or tokens [N, L], the same on every host -> unit embeddings [N, E], each host encoding
-        its part of every chunk of P * TEXT_ROWS texts."""
+        its part of every chunk (P x the batch doubled as far as N needs, up to TEXT_ROWS per host: few
+        compiled shapes, little padding)."""
         tokens = texts if isinstance(texts, np.ndarray) else self.encoder.tokenize(texts)
-        rows = self.per_host * max(1, TEXT_ROWS // self.per_host)  # a multiple of the image batch: divisible
-        n, chunk, rank = len(tokens), rows * jax.process_count(), jax.process_index()
+        n, rank = len(tokens), jax.process_index()
+        rows = self.per_host  # a multiple of the image batch (divisible over the devices), doubled up to
+        while rows * 2 <= max(TEXT_ROWS, self.per_host) and rows * jax.process_count() < n:  # what n needs
+            rows *= 2
+        chunk = rows * jax.process_count()
         padded = np.concatenate([tokens, np.zeros((-n % chunk, tokens.shape[1]), tokens.dtype)])
         out = [
             self._run(self._text, dict(tokens=padded[i + rank * rows :][:rows])) for i in range(0, len(padded), chunk)
