@@ -107,6 +107,8 @@ def test_export_then_load_gives_the_trained_model(trained, tmp_path):
     again = model.model.apply({"params": params}, images, method=type(model.model).encode_image)[0]
     np.testing.assert_allclose(zi, np.asarray(again), atol=1e-6)
     assert not np.allclose(zi[0], zi[1])
+    # A training workdir loads as it stands (its newest checkpoint), as `python -m cloc_jax.evaluate` takes it.
+    np.testing.assert_allclose(load(workdir).encode_image(images), zi, atol=1e-6)
 
 
 def test_exported_model_encodes_regions_and_grounds_texts(trained, tmp_path):
