@@ -83,6 +83,16 @@ def test_retrieval_evaluator_uses_every_caption_and_skips_padding_rows():
     assert results["t2i_r1"] == pytest.approx(2 / 4)
 
 
+def test_retrieval_on_images_without_captions_reports_nothing():
+    batch = dict(
+        image=np.eye(2, dtype=np.float32),
+        captions=np.zeros((2, 3, 2), np.int32),
+        caption_mask=np.zeros((2, 3), bool),
+        valid=np.ones(2, bool),
+    )
+    assert run(Retrieval(), FakeEncoder(table=np.zeros((1, 2), np.float32)), [batch]) == {}
+
+
 def test_zeroshot_evaluator_by_hand():
     names = ["red circle", "blue square", "green star"]
     vectors = {f"a {n}": np.eye(3, dtype=np.float32)[i] for i, n in enumerate(names)}

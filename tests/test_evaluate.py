@@ -57,6 +57,7 @@ def test_texts_are_encoded_in_chunks_across_devices_and_class_prompts_once(expor
     device = Device(encoder, sharding.make_mesh(base_config().mesh), 8)
     texts = [f"{s} red circle" for s in ("large", "small", "a", "the")] * 5  # 20: not a multiple of 8
     np.testing.assert_allclose(device.encode(texts), encoder.encode_text(texts), atol=2e-5)
+    assert device.encode([]).shape == (0, encoder.encode_text(texts).shape[1])
     names, templates = ["red circle", "blue square"], ("large {}", "small {}")
     z = encoder.encode_text([t.format(n) for n in names for t in templates]).reshape(2, 2, -1).mean(1)
     np.testing.assert_allclose(

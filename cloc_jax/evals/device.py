@@ -117,11 +117,12 @@ class Device:
         while rows * 2 <= max(TEXT_ROWS, self.per_host) and rows * jax.process_count() < n:  # what n needs
             rows *= 2
         chunk = rows * jax.process_count()
-        padded = np.concatenate([tokens, np.zeros((-n % chunk, tokens.shape[1]), tokens.dtype)])
+        pad = -n % chunk if n else chunk  # no texts: one padding chunk still gives the [0, E] shape
+        padded = np.concatenate([tokens, np.zeros((pad, tokens.shape[1]), tokens.dtype)])
         out = [
             self._run(self._text, dict(tokens=padded[i + rank * rows :][:rows])) for i in range(0, len(padded), chunk)
         ]
-        return np.concatenate(out)[:n] if out else np.zeros((0, 0), np.float32)
+        return np.concatenate(out)[:n]
 
     def classes(self, class_names, templates) -> np.ndarray:
         """[C, E] unit vectors, each class the normalised mean of its prompts over templates (encoded once

@@ -95,6 +95,8 @@ class RegionRetrieval:
 
     def result(self, texts):
         tokens = np.concatenate(self.tokens)
+        if not len(tokens):  # no region: recall is undefined, so none is reported
+            return
         regions, text_embeddings, ids = np.concatenate(self.regions), texts.encode(tokens), same_text(tokens)
         yield from recalls(best_ranks(regions, text_embeddings, ids, ids), self.ks, "r2t").items()
         yield from recalls(best_ranks(text_embeddings, regions, ids, ids), self.ks, "t2r").items()

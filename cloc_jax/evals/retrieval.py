@@ -33,5 +33,7 @@ class Retrieval:
 
     def result(self, texts):
         images = np.concatenate(self.images)
+        if not len(images):  # no image with a caption: recall is undefined, so none is reported
+            return
         text_image = np.repeat(np.arange(len(images)), np.concatenate(self.counts))
         yield from recall_at_k(images, texts.encode(np.concatenate(self.captions)), text_image, self.ks).items()
