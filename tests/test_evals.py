@@ -154,3 +154,15 @@ def test_zeroshot_with_no_known_label_reports_no_metric():
     batch = dict(image=np.eye(7, dtype=np.float32)[:3], label=np.full(3, -1), valid=np.ones(3, bool))
     with pytest.warns(UserWarning, match="no sample has a known label"):
         assert run(ZeroShot(names), FakeEncoder(vectors), [batch]) == {}
+
+
+def test_shipped_imagenet_names_and_templates_are_openais():
+    """The data file against open_clip's copy of OpenAI's lists (the test extra installs open_clip)."""
+    from open_clip import zero_shot_metadata as reference
+
+    from cloc_jax.evals import benchmarks
+
+    assert benchmarks.class_names("imagenet", ()) == tuple(reference.IMAGENET_CLASSNAMES)
+    assert benchmarks.imagenet_templates("openai") == tuple(t("{}") for t in reference.OPENAI_IMAGENET_TEMPLATES)
+    assert benchmarks.imagenet_templates("simple") == tuple(t("{}") for t in reference.SIMPLE_IMAGENET_TEMPLATES)
+    assert len(benchmarks.imagenet_templates()) == 80 and len(benchmarks.imagenet_templates("simple")) == 7
