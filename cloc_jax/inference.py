@@ -76,12 +76,16 @@ class Encoder:
         with nn.logical_axis_rules(self.axis_rules):
             return np.asarray(self._features[k](params, jnp.asarray(images)))
 
+    def logit_params(self) -> tuple[float, float]:
+        """(scale, bias) turning cosines into logits: CLIP's temperature; SigLIP's bias (0 for CLIP)."""
+        scale, bias = self._logit_params(self.params)
+        return float(scale), 0.0 if bias is None else float(bias)
+
     def logits(self, images, texts) -> np.ndarray:
         """[B, H, W, 3] + N texts -> [B, N] image-text logits as the source library computes them:
         scale x cosine (+ SigLIP's bias)."""
-        scale, bias = self._logit_params(self.params)
-        logits = float(scale) * self.encode_image(images) @ self.encode_text(texts).T
-        return logits + (0.0 if bias is None else float(bias))
+        scale, bias = self.logit_params()
+        return scale * self.encode_image(images) @ self.encode_text(texts).T + bias
 
     def encode_regions(self, images, boxes) -> np.ndarray:
         """[B, H, W, 3] + [B, M, 4] -> [B, M, E]: one image forward serves every box.
