@@ -20,7 +20,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cloc_jax import distributed, evals, sharding
-from cloc_jax.config import base_config
 from cloc_jax.evals import benchmarks
 from cloc_jax.evals.device import Device
 from cloc_jax.export import load
@@ -35,17 +34,6 @@ _DATA = config_flags.DEFINE_config_dict(
 )
 
 
-def eval_config(spec: dict, batch_size: int, num_threads: int) -> ml_collections.ConfigDict:
-    """The settings evaluation reads (image size, tokenizer lengths, data options) for a model's spec."""
-    c = base_config()
-    c.image_size = spec["image_size"]
-    c.tokenizer.update(spec["tokenizer"])
-    c.eval_batch_size = batch_size
-    c.data.num_threads = num_threads
-    c.evals = {}
-    return c
-
-
 def protocol(cfg: ml_collections.ConfigDict) -> dict:
     out = dict(type=cfg.type, templates=len(cfg.templates), classes=cfg.classes or "the data's own")
     return {**out, "present_only": cfg.present_only} if cfg.type == "zeroshot" else out
@@ -54,7 +42,7 @@ def protocol(cfg: ml_collections.ConfigDict) -> dict:
 def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -> tuple[list[dict], list[dict]]:
     """-> (records: one per benchmark and metric, skipped: one per benchmark not run, with the reason)."""
     encoder = load(model)
-    config = eval_config(encoder.spec, batch_size, num_threads)
+    config = evals.eval_config(encoder.spec, batch_size, num_threads)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(batch_size, mesh)
     device = Device(encoder, mesh, batch_size // jax.process_count())

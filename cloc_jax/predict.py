@@ -188,18 +188,6 @@ def format_result(result: dict) -> str:
     return "\n".join(lines + [f"note: {n}" for n in result["notes"]])
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "export dir, training workdir, hf:DIR, open_clip:DIR, big_vision:FILE")
-flags.DEFINE_string("image", None, "the image file")
-flags.DEFINE_string("labels", "", "comma-separated labels, or a file with one per line")
-flags.DEFINE_string("boxes", "", "x0,y0,x1,y1[;...] in pixels or normalised, or a JSON file of boxes")
-flags.DEFINE_multi_string("ground", [], "a phrase to ground (repeat for several)")
-flags.DEFINE_integer("top_k", 5, "labels shown per image and box")
-flags.DEFINE_string("out", "", "write the image with boxes, labels and scores drawn here (PNG)")
-flags.DEFINE_bool("heatmap", False, "lay the first phrase's (else label's) similarity map over the picture")
-flags.DEFINE_string("json", "", "write the results here as JSON")
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -224,4 +212,14 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    FLAGS = flags.FLAGS
+    flags.DEFINE_string("model", None, "export dir, training workdir, hf:DIR, open_clip:DIR, big_vision:FILE")
+    flags.DEFINE_string("image", None, "the image file")
+    flags.DEFINE_string("labels", "", "comma-separated labels, or a file with one per line")
+    flags.DEFINE_string("boxes", "", "x0,y0,x1,y1[;...] in pixels or normalised, or a JSON file of boxes")
+    flags.DEFINE_multi_string("ground", [], "a phrase to ground (repeat for several)")
+    flags.DEFINE_integer("top_k", 5, "labels shown per image and box")
+    flags.DEFINE_string("out", "", "write the image with boxes, labels and scores drawn here (PNG)")
+    flags.DEFINE_bool("heatmap", False, "lay the first phrase's (else label's) similarity map over the picture")
+    flags.DEFINE_string("json", "", "write the results here as JSON")
     app.run(main)

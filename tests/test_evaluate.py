@@ -13,9 +13,9 @@ import pytest
 from cloc_jax import load, sharding
 from cloc_jax.config import base_config
 from cloc_jax.data import pipeline, sources
+from cloc_jax.evals import eval_config
 from cloc_jax.evals.device import OUTPUTS, Device
 from cloc_jax.evals.regions import crop_and_resize
-from cloc_jax.evaluate import eval_config
 from tests.conftest import ROOT
 from tests.evaluate_helpers import write_tiny_export
 

@@ -331,17 +331,20 @@ def eval_batches(
     max_regions: int,
     max_captions: int,
     stats: DataStats | None = None,
+    share: bool = True,
 ) -> tuple[int, Iterator[dict]]:
-    """This host's share of `source` (every process_count-th record), every usable record once, in order,
-    decoded by `data.num_threads` workers -> (number of batches, batches of `per_host` rows). The count is
-    the same on every host (all run the same collectives): short hosts end in all-padding batches, and
+    """This host's share of `source` (every process_count-th record; with `share=False` all of `source`,
+    which the caller chose for this host), every usable record once, in order, decoded by
+    `data.num_threads` workers -> (number of batches, batches of `per_host` rows). With `share` the count
+    is the same on every host (all run the same collectives): short hosts end in all-padding batches, and
     `valid` marks real rows."""
     prep = Preprocess(
         tokenizer, config.tokenizer, config.image_size, max_regions, stats=stats, max_captions=max_captions
     )
-    count = -(-len(source) // jax.process_count())
+    hosts = jax.process_count() if share else 1
+    count = -(-len(source) // hosts)
     num_batches = -(-count // per_host)
-    ds = grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()].map(prep.map)
+    ds = grain.MapDataset.source(source)[jax.process_index() % hosts :: hosts].map(prep.map)
     options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
     rows = ds.to_iter_dataset(options).filter(lambda row: row is not None)
     return num_batches, _padded(iter(rows), per_host, num_batches, prep)

@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
+from cloc_jax.config import base_config
 from cloc_jax.data import pipeline, sources
 from cloc_jax.evals import benchmarks, regions
 from cloc_jax.evals.device import Device
@@ -44,6 +45,17 @@ def build(cfg: ml_collections.ConfigDict, class_names):
         return ZeroShot(names, templates, present_only=cfg.present_only)
     kind = regions.RegionClassification if cfg.type == "region_classification" else regions.CropClassification
     return kind(names, templates)
+
+
+def eval_config(spec: dict, batch_size: int, num_threads: int) -> ml_collections.ConfigDict:
+    """The settings evaluation reads (image size, tokenizer lengths, data options) for a model's spec."""
+    c = base_config()
+    c.image_size = spec["image_size"]
+    c.tokenizer.update(spec["tokenizer"])
+    c.eval_batch_size = batch_size
+    c.data.num_threads = num_threads
+    c.evals = {}
+    return c
 
 
 def data_spec(config: ml_collections.ConfigDict, cfg) -> str:

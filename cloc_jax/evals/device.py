@@ -54,8 +54,11 @@ def _on_mesh(params, mesh: Mesh):
 class Device:
     """An Encoder's model run over `mesh` for evaluation, `per_host` rows per host and call."""
 
-    def __init__(self, encoder: Encoder, mesh: Mesh, per_host: int):
-        local = sharding.data_parallel_size(mesh) // jax.process_count()
+    def __init__(self, encoder: Encoder, mesh: Mesh, per_host: int, across_hosts: bool = True):
+        """`across_hosts=False`: `mesh` holds this host's devices only and nothing is gathered (each host
+        works on its own, as `python -m cloc_jax.embed` does)."""
+        self.across_hosts = across_hosts
+        local = sharding.data_parallel_size(mesh) // (jax.process_count() if across_hosts else 1)
         if per_host % max(local, 1):
             raise ValueError(f"eval batch per host {per_host} is not divisible by its {local} data-parallel devices")
         self.encoder, self.mesh, self.per_host = encoder, mesh, per_host
@@ -73,11 +76,12 @@ class Device:
     def _run(self, fn, local: dict) -> dict:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.encoder.axis_rules):
             out = fn(self.params, **sharding.global_batch(local, self.mesh))
-        return multihost_utils.process_allgather(out, tiled=True)
+        return multihost_utils.process_allgather(out, tiled=True) if self.across_hosts else jax.device_get(out)
 
     def gather(self, batch: dict) -> dict:
         """A per-host batch's fields but the image -> every host's rows, in process order."""
-        return multihost_utils.process_allgather({k: v for k, v in batch.items() if k != "image"}, tiled=True)
+        fields = {k: v for k, v in batch.items() if k != "image"}
+        return multihost_utils.process_allgather(fields, tiled=True) if self.across_hosts else fields
 
     def outputs(self, batch: dict, needs: frozenset) -> dict:
         """One per-host batch -> {output: every host's rows} for the `needs` (a subset of OUTPUTS)."""
@@ -112,11 +116,12 @@ class Device:
         its part of every chunk (P x the batch doubled as far as N needs, up to TEXT_ROWS per host: few
         compiled shapes, little padding)."""
         tokens = texts if isinstance(texts, np.ndarray) else self.encoder.tokenize(texts)
-        n, rank = len(tokens), jax.process_index()
+        n = len(tokens)
+        hosts, rank = (jax.process_count(), jax.process_index()) if self.across_hosts else (1, 0)
         rows = self.per_host  # a multiple of the image batch (divisible over the devices), doubled up to
-        while rows * 2 <= max(TEXT_ROWS, self.per_host) and rows * jax.process_count() < n:  # what n needs
+        while rows * 2 <= max(TEXT_ROWS, self.per_host) and rows * hosts < n:  # what n needs
             rows *= 2
-        chunk = rows * jax.process_count()
+        chunk = rows * hosts
         pad = -n % chunk if n else chunk  # no texts: one padding chunk still gives the [0, E] shape
         padded = np.concatenate([tokens, np.zeros((pad, tokens.shape[1]), tokens.dtype)])
         out = [
