@@ -122,7 +122,8 @@ def predict(
     if boxes is not None and len(boxes):
         regions = encoder.encode_regions(x, geometry.to_model(boxes)[None])[0]
         if encoder.model.prompter is None:
-            out["notes"].append(f"regions by {encoder.model.region_extractor or 'box'} pooling of the image tokens")
+            how = "RoIAlign" if encoder.model.region_extractor == "roi_align" else "box pooling"
+            out["notes"].append(f"regions by {how} of the image tokens (no Prompter)")
         for box, z in zip(boxes, regions):
             ranked = _ranked(probabilities(encoder, z @ z_labels.T), list(labels), top_k) if labels else []
             out["boxes"].append(dict(box=[float(v) for v in box], labels=ranked))
