@@ -48,3 +48,18 @@ def tiny_config(name: str = "cloc_tiny", **overrides):
 @pytest.fixture
 def config():
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """name -> a tiny randomly initialised export of configs/<name>.py, made once per test process."""
+    from tests.evaluate_helpers import write_tiny_export
+
+    made = {}
+
+    def get(name: str = "cloc_tiny") -> str:
+        if name not in made:
+            made[name] = write_tiny_export(str(tmp_path_factory.mktemp("exports") / name), name)
+        return made[name]
+
+    return get

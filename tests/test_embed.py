@@ -15,14 +15,13 @@ from cloc_jax.data import pipeline, sources
 from cloc_jax.embed import embed
 from cloc_jax.evals import eval_config
 from tests.conftest import ROOT
-from tests.evaluate_helpers import write_tiny_export
 
 DATA = "scenes:heldout:60"
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return write_tiny_export(str(tmp_path_factory.mktemp("export") / "cloc_tiny"))
+@pytest.fixture
+def model(tiny_export):
+    return tiny_export("cloc_tiny")
 
 
 def _files(directory) -> dict:

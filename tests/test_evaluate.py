@@ -17,13 +17,11 @@ from cloc_jax.evals import eval_config
 from cloc_jax.evals.device import OUTPUTS, Device
 from cloc_jax.evals.regions import crop_and_resize
 from tests.conftest import ROOT
-from tests.evaluate_helpers import write_tiny_export
 
 
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("exports")
-    return {name: write_tiny_export(str(root / name), name) for name in ("cloc_tiny", "clip_tiny", "umg_tiny")}
+@pytest.fixture
+def exports(tiny_export):
+    return {name: tiny_export(name) for name in ("cloc_tiny", "clip_tiny", "umg_tiny")}
 
 
 def _scenes_batch(encoder, n=16):

@@ -15,13 +15,11 @@ from cloc_jax.data import transforms
 from cloc_jax.data.scenes import Scenes
 from cloc_jax.predict import Geometry, parse_boxes, parse_labels, predict
 from tests.conftest import ROOT
-from tests.evaluate_helpers import write_tiny_export
 
 
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("exports")
-    return {name: write_tiny_export(str(root / name), name) for name in ("cloc_tiny", "clip_tiny")}
+@pytest.fixture
+def exports(tiny_export):
+    return {name: tiny_export(name) for name in ("cloc_tiny", "clip_tiny")}
 
 
 @pytest.fixture(scope="module")
