@@ -24,7 +24,6 @@ from ml_collections import config_flags
 from cloc_jax import evals, sharding
 from cloc_jax.data import sources
 from cloc_jax.evals import benchmarks
-from cloc_jax.evals.device import Device
 from cloc_jax.inference import Encoder
 from cloc_jax.train import build, init_state
 
@@ -67,7 +66,7 @@ def main(argv):
     encoder = Encoder(
         model, state.params, tokenizer, config.tokenizer.context_length, config.image_size, config.axis_rules
     )
-    device = Device(encoder, mesh, _BATCH.value // jax.process_count())
+    device = evals.device_for(config, encoder, mesh)
     train = _BATCH.value / train_seconds
     row = dict(config=config.model.image.variant, batch=_BATCH.value, dtype=_DTYPE.value, train_images_per_s=train)
     for name, names in PASSES.items():

@@ -21,7 +21,6 @@ from ml_collections import config_flags
 
 from cloc_jax import distributed, evals, sharding
 from cloc_jax.evals import benchmarks
-from cloc_jax.evals.device import Device
 from cloc_jax.export import load
 
 _MODEL = flags.DEFINE_string("model", None, "export dir, training workdir, hf:DIR, open_clip:DIR, big_vision:FILE")
@@ -45,7 +44,7 @@ def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -
     config = evals.eval_config(encoder.spec, batch_size, num_threads)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(batch_size, mesh)
-    device = Device(encoder, mesh, batch_size // jax.process_count())
+    device = evals.device_for(config, encoder, mesh)
     records, skipped, groups = [], [], {}
     for name in benchmarks.SUITES[suite]:
         cfg = ml_collections.ConfigDict(dict(benchmarks.BENCHMARKS[name], data=data[name]))
