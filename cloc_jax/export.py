@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags
+from absl import app, flags, logging
 
 from cloc_jax.checkpoint import Checkpoints
 from cloc_jax.convert import layout
@@ -142,6 +142,7 @@ def to_tree(flat: dict[str, np.ndarray]) -> dict:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every read and write at INFO
     try:
         print(export(FLAGS.workdir, FLAGS.out, FLAGS.step))
     except (ValueError, FileNotFoundError) as error:  # no checkpoint, none readable: one line

@@ -19,6 +19,14 @@ def _ground(model: Model, images: jax.Array, tokens: jax.Array) -> jax.Array:
     return model.ground(model.encode_image(images)[1], model.encode_texts(tokens))
 
 
+def class_embeddings(encode_text, class_names, templates) -> np.ndarray:
+    """CLIP's prompt ensemble: each class the normalised mean of its prompts' unit embeddings over the templates
+    ("a photo of a {}.") -> [C, E]. `encode_text`: strings -> unit embeddings."""
+    prompts = [t.format(name) for name in class_names for t in templates]
+    z = encode_text(prompts).reshape(len(class_names), len(templates), -1).mean(1)
+    return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+
 class Encoder:
     """Jitted `encode_image` / `encode_text` for a model and its parameters.
 
@@ -57,6 +65,10 @@ class Encoder:
         tokens = texts if isinstance(texts, np.ndarray | jax.Array) else self.tokenize(texts)
         with nn.logical_axis_rules(self.axis_rules):
             return np.asarray(self._text(self.params, jnp.asarray(tokens)))
+
+    def encode_classes(self, class_names, templates=("{}",)) -> np.ndarray:
+        """Class names -> [C, E] unit embeddings, each the prompt ensemble of its templates (`class_embeddings`)."""
+        return class_embeddings(self.encode_text, class_names, templates)
 
     def image_features(self, images, layer: int = -2) -> np.ndarray:
         """[B, H, W, 3] in [-1, 1] -> the image tower's hidden states [B, T, width] after `layer` blocks, indexed

@@ -1,11 +1,13 @@
 """Point a model at one image: zero-shot labels for the image and for boxes, grounded phrases, pictures.
 
 python -m cloc_jax.predict --model=SRC --image=photo.jpg --labels="cat,dog,car" [--boxes="10,20,200,180;..."]
-    [--ground="the dog on the left" --ground="..."] [--top_k=5] [--out=drawn.png] [--heatmap] [--json=out.json]
+    [--template="a photo of a {}." ...] [--ground="the dog on the left" --ground="..."] [--top_k=5]
+    [--out=drawn.png] [--heatmap] [--json=out.json]
 
 SRC: anything `cloc_jax.load` takes. Boxes are xyxy, in pixels of the image or normalised to [0, 1], given
 inline (`;` between boxes) or as a JSON file (`[[x0, y0, x1, y1], ...]`). Labels are comma-separated or a
-file with one per line. A CLIP-only model answers box questions by pooling its tokens in each box and says
+file with one per line; with `--template`s each label is their prompt ensemble (CLIP's, as the zero-shot
+evaluations use). A CLIP-only model answers box questions by pooling its tokens in each box and says
 it cannot ground. Boxes in the output are normalised xyxy of the original image.
 """
 
@@ -65,6 +67,14 @@ def parse_labels(arg: str) -> list[str]:
     return labels
 
 
+def parse_templates(templates: list[str]) -> tuple[str, ...]:
+    """--template values -> templates; none given is the bare label."""
+    for t in templates:
+        if "{}" not in t:
+            raise ValueError(f"--template={t!r} has no {{}} where the label goes")
+    return tuple(templates) or ("{}",)
+
+
 def parse_boxes(arg: str, height: int, width: int) -> np.ndarray:
     """Inline "x0,y0,x1,y1;..." or a JSON file -> [N, 4] normalised to the image. Values all <= 1 are
     taken as normalised, else as pixels. A box that is not finite, is empty or leaves the image is an error."""
@@ -107,16 +117,24 @@ def probabilities(encoder: Encoder, cosines: np.ndarray) -> np.ndarray:
 
 
 def predict(
-    encoder: Encoder, image: np.ndarray, labels=(), boxes=None, phrases=(), top_k: int = 5, heatmap: bool = False
+    encoder: Encoder,
+    image: np.ndarray,
+    labels=(),
+    boxes=None,
+    phrases=(),
+    top_k: int = 5,
+    heatmap: bool = False,
+    templates=("{}",),
 ) -> dict:
     """image uint8 [H, W, 3]; boxes [N, 4] normalised to it -> {"image": [{label, score}], "boxes": [{box,
-    labels}], "ground": [{phrase, box, score}], "heatmaps": {text: [g, g]}, "notes": [...]}. Label scores are the
-    model's `probabilities`; a grounded box's score is the cosine between its region embedding and the phrase."""
+    labels}], "ground": [{phrase, box, score}], "heatmaps": {text: [g, g]}, "notes": [...]}. Labels are the prompt
+    ensembles of `templates`; their scores the model's `probabilities`; a grounded box's score is the cosine
+    between its region embedding and the phrase."""
     geometry = Geometry(*image.shape[:2], encoder.image_size)
     pixels, _ = transforms.resize_pad(image, np.zeros((0, 4), np.float32), encoder.image_size)
     x = pixels[None].astype(np.float32) / 127.5 - 1.0
     out = dict(image=[], boxes=[], ground=[], heatmaps={}, notes=[])
-    z_labels = encoder.encode_text(list(labels)) if labels else None
+    z_labels = encoder.encode_classes(list(labels), templates) if labels else None
     if labels:
         out["image"] = _ranked(probabilities(encoder, encoder.encode_image(x)[0] @ z_labels.T), list(labels), top_k)
     if boxes is not None and len(boxes):
@@ -199,9 +217,11 @@ def main(argv):
         image = read_image(FLAGS.image)
         labels = parse_labels(FLAGS.labels) if FLAGS.labels else []
         boxes = parse_boxes(FLAGS.boxes, *image.shape[:2]) if FLAGS.boxes else None
+        templates = parse_templates(FLAGS.template)
         if boxes is not None and not labels and not FLAGS.heatmap:
             raise ValueError("--boxes needs --labels to classify them")
-        result = predict(load(FLAGS.model), image, labels, boxes, FLAGS.ground, FLAGS.top_k, FLAGS.heatmap)
+        model = load(FLAGS.model)
+        result = predict(model, image, labels, boxes, FLAGS.ground, FLAGS.top_k, FLAGS.heatmap, templates)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     print(format_result(result))
@@ -217,6 +237,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("model", None, "export dir, training workdir, hf:DIR, open_clip:DIR, big_vision:FILE")
     flags.DEFINE_string("image", None, "the image file")
     flags.DEFINE_string("labels", "", "comma-separated labels, or a file with one per line")
+    flags.DEFINE_multi_string("template", [], 'a prompt with {} for the label, e.g. "a photo of a {}." (repeat)')
     flags.DEFINE_string("boxes", "", "x0,y0,x1,y1[;...] in pixels or normalised, or a JSON file of boxes")
     flags.DEFINE_multi_string("ground", [], "a phrase to ground (repeat for several)")
     flags.DEFINE_integer("top_k", 5, "labels shown per image and box")

@@ -148,7 +148,7 @@ class HFTokenizer(_Transformers):
 
 
 @functools.cache
-def _bpe_files(gz_path: str, specials: tuple[str, str] = ("<|startoftext|>", "<|endoftext|>")) -> tuple[str, str]:
+def clip_vocab_files(gz_path: str, specials: tuple[str, str] = ("<|startoftext|>", "<|endoftext|>")) -> tuple[str, str]:
     """open_clip's merges file (bpe_simple_vocab_16e6.txt.gz) -> vocab.json + merges.txt that transformers'
     CLIPTokenizer reads: the same vocabulary, built the way open_clip builds it."""
     import json
@@ -180,7 +180,8 @@ class OpenClipTokenizer(_Transformers):
             raise ValueError(f"tokenizer.clean={clean!r}; open_clip knows {OPEN_CLIP_CLEAN}")
         self.clean = clean
         sot, eot = "<start_of_text>", "<end_of_text>"  # open_clip 3's names of the two special tokens
-        tok = CLIPTokenizer(*_bpe_files(path, (sot, eot)), unk_token=eot, bos_token=sot, eos_token=eot, pad_token=eot)
+        vocab, merges = clip_vocab_files(path, (sot, eot))
+        tok = CLIPTokenizer(vocab, merges, unk_token=eot, bos_token=sot, eos_token=eot, pad_token=eot)
         # open_clip's `clean` decides the case (transformers' CLIPTokenizer always lower-cases), and its split
         # pattern ignores case
         backend = tok.backend_tokenizer

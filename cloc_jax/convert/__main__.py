@@ -7,7 +7,7 @@ python -m cloc_jax.convert --from=/tmp/cloc_export --to=open_clip --out=/tmp/clo
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 TARGETS = ("cloc_jax", "hf", "open_clip")
 
@@ -39,6 +39,7 @@ def convert(source: str, out: str, to: str = "cloc_jax", scan: bool | None = Non
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
     try:
         print(convert(FLAGS["from"].value, FLAGS.out, FLAGS.to))
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: one line, no traceback

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cloc_jax import sharding
 from cloc_jax.evals.regions import crop_and_resize
-from cloc_jax.inference import Encoder
+from cloc_jax.inference import Encoder, class_embeddings
 from cloc_jax.models.cloc import Model, normalize
 
 OUTPUTS = ("image", "regions", "ground", "crops")
@@ -134,7 +134,5 @@ class Device:
         per evaluation run for every evaluator that asks)."""
         key = (tuple(class_names), tuple(templates))
         if key not in self._classes:
-            prompts = [t.format(name) for name in class_names for t in templates]
-            z = self.encode(prompts).reshape(len(class_names), len(templates), -1).mean(1)
-            self._classes[key] = z / np.linalg.norm(z, axis=-1, keepdims=True)
+            self._classes[key] = class_embeddings(self.encode, class_names, templates)
         return self._classes[key]

@@ -37,7 +37,7 @@ def save_clip(directory: str, act: str = "quick_gelu", side: int = 32) -> str:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from cloc_jax.tokenizers import _bpe_files
+    from cloc_jax.tokenizers import clip_vocab_files
 
     layers = dict(intermediate_size=80, hidden_act=act)
     config = CLIPConfig(
@@ -49,7 +49,7 @@ def save_clip(directory: str, act: str = "quick_gelu", side: int = 32) -> str:
     )
     torch.manual_seed(0)  # the same tiny CLIP every run: tests that train from it are not at the mercy of its draw
     perturb(CLIPModel(config)).save_pretrained(directory)
-    CLIPTokenizer(*_bpe_files(open_clip_bpe())).save_pretrained(directory)  # OpenAI's vocabulary
+    CLIPTokenizer(*clip_vocab_files(open_clip_bpe())).save_pretrained(directory)  # OpenAI's vocabulary
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
         directory
     )
