@@ -2,7 +2,7 @@
 
 python colabs/execute.py                                   # every notebook here; outputs written back into it
 python colabs/execute.py colabs/promptable_embeddings.ipynb
-CLOC_NOTEBOOK_STEPS=40 python colabs/execute.py --check    # CI's short runs (tests/test_notebooks.py): no writing
+CLOC_NOTEBOOK_STEPS=20 python colabs/execute.py --check    # CI: short runs, files left as they are
 
 Every notebook reads CLOC_NOTEBOOK_STEPS (training steps; each notebook has its own default) and runs with
 colabs/ as its working directory. A cell that raises stops the run with the cell's traceback.

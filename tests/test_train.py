@@ -1,5 +1,5 @@
-"""End to end: the loss drops, bad input is one line, a non-finite step changes nothing (faults with real
-signals and processes: test_faults.py)."""
+"""End to end: bad input is one line, a non-finite step changes nothing (a run that learns:
+test_trained_tiny.py; faults with real signals and processes: test_faults.py)."""
 
 import json
 import os
@@ -23,18 +23,6 @@ def metric_rows(workdir):
 def _losses(workdir):
     rows = metric_rows(workdir)
     return [r["loss"] for r in rows if "loss" in r]
-
-
-def test_tiny_run_loss_drops(tmp_path):
-    config = tiny_config(num_steps=100, batch_size=32, log_every=10, checkpoint_every=1000)
-    config.optim.update(warmup_steps=10, lr=2e-3)
-    train_and_evaluate(config, str(tmp_path))
-    losses = _losses(str(tmp_path))
-    image_text = [r["loss/image_text"] for r in metric_rows(str(tmp_path)) if "loss" in r]
-    assert len(losses) == len(image_text) == 10
-    chance = np.log(32)  # the image-text loss of embeddings that carry no information
-    assert image_text[0] > 0.9 * chance and np.mean(image_text[-3:]) < 0.8 * chance, image_text
-    assert np.mean(losses[-3:]) < 0.7 * losses[0], losses  # region and grounding terms fall too
 
 
 def test_batch_not_divisible_by_data_parallel_devices_fails_before_compiling(tmp_path):
