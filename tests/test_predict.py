@@ -13,7 +13,7 @@ from PIL import Image
 from cloc_jax import load
 from cloc_jax.data import transforms
 from cloc_jax.data.scenes import Scenes
-from cloc_jax.predict import Geometry, parse_boxes, parse_labels, predict
+from cloc_jax.predict import Geometry, parse_boxes, parse_labels, parse_templates, predict
 from tests.conftest import ROOT
 
 
@@ -40,6 +40,18 @@ def test_boxes_in_pixels_or_normalised_and_bad_boxes_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="expected x0,y0,x1,y1"):
         parse_boxes("1,2,3", 50, 100)
     assert parse_labels("cat, dog,,car") == ["cat", "dog", "car"]
+    assert parse_templates([]) == ("{}",) and parse_templates(["a {}.", "the {}"]) == ("a {}.", "the {}")
+    with pytest.raises(ValueError, match=r"--template='a photo' has no \{\} where the label goes"):
+        parse_templates(["a photo"])
+
+
+def test_labels_with_templates_are_prompt_ensembles(exports):
+    encoder = load(exports["cloc_tiny"])
+    z = encoder.encode_text(["large red circle", "small red circle", "large blue square", "small blue square"])
+    mean = z.astype(np.float64).reshape(2, 2, -1).mean(1)
+    expected = mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+    got = encoder.encode_classes(["red circle", "blue square"], ("large {}", "small {}"))
+    np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_geometry_is_the_evaluation_resize_pad_and_inverts():
