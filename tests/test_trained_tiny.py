@@ -45,7 +45,8 @@ def test_tiny_run_loss_drops(trained):
     losses, image_text = [r["loss"] for r in rows], [r["loss/image_text"] for r in rows]
     assert len(losses) == 10
     chance = np.log(32)  # the image-text loss of embeddings that carry no information
-    assert image_text[0] > 0.9 * chance and np.mean(image_text[-3:]) < 0.8 * chance, image_text
+    # the first row is step 15 (already learning); by the end it is well below chance and below that row
+    assert np.mean(image_text[-3:]) < 0.6 * chance and np.mean(image_text[-3:]) < 0.7 * image_text[0], image_text
     assert np.mean(losses[-3:]) < 0.7 * losses[0], losses  # region and grounding terms fall too
 
 
