@@ -49,7 +49,7 @@ setup(
             "jax[tpu]",
             "apache-beam>=2.50",
             "nltk>=3.8",
-            # colabs/: CI executes the notebooks headless (tests/test_notebooks.py); they draw with matplotlib
+            # colabs/: CI executes the notebooks headless (tests/colabs/test_notebooks.py); they draw with matplotlib
             "nbclient>=0.10",
             "ipykernel>=6",
             "matplotlib>=3.8",

@@ -20,11 +20,6 @@ def metric_rows(workdir):
         return [json.loads(line) for line in f]
 
 
-def _losses(workdir):
-    rows = metric_rows(workdir)
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 def test_batch_not_divisible_by_data_parallel_devices_fails_before_compiling(tmp_path):
     with pytest.raises(ValueError, match="batch_size=12 is not divisible by 8 data-parallel devices"):
         train_and_evaluate(tiny_config(batch_size=12), str(tmp_path))

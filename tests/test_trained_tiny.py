@@ -3,7 +3,6 @@ say: on held-out scenes saved as image files, its box labels and grounded boxes 
 grounding/acc50 measure on the same images (predict given the evaluation's prompt templates; and bare class names
 against an evaluator given the same)."""
 
-import json
 import os
 
 import numpy as np
@@ -18,6 +17,7 @@ from cloc_jax.export import export
 from cloc_jax.predict import predict, read_image
 from cloc_jax.train import train_and_evaluate
 from tests.conftest import tiny_config
+from tests.test_train import metric_rows
 
 HELDOUT = 48
 
@@ -35,8 +35,7 @@ def trained(tmp_path_factory):
         entries["named"] = eval_entry("region_classification", "heldout", prefix="region_named", templates=("{}",))
         config.evals = entries
     results = train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [row for row in map(json.loads, f) if "loss" in row]
+    rows = [row for row in metric_rows(workdir) if "loss" in row]
     return load(export(workdir, workdir + "_export")), results, rows
 
 
