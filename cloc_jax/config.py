@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",  # activation dtype; parameters and optimizer state stay float32
         scan=True,
         remat="none",
+        # attention kernel of the encoder blocks: "auto" = Pallas splash on TPU, cuDNN flash attention on GPU
+        # (bf16/fp16), XLA elsewhere; or "xla", "cudnn", "splash" (cloc_jax/models/attention.py)
+        attention="auto",
         region_extractor="prompter",  # "none" for CLIP-only twins
     )
     # Region captions and referring expressions are short: a shorter context keeps the region texts cheap.

@@ -153,7 +153,7 @@ def build_model(
     if model.region_extractor not in REGION_EXTRACTORS:
         raise ValueError(f"model.region_extractor={model.region_extractor!r}; choose one of {REGION_EXTRACTORS}")
     common = dict(out_dim=model.embed_dim, scan=model.scan, remat=model.remat, dtype=dtype)
-    common.update(activation=model.activation, ln_eps=model.ln_eps)
+    common.update(activation=model.activation, ln_eps=model.ln_eps, attention=model.attention)
     image = ViT(
         variant=im.variant,
         pool=im.pool,

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cloc_jax.models.adapters import Convpass
+from cloc_jax.models.attention import KERNELS, RESIDUALS, attend, pick_kernel
 
 Dtype = Any
 
@@ -19,6 +20,25 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+ATTENTION_KERNELS = ("auto", *KERNELS)
+
+
+def remat_policy(name: str):
+    """A REMAT_POLICIES entry that also saves a fused attention kernel's output and logsumexp: a Pallas call is
+    not a dot, so without this the backward pass would run the forward kernel again."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={name!r}; choose none or one of {sorted(REMAT_POLICIES)}")
+    if name == "full":
+        return REMAT_POLICIES[name]
+    saved = jax.checkpoint_policies.save_only_these_names(RESIDUALS)
+    return jax.checkpoint_policies.save_from_both_policies(REMAT_POLICIES[name], saved)
+
+
+def current_platform() -> str:
+    """The platform the program is traced for: the mesh's devices under jax.set_mesh (TPU when compiling
+    ahead of time for a topology on a CPU host), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def logical(init, names: tuple[str | None, ...]):
@@ -79,14 +99,26 @@ class EinsumDense(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention. Queries from `x_q` [B, T, D], keys/values from `x_kv` [B, S, D]."""
+    """Multi-head attention. Queries from `x_q` [B, T, D], keys/values from `x_kv` [B, S, D].
+
+    `kernel` (attention.KERNELS, or "auto": splash on TPU, cuDNN on GPU where it qualifies, else XLA; an
+    additive `bias` always takes XLA). `segment_ids` ([B, T], [B, S]): a query sees only keys of its id."""
 
     heads: int
     causal: bool = False
     dtype: Dtype = jnp.float32
+    kernel: str = "xla"
 
     @nn.compact
-    def __call__(self, x_q: jax.Array, x_kv: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x_q: jax.Array,
+        x_kv: jax.Array,
+        bias: jax.Array | None = None,
+        segment_ids: tuple[jax.Array, jax.Array] | None = None,
+    ) -> jax.Array:
+        if self.kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"model.attention={self.kernel!r}; choose one of {ATTENTION_KERNELS}")
         width = x_q.shape[-1]
         if width % self.heads:
             raise ValueError(f"width={width} is not divisible by heads={self.heads}")
@@ -101,7 +133,10 @@ class Attention(nn.Module):
         q = EinsumDense(**split, name="query")(x_q)
         k = EinsumDense(**split, name="key")(x_kv)
         v = EinsumDense(**split, name="value")(x_kv)
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=self.causal)  # [B, T, H, K]
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = pick_kernel(current_platform(), q, k, causal=self.causal, segment_ids=segment_ids, bias=bias)
+        out = attend(q, k, v, causal=self.causal, segment_ids=segment_ids, bias=bias, kernel=kernel)  # [B, T, H, K]
         return EinsumDense(
             "bshk,hkd->bsd",
             (self.heads, width // self.heads, width),
@@ -139,9 +174,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; (x, bias) -> (x, None) so `nn.scan` can stack it.
+    """Pre-LayerNorm transformer block; (x, bias, segment_ids) -> (x, None) so `nn.scan` can stack it.
 
-    `bias` (broadcastable to [B, heads, T, T], or None) is added to the attention logits."""
+    `bias` (broadcastable to [B, heads, T, T], or None) is added to the attention logits; `segment_ids`
+    ([B, T], [B, T]) keeps packed sequences apart."""
 
     heads: int
     mlp_dim: int
@@ -152,9 +188,12 @@ class Block(nn.Module):
     activation: str = "gelu_tanh"
     ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> tuple[jax.Array, None]:
+    def __call__(
+        self, x: jax.Array, bias: jax.Array | None = None, segment_ids: tuple[jax.Array, jax.Array] | None = None
+    ) -> tuple[jax.Array, None]:
         def adapter(name: str, y: jax.Array) -> jax.Array:
             if not self.adapter_dim:
                 return 0.0
@@ -162,7 +201,8 @@ class Block(nn.Module):
 
         x = constrain(x, ("batch", "length", "embed"))
         y = layer_norm("ln1", self.dtype, self.ln_eps)(x)
-        x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(y, y, bias) + adapter("adapter_attn", y)
+        attn = Attention(self.heads, self.causal, self.dtype, self.attention, name="attn")
+        x = x + attn(y, y, bias, segment_ids) + adapter("adapter_attn", y)
         y = layer_norm("ln2", self.dtype, self.ln_eps)(x)
         x = x + Mlp(self.mlp_dim, self.dtype, self.activation, name="mlp")(y) + adapter("adapter_mlp", y)
         return constrain(x, ("batch", "length", "embed")), None
@@ -172,6 +212,7 @@ class Encoder(nn.Module):
     """`depth` blocks, either scanned (compile time independent of depth) or unrolled.
 
     `remat` is `none` or a key of REMAT_POLICIES; it trades recomputation for activation memory.
+    `attention` is the blocks' attention kernel (Attention.kernel).
     """
 
     depth: int
@@ -185,14 +226,15 @@ class Encoder(nn.Module):
     activation: str = "gelu_tanh"
     ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, bias: jax.Array | None = None, segment_ids: tuple[jax.Array, jax.Array] | None = None
+    ) -> jax.Array:
         block = Block
         if self.remat != "none":
-            if self.remat not in REMAT_POLICIES:
-                raise ValueError(f"remat={self.remat!r}; choose none or one of {sorted(REMAT_POLICIES)}")
-            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+            block = nn.remat(block, policy=remat_policy(self.remat), prevent_cse=not self.scan)
         kwargs = dict(
             heads=self.heads,
             mlp_dim=self.mlp_dim,
@@ -202,18 +244,19 @@ class Encoder(nn.Module):
             activation=self.activation,
             ln_eps=self.ln_eps,
             dtype=self.dtype,
+            attention=self.attention,
         )
         if self.scan:
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast,),
+                in_axes=(nn.broadcast, nn.broadcast),
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(**kwargs, name="blocks")(x, bias)
+            x, _ = stack(**kwargs, name="blocks")(x, bias, segment_ids)
         else:
             for i in range(self.depth):
-                x, _ = block(**kwargs, name=f"block_{i}")(x, bias)
+                x, _ = block(**kwargs, name=f"block_{i}")(x, bias, segment_ids)
         return x

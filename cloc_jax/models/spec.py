@@ -37,7 +37,7 @@ def with_defaults(spec: dict) -> dict:
 
 # Keys that change only how a model runs (memory, speed, batch layout), not its parameters or what they
 # compute: a run resumes with other values (with the mesh, which is not in the spec at all).
-LAYOUT_KEYS = ("model.remat", "model.dtype", "tokenizer.region_pack_length")
+LAYOUT_KEYS = ("model.remat", "model.dtype", "model.attention", "tokenizer.region_pack_length")
 
 
 def spec_mismatch(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> str | None:
@@ -88,6 +88,7 @@ TRAINING_KEYS = (
     "model.dtype",
     "model.scan",
     "model.remat",
+    "model.attention",
     "model.max_logit_scale",
     "model.image.cluster_ratio",
     "model.image.cluster_layer",

@@ -63,6 +63,7 @@ class TextTower(nn.Module):
     activation: str = "gelu_tanh"
     ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # the encoder blocks' attention kernel (layers.Attention)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, packing: Packing | None = None) -> tuple[jax.Array, jax.Array]:
@@ -86,12 +87,11 @@ class TextTower(nn.Module):
         if packing is None:
             eot = length - 1 - jnp.argmax((tokens != 0)[:, ::-1], axis=-1)  # last non-pad token [B]
             eot = eot if self.pool == "eot" else jnp.full_like(eot, length - 1)
-            posemb, bias = posemb[:length], None
+            posemb, segment_ids = posemb[:length], None
         else:
             segments, positions, eot = packing
             posemb = posemb[positions]
-            same = segments[:, None, :, None] == segments[:, None, None, :]  # [B, 1, P, P]
-            bias = jnp.where(same, 0.0, -1e9).astype(self.dtype)
+            segment_ids = (segments, segments)  # a token sees its own text only (kernels take ids, not a bias)
         x = constrain(x + posemb.astype(self.dtype), ("batch", "length", "embed"))
         x = Encoder(
             self.depth,
@@ -103,8 +103,9 @@ class TextTower(nn.Module):
             activation=self.activation,
             ln_eps=self.ln_eps,
             dtype=self.dtype,
+            attention=self.attention,
             name="encoder",
-        )(x, bias)
+        )(x, segment_ids=segment_ids)
         x = layer_norm("ln_final", self.dtype, self.ln_eps)(x)
         pooled = jnp.einsum("bld,b...l->b...d", x, jax.nn.one_hot(eot, length, dtype=x.dtype))
         embedding = nn.Dense(

@@ -179,6 +179,7 @@ class ViT(nn.Module):
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     hidden_layers: int = -1
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # the encoder blocks' attention kernel (layers.Attention)
 
     def size(self) -> ViTSize:
         return vit_size(self.variant, self.width, self.depth, self.heads, self.mlp_dim)
@@ -264,7 +265,7 @@ class ViT(nn.Module):
     def _encode(self, x: jax.Array, size: ViTSize, num_prefix: int, grid: tuple[int, int]) -> jax.Array:
         """The transformer, with token clustering after `cluster_layer` when `cluster_ratio` > 0."""
         blocks = dict(heads=size.heads, mlp_dim=size.mlp_dim, scan=self.scan, remat=self.remat, dtype=self.dtype)
-        blocks.update(activation=self.activation, ln_eps=self.ln_eps)
+        blocks.update(activation=self.activation, ln_eps=self.ln_eps, attention=self.attention)
         if self.hidden_layers >= 0:  # the first k blocks only (their parameters sliced by the caller when scanned)
             if self.cluster_ratio:
                 raise ValueError("image_features needs a model without token clustering (cluster_ratio=0)")
