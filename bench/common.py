@@ -7,9 +7,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cloc_jax import aot, sharding
+from cloc_jax import aot, cpu, sharding
 from cloc_jax.data import pipeline
 from cloc_jax.train import build, init_state, make_train_step
+
+if jax.default_backend() == "cpu":
+    cpu.keep_freed_memory()  # as the launcher does on a CPU: step buffers reuse freed pages
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -45,10 +48,18 @@ def real_batch(config, mesh) -> dict:
 
 
 def step_runner(config, batch, mesh):
-    """A compiled, warmed-up training step as a no-argument callable (same state and batch each call)."""
+    """A compiled, warmed-up training step as a no-argument callable returning its metrics: the same batch
+    each call, the state carried from call to call and donated, as training runs it."""
     _, model, tx = build(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
         state, _ = init_state(config, model, tx, mesh)
-        step = jax.jit(make_train_step(config, model, tx))
-        jax.block_until_ready(step(state, batch))
-    return lambda: step(state, batch)
+        step = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+    holder = [state]
+
+    def run():
+        holder[0], metrics = step(holder[0], batch)
+        return metrics
+
+    return run

@@ -143,6 +143,12 @@ def compile_for(config: ml_collections.ConfigDict, devices: list, estimate: bool
             raise
         return _out_of_memory(config, devices, float(needed.group(1)) * 1e9 / GIB, hbm)
     memory = compiled.memory_analysis()
+    state = jax.tree.map(  # the training state as the step takes it
+        lambda info, where: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=where),
+        compiled.args_info[0][0],
+        compiled.input_shardings[0][0],
+    )
+    replicated = sharding.replicated_arrays(state)
     per_device = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     per_device += memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
     flops = model_flops(config) * config.batch_size
@@ -165,6 +171,8 @@ def compile_for(config: ml_collections.ConfigDict, devices: list, estimate: bool
         hbm_gib=hbm / GIB,
         fits=per_device <= hbm,
         model_tflops_per_step=flops / 1e12,
+        replicated_mib=sum(size for _, _, size in replicated) / 2**20,  # arrays >= 1 MiB every device holds whole
+        replicated=[path for path, _, _ in replicated],
         estimated_step_seconds=step,
         estimated_mfu=flops / (len(devices) * peak * step),
         compile_seconds=seconds,
@@ -187,6 +195,8 @@ def _out_of_memory(config: ml_collections.ConfigDict, devices: list, temporaries
         hbm_gib=hbm / GIB,
         fits=False,
         model_tflops_per_step=model_flops(config) * config.batch_size / 1e12,
+        replicated_mib=nan,
+        replicated=[],
         estimated_step_seconds=nan,
         estimated_mfu=nan,
         compile_seconds=nan,
@@ -211,6 +221,12 @@ def format_report(name: str, report: dict) -> str:
             f" of {r['hbm_gib']:.0f} GiB HBM (try model.remat=full, a larger mesh.fsdp, or a smaller batch)"
         )
     lines.append(f"  model FLOPs per step: {r['model_tflops_per_step']:.4g} TFLOP")
+    if r["replicated"]:
+        names = ", ".join(r["replicated"][:4]) + (", ..." if len(r["replicated"]) > 4 else "")
+        lines.append(
+            f"  replicated on every device: {len(r['replicated'])} arrays over 1 MiB, {r['replicated_mib']:.0f} MiB"
+            f" ({names})"
+        )
     if known(r["estimated_step_seconds"]):
         lines.append(
             f"  XLA cost model (layers unrolled): {r['estimated_step_seconds']:.3f} s/step,"

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cloc_jax import aot, distributed
+from cloc_jax import aot, cpu, distributed
 from cloc_jax.guards import RunError
 from cloc_jax.train import train_and_evaluate
 
@@ -57,6 +57,8 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required for training")
     kind = distributed.initialize()
+    if jax.default_backend() == "cpu":
+        cpu.keep_freed_memory()  # XLA:CPU's step buffers reuse freed pages instead of faulting in new ones
     print(f"Running on {describe_platform()} [{kind}]", flush=True)
     results = train_and_evaluate(config, _WORKDIR.value)
     print(json.dumps(results), flush=True)

@@ -19,6 +19,7 @@ def test_tiny_step_compiles_for_two_v5e_slices_joined_by_dcn():
     assert report["devices"] == 8 and report["device_kind"] == "TPU v5 lite" and report["fits"]
     assert 0 < report["per_device_gib"] < 1
     assert report["model_tflops_per_step"] == pytest.approx(aot.model_flops(config) * 16 / 1e12)
+    assert report["replicated"] == [] and report["replicated_mib"] == 0  # every array over 1 MiB is split
 
 
 def test_bad_topology_and_slice_count_are_one_line():

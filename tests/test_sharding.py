@@ -5,7 +5,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cloc_jax import sharding
-from cloc_jax.train import build, init_state
+from cloc_jax.train import abstract_state, build, init_state
 from tests.conftest import tiny_config
 
 
@@ -48,3 +48,33 @@ def test_axis_rules_place_parameters_and_batches():
     batch = sharding.global_batch({"x": np.arange(16.0).reshape(8, 2)}, mesh)
     assert batch["x"].sharding.spec == P(("data", "fsdp"))
     np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(16.0).reshape(8, 2))
+
+
+def test_fsdp_moves_to_a_dimension_it_divides_and_never_to_the_layers_axis():
+    """8 fsdp devices, a width (12) they do not divide: the fsdp axis goes to the largest other dimension it
+    divides; tensor axes that do not divide stay replicated; a stack's layers axis never takes fsdp."""
+    mesh = sharding.make_mesh(tiny_config(**{"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1}).mesh)
+    assert sharding.fit_spec(P("fsdp", None), (12, 48), mesh, movable=(0, 1)) == P(None, "fsdp")
+    assert sharding.fit_spec(P("fsdp", None, None), (12, 16, 32), mesh, movable=(0, 1, 2)) == P(None, None, "fsdp")
+    assert sharding.fit_spec(P(None, "fsdp", None), (8, 12, 5), mesh, movable=(1, 2)) == P(None, None, None)
+    assert sharding.fit_spec(P("fsdp", "tensor"), (16, 12), mesh, movable=(0, 1)) == P("fsdp", "tensor")
+
+
+def test_replicated_arrays_lists_what_fsdp_did_not_split():
+    """A tiny model on fsdp=8 whose text tower (width 12) no mesh axis divides along its embed axis: the fc1
+    kernel [layers, 12, 48] is split along its MLP axis instead; arrays with no dimension 8 divides are listed."""
+    config = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1})
+    config.model.text.update(width=12, heads=2, mlp_dim=48)
+    mesh = sharding.make_mesh(config.mesh)
+    _, model, tx = build(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+        _, shapes = abstract_state(config, model, tx, mesh)
+    fc1 = shapes.params["text"]["encoder"]["blocks"]["mlp"]["fc1"]["kernel"]
+    assert fc1.shape[1:] == (12, 48) and fc1.sharding.spec == P(None, None, ("tensor", "fsdp"))  # tensor is 1 here
+    rows = sharding.replicated_arrays(shapes, min_bytes=1024)
+    paths = [path for path, _, _ in rows]
+    assert "params/text/encoder/blocks/attn/query/kernel" in paths  # [layers, 12, 2, 6]: nothing 8 divides
+    assert not any(p.endswith("kernel") and ("fc1" in p or "image/encoder" in p) for p in paths)  # biases: tensor
+    assert [size for _, _, size in rows] == sorted((size for _, _, size in rows), reverse=True)
+    assert all(size == int(np.prod(shape)) * 4 for path, shape, size in rows if path.startswith("params/"))
+    assert sharding.replicated_arrays(shapes, min_bytes=2**30) == []
