@@ -159,7 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
         max_nonfinite_steps=10,
     )
     # In-slice mesh (one axis may be -1 = the rest) x `slices` data-parallel copies over DCN.
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, slices=1)
+    # max_fsdp > 0 caps fsdp: the factor of the devices beyond it goes to data parallelism.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, slices=1, max_fsdp=0)
     c.contrastive = "global"  # or "ring": chunked losses that never hold [B, B] logits on one device
     c.axis_rules = AXIS_RULES
     c.log_every = 100
@@ -212,7 +213,9 @@ def paper_config(
         raise ValueError(f"config arg data={data!r}: use data=scenes (the embedded scenes) or set --config.data.train")
     c = base_config()
     c.model.update(dtype="bfloat16", remat="dots_no_batch")
-    c.mesh.update(data=1, fsdp=-1)
+    # FSDP over every device up to 256, data parallel over the rest (4 x 256 on the paper's 1,024 chips):
+    # 768-wide towers do not split 1,024 ways, and 256 pieces leave no array over 1 MiB whole on any device.
+    c.mesh.update(data=1, fsdp=-1, max_fsdp=256)
     c.image_size = image_size
     c.model.image.variant = variant
     c.model.text.update(text)

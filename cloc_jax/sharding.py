@@ -18,7 +18,8 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def _ici_sizes(mesh: ml_collections.ConfigDict, per_slice: int) -> list[int]:
-    """In-slice axis sizes; at most one may be -1 (= all remaining devices of a slice)."""
+    """In-slice axis sizes; at most one may be -1 (= all remaining devices of a slice). `max_fsdp` > 0 caps
+    fsdp, moving the factor beyond it to data (fsdp=-1, max_fsdp=256: 4 x 256 on 1,024 devices, 1 x 8 on 8)."""
     sizes = [int(mesh[a]) for a in MESH_AXES]
     described = dict(zip(MESH_AXES, sizes))
     if sizes.count(-1) > 1:
@@ -30,6 +31,10 @@ def _ici_sizes(mesh: ml_collections.ConfigDict, per_slice: int) -> list[int]:
         sizes[sizes.index(-1)] = per_slice // known
     if int(np.prod(sizes)) != per_slice:
         raise ValueError(f"mesh {described} needs {int(np.prod(sizes))} devices, found {per_slice}")
+    cap = int(mesh.get("max_fsdp", 0) or 0)
+    if cap > 0 and sizes[1] > cap:  # fsdp over the largest divisor within the cap, data parallel over the rest
+        fsdp = max(d for d in range(1, cap + 1) if sizes[1] % d == 0)
+        sizes = [sizes[0] * sizes[1] // fsdp, fsdp, sizes[2]]
     return sizes
 
 
@@ -53,6 +58,9 @@ def make_mesh(mesh: ml_collections.ConfigDict, devices: list | None = None) -> M
             return jax.make_mesh(tuple(ici), MESH_AXES, axis_types=types, devices=devices)
         except AssertionError:  # libtpu's abstract v4 lists both cores of a chip: no physical layout known
             return Mesh(np.asarray(devices).reshape(ici), MESH_AXES, axis_types=types)
+        except NotImplementedError:  # an axis that must span torus axes in part (fsdp=256 on v5p:8x8x16)
+            grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+            return Mesh(grid, MESH_AXES, axis_types=types)
     if _granules(devices) != slices:
         raise ValueError(f"mesh.slices={slices} but the devices form {_granules(devices)} slice(s)/host(s)")
     grid = mesh_utils.create_hybrid_device_mesh(

@@ -1,11 +1,14 @@
 """AOT: the real training step compiles for abstract TPU topologies (libtpu, no TPU), and FLOPs add up."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
 
 from cloc_jax import aot, sharding
-from tests.conftest import tiny_config
+from cloc_jax.config import load_config_file
+from tests.conftest import ROOT, tiny_config
 
 
 def test_tiny_step_compiles_for_two_v5e_slices_joined_by_dcn():
@@ -20,6 +23,27 @@ def test_tiny_step_compiles_for_two_v5e_slices_joined_by_dcn():
     assert 0 < report["per_device_gib"] < 1
     assert report["model_tflops_per_step"] == pytest.approx(aot.model_flops(config) * 16 / 1e12)
     assert report["replicated"] == [] and report["replicated_mib"] == 0  # every array over 1 MiB is split
+
+
+@pytest.mark.parametrize("name", ["cloc_l14", "cloc_b16"])
+def test_no_array_over_1_mib_is_whole_on_every_chip_of_the_papers_pod(name):
+    """The paper's pod (1,024 v5p chips) in the shipped layout, 4 x 256: parameters and optimizer state, traced
+    only. On 1 x 1,024 the 768-wide text tower would stay whole on every chip (1.26 GiB of L/14's state)."""
+    import flax.linen as nn
+
+    from cloc_jax.models.spec import build_model_from_spec, model_spec
+    from cloc_jax.optim import make_optimizer
+    from cloc_jax.train import abstract_state
+
+    config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+    mesh = sharding.make_mesh(config.mesh, aot.topology_devices("v5p:8x8x16"))
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 256, "tensor": 1}
+    model, tx = build_model_from_spec(model_spec(config)), make_optimizer(config.optim, config.num_steps)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+        _, state = abstract_state(config, model, tx, mesh)
+    assert sharding.replicated_arrays(state) == []
+    fc1 = state.params["text"]["encoder"]["blocks"]["mlp"]["fc1"]["kernel"]  # [layers, embed, mlp]
+    assert fc1.sharding.shard_shape(fc1.shape)[1] * 256 == fc1.shape[1]
 
 
 def test_bad_topology_and_slice_count_are_one_line():

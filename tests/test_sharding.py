@@ -15,6 +15,14 @@ def test_mesh_fills_the_minus_one_axis_with_auto_axis_types(config):
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
+def test_max_fsdp_moves_the_devices_beyond_it_to_data_parallelism():
+    mesh = lambda **m: dict(sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, **m)).shape)  # noqa: E731
+    assert mesh(max_fsdp=256) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert mesh(max_fsdp=4) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert mesh(max_fsdp=3) == {"data": 4, "fsdp": 2, "tensor": 1}  # the largest divisor of 8 within the cap
+    assert mesh(max_fsdp=0) == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
 @pytest.mark.parametrize(
     "sizes,message",
     [
