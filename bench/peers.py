@@ -227,7 +227,7 @@ def run_open_clip(args) -> dict:
         loss = step()
         times.append(time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters())
-    return dict(seconds=statistics.median(times), loss=loss, params=params, vocab=args.vocab, threads=2)
+    return dict(seconds=statistics.median(times), loss=loss, params=params, vocab=args.vocab, flops=None)
 
 
 def split_overrides(text: str) -> list[str]:
@@ -250,7 +250,7 @@ def summary(impl: str, runs: list[dict], batch: int) -> dict:
     if "overrides" in runs[0]:
         out["overrides"] = runs[0]["overrides"]
     if runs[0].get("peak"):
-        flops, peak = runs[0]["flops"], statistics.median(r["peak"] for r in runs)
+        flops, peak = next(r["flops"] for r in runs if r["flops"]), statistics.median(r["peak"] for r in runs)
         out.update(flops_per_step=flops, achieved_flops_per_s=flops / seconds, peak_flops_per_s=peak)
         out["mfu"] = statistics.median(flops / r["seconds"] / r["peak"] for r in runs)
     return out
@@ -283,25 +283,31 @@ def main():
         parser.error(f"--impls: unknown {sorted(unknown)}")
     vocab = our_vocab(overrides)
     library_versions = versions(args.big_vision)
-    runs = {impl: [] for impl in impls}
+    runs, failed = {impl: [] for impl in impls}, {}
     for r in range(args.rounds):
         for impl in impls:
             cmd = [sys.executable, os.path.abspath(__file__), f"--worker={impl}", f"--vocab={vocab}"]
             cmd += [f"--big_vision={args.big_vision}", f"--steps={args.steps}", f"--batch={args.batch}"]
-            cmd += [f"--ours={args.ours}"] + (["--flops"] if r == 0 else [])
+            cmd += [f"--ours={args.ours}"] + ([] if any(x["flops"] for x in runs[impl]) else ["--flops"])
             start = time.perf_counter()
-            out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
-            runs[impl].append(json.loads([x for x in out.splitlines() if x.startswith(MARK)][-1][len(MARK) :]))
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            found = [x[len(MARK) :] for x in proc.stdout.splitlines() if x.startswith(MARK)]
+            if proc.returncode or not found:  # e.g. killed for memory by a neighbour's job: the round goes on
+                failed[impl] = failed.get(impl, 0) + 1
+                print(f"round {r + 1} {impl}: FAILED, exit {proc.returncode}", file=sys.stderr)
+                continue
+            runs[impl].append(json.loads(found[-1]))
             took = time.perf_counter() - start
             print(f"round {r + 1} {impl}: {runs[impl][-1]['seconds']:.2f} s/step ({took:.0f} s)", file=sys.stderr)
-    lines = {impl: summary(impl, runs[impl], args.batch) for impl in impls}
+    lines = {impl: summary(impl, runs[impl], args.batch) for impl in impls if runs[impl]}
     for line in lines.values():
         print(json.dumps(line), flush=True)
     ips = {impl: line["images_per_s"] for impl, line in lines.items()}
     pairs = (("ours", "big_vision"), ("ours", "open_clip"), ("ours_cls", "open_clip"))
     ratios = {f"{a}/{b}": ips[a] / ips[b] for a, b in pairs if a in ips and b in ips}
     final = dict(ratios_images_per_s=ratios, params={impl: line["params"] for impl, line in lines.items()})
-    final.update(vocab=vocab, batch=args.batch, rounds=args.rounds, steps=args.steps, versions=library_versions)
+    final.update(vocab=vocab, batch=args.batch, rounds=args.rounds, steps=args.steps, failed_runs=failed)
+    final["versions"] = library_versions
     print(json.dumps(final), flush=True)
 
 
