@@ -1,14 +1,15 @@
 """Training-step throughput of cloc_jax beside big_vision and open_clip, same CLIP, one run (same-run ratios).
 
     git --git-dir=/work/.mirror/google-research+big_vision/repo worktree add --detach /tmp/big_vision HEAD
-    python bench/peers.py --big_vision=/tmp/big_vision [--steps=3 --rounds=2 --ours=model.scan=False,...]
+    python bench/peers.py --big_vision=/tmp/big_vision [--steps=3 --rounds=2 --ours=model.scan=True,...]
 
 One CLIP four ways: image ViT-B/16 at 224 px, text 12 layers x 512 wide (8 heads, MLP 2048, 77 tokens),
 embedding 512, our config's vocabulary (printed), float32, softmax CLIP loss, AdamW (lr 5e-4, b2 0.98,
 eps 1e-6, wd 0.2, gradients clipped to norm 1), batch 16, the same batch every step:
 
-  ours        configs/clip_b16.py:data=scenes, model.dtype=float32, model.remat=none, optim.name=adamw, then
-              the --ours overrides; bench/common.py's real batch, step and FLOP count, as bench/step.py.
+  ours        configs/clip_b16.py:data=scenes in the CPU layout bench/step.py runs (float32, no remat, layers
+              unrolled), optim.name=adamw, then the --ours overrides (model.scan=True: scanned layers);
+              bench/common.py's real batch, step and FLOP count, as bench/step.py.
   big_vision  two_towers.Model (vit B/16, pool_type "map"; text_transformer) imported from the --big_vision
               checkout, nothing copied, image head_zeroinit=False as its image-text configs set (a zero head
               gives NaN gradients through the norm of 0); a jitted step like trainers/proj/image_text/
@@ -65,13 +66,16 @@ LR, B1, B2, EPS, WD, CLIP_NORM = 5e-4, 0.9, 0.98, 1e-6, 0.2, 1.0
 
 
 def our_config(batch: int, overrides: list[str]):
-    """configs/clip_b16.py:data=scenes, float32, no remat, AdamW, then `key=value` overrides (typed like the key)."""
+    """configs/clip_b16.py:data=scenes in the CPU layout, AdamW, then `key=value` overrides (typed like the key)."""
     import ast
+
+    from common import CPU_LAYOUT
 
     from cloc_jax.config import load_config_file, set_dotted
 
     config = load_config_file(os.path.join(ROOT, "configs", "clip_b16.py"), "data=scenes")
-    settings = {"model.dtype": "float32", "model.remat": "none", "optim.name": "adamw", "batch_size": batch}
+    settings = {f"model.{k}": v for k, v in CPU_LAYOUT.items()}
+    settings.update({"optim.name": "adamw", "batch_size": batch})
     for key, _, text in (item.partition("=") for item in overrides):
         old = functools.reduce(lambda c, k: c[k], key.split("."), config)
         if isinstance(old, bool):

@@ -15,7 +15,7 @@ import json
 
 import jax
 from absl import app, flags, logging
-from common import matmul_peak_flops, median_seconds, real_batch, step_flops, step_runner
+from common import CPU_LAYOUT, matmul_peak_flops, median_seconds, real_batch, step_flops, step_runner
 from ml_collections import config_flags
 
 from cloc_jax import sharding
@@ -24,7 +24,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_co
 _BATCH = flags.DEFINE_integer("batch", 16, "global batch size")
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps (after one warm-up)")
 _CPU_LAYOUT = flags.DEFINE_bool("cpu_layout", True, "on a CPU: float32, no remat, layers unrolled")
-CPU_LAYOUT = {"dtype": "float32", "remat": "none", "scan": False}
 
 
 def main(argv):

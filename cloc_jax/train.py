@@ -118,7 +118,7 @@ def init_from(state: TrainState, pretrained: Weights, scan: bool) -> TrainState:
 def make_train_step(config: ml_collections.ConfigDict, model: Model, tx: optax.GradientTransformation):
     tags = None
     if pipeline.tags_enabled(config):  # the tag vocabulary is a constant of the step
-        tags = jnp.asarray(pipeline.tag_tokens(config, tokenizers.from_spec(config.tokenizer.to_dict())))
+        tags = np.asarray(pipeline.tag_tokens(config, tokenizers.from_spec(config.tokenizer.to_dict())))
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params):

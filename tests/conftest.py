@@ -63,3 +63,17 @@ def tiny_export(tmp_path_factory):
         return made[name]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """After each test file, drop JAX's in-memory caches of traced and compiled programs: an xdist worker runs
+    dozens of files, and without this it grew past 8 GiB, which two workers and the processes tests launch
+    cannot share in 24 GiB. Later files recompile what they use (the on-disk cache above keeps that cheap)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
