@@ -2,6 +2,7 @@
 
     python bench/aot_table.py                       # memory and FLOPs for every row (~2 min per row)
     python bench/aot_table.py --estimate=v5p:8x8x16 # plus XLA's cost-model step time on that topology
+                                                    # (two more compiles per row, aot.estimate_step_seconds)
 
 Needs libtpu (pip install -e ".[tpu]"); no TPU. Prints one markdown row per (config, topology).
 """
@@ -25,7 +26,10 @@ _OVERRIDES = flags.DEFINE_string("overrides", "", "key=value,... applied to ever
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    print("| config | topology | devices | mesh | GiB / device (HBM) | fits | TFLOP/step | est. s/step | est. MFU |")
+    print(
+        "| config | topology | devices | mesh (data x fsdp x tensor) | GiB / device (HBM) | fits | model TFLOP/step"
+        " | cost-model s/step | cost-model MFU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in _CONFIGS.value:
         for topology in _TOPOLOGIES.value:
@@ -36,13 +40,13 @@ def main(argv):
                 set_dotted(config, {key: type(current)(value)})
             r = aot.compile_for(config, aot.topology_devices(topology), estimate=topology in _ESTIMATE.value)
             mesh = "x".join(str(v) for v in r["mesh"].values())
-            step = f"{r['estimated_step_seconds']:.2f}" if r["estimated_step_seconds"] > 0 else "-"
-            mfu = f"{r['estimated_mfu']:.2f}" if r["estimated_step_seconds"] > 0 else "-"
+            step = f"{r['estimated_step_seconds']:.3f}" if r["estimated_step_seconds"] > 0 else ""
+            mfu = f"{r['estimated_mfu']:.2f}" if r["estimated_step_seconds"] > 0 else ""
             at_least = ">" if r["arguments_gib"] != r["arguments_gib"] else ""  # NaN: XLA refused, too big
             print(
                 f"| {name} | {topology} | {r['devices']} | {mesh} |"
                 f" {at_least}{r['per_device_gib']:.1f} ({r['hbm_gib']:.0f}) |"
-                f" {'yes' if r['fits'] else 'no'} | {r['model_tflops_per_step']:.0f} | {step} | {mfu} |",
+                f" {'yes' if r['fits'] else 'no'} | {r['model_tflops_per_step']:,.0f} | {step} | {mfu} |",
                 flush=True,
             )
             logging.info(json.dumps(r))
