@@ -40,6 +40,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
+            "pytest-timeout>=2.3",
             "ruff>=0.6",
             "hypothesis>=6",
             # Reference models for the weight tests: open_clip_torch brings torch, torchvision and timm. pip takes

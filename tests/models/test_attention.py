@@ -125,9 +125,10 @@ def test_splash_in_the_interpreter_matches_the_reference(t, s, causal, segments)
 
 
 def test_splash_under_a_mesh_runs_in_shard_map_and_matches_the_reference():
-    """8 CPU devices as data x fsdp x tensor = 2 x 2 x 2 with the config's axis rules: batch over
-    (data, fsdp), heads over tensor; 3 heads do not divide tensor=2 and are replicated."""
-    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    """8 CPU devices as data x fsdp x tensor = 4 x 1 x 2 with the config's axis rules: batch over
+    (data, fsdp), heads over tensor; 3 heads do not divide tensor=2 and are replicated. Two axes of size
+    > 1, not three: XLA:CPU can deadlock the collectives of a three-axis simulated mesh."""
+    mesh = jax.make_mesh((4, 1, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     q, k, v, dout = inputs(4, 77, 77, h=3)
     segments = (np.stack([packed_ids([10 + i, 30, 7], 77) for i in range(4)]),) * 2
     with jax.set_mesh(mesh), nn.logical_axis_rules(AXIS_RULES):
