@@ -53,7 +53,8 @@ def real_batch(config, mesh) -> dict:
 
 def step_runner(config, batch, mesh):
     """A compiled, warmed-up training step as a no-argument callable returning its metrics: the same batch
-    each call, the state carried from call to call and donated, as training runs it."""
+    each call, the state carried from call to call and donated, as training runs it. `.compiled()` gives
+    the executable it runs (from jit's cache)."""
     _, model, tx = build(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
         state, _ = init_state(config, model, tx, mesh)
@@ -66,4 +67,5 @@ def step_runner(config, batch, mesh):
         holder[0], metrics = step(holder[0], batch)
         return metrics
 
+    run.compiled = lambda: step.lower(holder[0], batch).compile()
     return run

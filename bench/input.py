@@ -45,7 +45,7 @@ def jpeg_records(n: int) -> list[dict]:
 
 
 def per_core_rate(source, size: int) -> float:
-    config = load_config_file(os.path.join(ROOT, "configs", "cloc_b16.py"))
+    config = load_config_file(os.path.join(ROOT, "configs", "cloc_b16.py"), "data=scenes")  # its tokenizer
     config.data.augment.update(resize="crop", flip=0.5)
     tokenizer = from_spec(config.tokenizer.to_dict())
     prep = pipeline.Preprocess(tokenizer, config.tokenizer, size, 4, 0.5, augment=config.data.augment)
@@ -72,7 +72,8 @@ def wait_fraction(shards: str, workdir: str) -> dict:
         "mesh.fsdp": 1,
         "mesh.data": -1,
     }
-    config = set_dotted(load_config_file(FLAGS.train_config), overrides)
+    path, _, arg = FLAGS.train_config.partition(":")  # FILE[:ARG], as --config takes it
+    config = set_dotted(load_config_file(path, arg or None), overrides)
     train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
