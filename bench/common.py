@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks (no flags here: each benchmark script defines its own)."""
 
+import contextlib
 import statistics
 import time
 
@@ -53,10 +54,17 @@ def real_batch(config, mesh) -> dict:
 
 def step_runner(config, batch, mesh):
     """A compiled, warmed-up training step as a no-argument callable returning its metrics: the same batch
-    each call, the state carried from call to call and donated, as training runs it. `.compiled()` gives
-    the executable it runs (from jit's cache)."""
+    each call, the state carried from call to call and donated, as training runs it. Every call runs under
+    the mesh and axis rules it was compiled under (they are part of jit's cache key: outside them the first
+    timed call would compile another program). `.compiled()` gives the executable it runs."""
     _, model, tx = build(config)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+
+    @contextlib.contextmanager
+    def under_mesh():
+        with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+            yield
+
+    with under_mesh():
         state, _ = init_state(config, model, tx, mesh)
         step = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
         state, metrics = step(state, batch)
@@ -64,8 +72,13 @@ def step_runner(config, batch, mesh):
     holder = [state]
 
     def run():
-        holder[0], metrics = step(holder[0], batch)
+        with under_mesh():
+            holder[0], metrics = step(holder[0], batch)
         return metrics
 
-    run.compiled = lambda: step.lower(holder[0], batch).compile()
+    def compiled():
+        with under_mesh():
+            return step.lower(holder[0], batch).compile()
+
+    run.compiled = compiled
     return run

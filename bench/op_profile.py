@@ -38,7 +38,7 @@ GROUPS = (
     ("attention core", r"/attn/"),
     ("mlp", r"/mlp/"),
     ("layer norms", r"/(ln\w*|norm\w*|LayerNorm\w*)/"),
-    ("patch and position embeddings", r"/(patch_embed|embedding|pos\w*)/"),
+    ("patch and token embeddings", r"/(patch_embed|token_embed)/"),
     ("losses", r"/(transpose\()?jvp\(\)"),  # the loss functions, traced outside the model
     ("optimizer update", r"^(?!.*(jvp|transpose)\().+"),
 )

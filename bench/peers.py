@@ -240,9 +240,15 @@ def split_overrides(text: str) -> list[str]:
 
 
 def versions(bv_path: str) -> dict:
-    out = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "torch", "open_clip_torch")}
-    git = subprocess.run(["git", "-C", bv_path, "rev-parse", "HEAD"], capture_output=True, text=True)
-    out["big_vision"] = git.stdout.strip() or "unknown commit (no .git in the checkout)"
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "torch", "open_clip_torch"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # torch is needed only when open_clip runs
+            out[name] = None
+    if bv_path:
+        git = subprocess.run(["git", "-C", bv_path, "rev-parse", "HEAD"], capture_output=True, text=True)
+        out["big_vision"] = git.stdout.strip() or "unknown commit (no .git in the checkout)"
     return out
 
 
@@ -250,7 +256,7 @@ def summary(impl: str, runs: list[dict], batch: int) -> dict:
     seconds = statistics.median(r["seconds"] for r in runs)
     out = dict(impl=impl, what=WHAT[impl], params=runs[0]["params"], vocab=runs[0]["vocab"], batch=batch)
     out.update(seconds_per_round=[round(r["seconds"], 3) for r in runs], seconds_per_step=seconds)
-    out.update(images_per_s=batch / seconds, last_loss=runs[0]["loss"])
+    out.update(images_per_s=batch / seconds, last_loss=runs[-1]["loss"])
     if "overrides" in runs[0]:
         out["overrides"] = runs[0]["overrides"]
     if runs[0].get("peak"):
@@ -262,7 +268,7 @@ def summary(impl: str, runs: list[dict], batch: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--big_vision", required=True, help="a checkout of google-research/big_vision")
+    parser.add_argument("--big_vision", default="", help="a checkout of google-research/big_vision (to run it)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every implementation")
     parser.add_argument("--batch", type=int, default=16)
@@ -285,6 +291,8 @@ def main():
     impls = [i for i in args.impls.split(",") if i]
     if unknown := set(impls) - set(IMPLS):
         parser.error(f"--impls: unknown {sorted(unknown)}")
+    if "big_vision" in impls and not os.path.isdir(args.big_vision):
+        parser.error(f"--big_vision={args.big_vision!r}: pass a checkout of google-research/big_vision")
     vocab = our_vocab(overrides)
     library_versions = versions(args.big_vision)
     runs, failed = {impl: [] for impl in impls}, {}

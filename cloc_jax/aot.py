@@ -274,7 +274,7 @@ def format_report(name: str, report: dict) -> str:
             f" s/step, MFU {r['estimated_mfu']:.2f}"
         )
     elif known(r["arguments_gib"]):
-        lines.append("  step time: pass --aot_estimate for XLA's cost model (compiles twice more, layers unrolled)")
+        lines.append("  step time: pass --aot_estimate for XLA's cost model (compiles again with layers unrolled)")
     if known(r["compile_seconds"]):
         lines.append(f"  compiled in {r['compile_seconds']:.0f} s")
     return "\n".join(lines)

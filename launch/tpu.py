@@ -29,7 +29,7 @@ _AOT_TOPOLOGY = flags.DEFINE_string(
     "aot_topology", None, "compile the training step for this TPU topology (e.g. v5p:8x8x16) and report; no training"
 )
 _AOT_ESTIMATE = flags.DEFINE_bool(
-    "aot_estimate", False, "also XLA's cost-model step time (compiles twice more, unrolled at two shallow depths)"
+    "aot_estimate", False, "also XLA's cost-model step time (compiles the step again, unrolled at shallow depths)"
 )
 
 
