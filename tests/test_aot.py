@@ -93,6 +93,7 @@ def test_the_depth_extrapolated_step_time_is_the_full_depth_one():
     full.model.scan = False
     seconds = aot.compile_step(full, devices)[0].cost_analysis()["optimal_seconds"]
     assert depths == [(2, 1), (4, 2)] and seconds > 0
+    print(f"extrapolated {estimate:.4g} s, full depth {seconds:.4g} s: {estimate / seconds - 1:+.1%}")
     assert estimate == pytest.approx(seconds, rel=0.05)
 
 
