@@ -45,6 +45,17 @@ def step_flops(config) -> float:
     return float(aot.compile_step(unrolled, jax.devices())[0].cost_analysis()["flops"])
 
 
+def sized_and_meshed(config, batch: int, cpu_layout: bool):
+    """(config, mesh): the config at this global batch, in CPU_LAYOUT when `cpu_layout` and JAX runs on a CPU,
+    and its mesh, the batch checked against it (one line if the mesh does not divide it)."""
+    config.batch_size = batch
+    if cpu_layout and jax.default_backend() == "cpu":
+        config.model.update(CPU_LAYOUT)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    return config, mesh
+
+
 def real_batch(config, mesh) -> dict:
     """One batch from the real input pipeline, as global arrays."""
     tokenizer, _, _ = build(config)

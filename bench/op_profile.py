@@ -21,10 +21,8 @@ import time
 
 import jax
 from absl import app, flags, logging
-from common import CPU_LAYOUT, real_batch, step_runner
+from common import CPU_LAYOUT, real_batch, sized_and_meshed, step_runner
 from ml_collections import config_flags
-
-from cloc_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", 16, "global batch size")
@@ -111,16 +109,11 @@ def op_seconds(trace_dir: str, module: str) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
-    config.batch_size = _BATCH.value
-    if _CPU_LAYOUT.value and jax.default_backend() == "cpu":
-        config.model.update(CPU_LAYOUT)
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch_size(config.batch_size, mesh)
+    config, mesh = sized_and_meshed(_CONFIG.value, _BATCH.value, _CPU_LAYOUT.value)
     run = step_runner(config, real_batch(config, mesh), mesh)
-    compiled = run.compiled()
-    module = compiled.as_text().split("\n", 1)[0].split()[1].rstrip(",")
-    table, members = _instructions(compiled.as_text())
+    hlo = run.compiled().as_text()
+    module = hlo.split("\n", 1)[0].split()[1].rstrip(",")  # "HloModule jit_train_step, ..."
+    table, members = _instructions(hlo)
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             start = time.perf_counter()

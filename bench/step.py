@@ -15,10 +15,16 @@ import json
 
 import jax
 from absl import app, flags, logging
-from common import CPU_LAYOUT, matmul_peak_flops, median_seconds, real_batch, step_flops, step_runner
+from common import (
+    CPU_LAYOUT,
+    matmul_peak_flops,
+    median_seconds,
+    real_batch,
+    sized_and_meshed,
+    step_flops,
+    step_runner,
+)
 from ml_collections import config_flags
-
-from cloc_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", 16, "global batch size")
@@ -29,12 +35,7 @@ _CPU_LAYOUT = flags.DEFINE_bool("cpu_layout", True, "on a CPU: float32, no remat
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
-    config.batch_size = _BATCH.value
-    if _CPU_LAYOUT.value and jax.default_backend() == "cpu":
-        config.model.update(CPU_LAYOUT)
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch_size(config.batch_size, mesh)
+    config, mesh = sized_and_meshed(_CONFIG.value, _BATCH.value, _CPU_LAYOUT.value)
     batch = real_batch(config, mesh)
     seconds = median_seconds(step_runner(config, batch, mesh), _STEPS.value)
     flops = step_flops(config)
