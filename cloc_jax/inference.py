@@ -107,6 +107,10 @@ class Encoder:
         with nn.logical_axis_rules(self.axis_rules):
             return np.asarray(self._regions(self.params, jnp.asarray(images), jnp.asarray(boxes, jnp.float32)))
 
+    @property
+    def can_ground(self) -> bool:
+        return self.model.prompter is not None
+
     def ground(self, images, texts) -> np.ndarray:
         """[B, H, W, 3] + texts ([B][M] strings or [B, M, L] tokens) -> boxes [B, M, 4] xyxy in [0, 1]."""
         if self.model.prompter is None:
