@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags, logging
 
-from cloc_jax import aot
+from cloc_jax.train import aot
 from cloc_jax.config import load_config_file, set_dotted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cloc_jax import aot
+from cloc_jax.train import aot
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", 8, "global batch size")

@@ -40,15 +40,15 @@ PASSES = {
 }
 
 
-def eval_images_per_s(config, device, names) -> float:
+def eval_images_per_s(config, runner, names) -> float:
     data = f"scenes:heldout:{_IMAGES.value}"
     entries = {n: ml_collections.ConfigDict(dict(benchmarks.BENCHMARKS[n], data=data)) for n in names}
-    entries = {n: cfg for n, cfg in entries.items() if evals.runnable(cfg, device.encoder)}
+    entries = {n: cfg for n, cfg in entries.items() if evals.runnable(cfg, runner.encoder)}
     source = sources.from_spec(data, config.image_size)
-    evals.evaluate_source(config, device, source, entries)  # compiles
-    device.set_params(device.params)  # class prompts are encoded again in the timed pass
+    evals.evaluate_source(config, runner, source, entries)  # compiles
+    runner.set_params(runner.params)  # class prompts are encoded again in the timed pass
     start = time.perf_counter()
-    evals.evaluate_source(config, device, source, entries)
+    evals.evaluate_source(config, runner, source, entries)
     return len(source) / (time.perf_counter() - start)
 
 
@@ -66,11 +66,11 @@ def main(argv):
     encoder = Encoder(
         model, state.params, tokenizer, config.tokenizer.context_length, config.image_size, config.axis_rules
     )
-    device = evals.device_for(config, encoder, mesh)
+    runner = evals.runner_for(config, encoder, mesh)
     train = _BATCH.value / train_seconds
     row = dict(config=config.model.image.variant, batch=_BATCH.value, dtype=_DTYPE.value, train_images_per_s=train)
     for name, names in PASSES.items():
-        rate = eval_images_per_s(config, device, names)
+        rate = eval_images_per_s(config, runner, names)
         row[f"eval_{name}_images_per_s"] = rate
         row[f"eval_{name}_vs_train"] = rate / train
     print(json.dumps(row))

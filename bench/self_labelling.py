@@ -26,7 +26,7 @@ from cloc_jax.boxes import iou_and_giou
 from cloc_jax.config import load_config_file
 from cloc_jax.data import records, transforms
 from cloc_jax.data.scenes import CLASS_NAMES, Scenes
-from cloc_jax.export import export
+from cloc_jax.weights.native import export
 from cloc_jax.train import train_and_evaluate
 
 FLAGS = flags.FLAGS

@@ -17,7 +17,7 @@ import jax.experimental.multihost_utils
 import orbax.checkpoint as ocp
 from etils import epath
 
-from cloc_jax.models.spec import LAYOUT_KEYS, spec_mismatch, with_defaults
+from cloc_jax.models.spec import LAYOUT_KEYS, Spec, from_dict, mismatch
 
 
 class NotResumable(ValueError):
@@ -45,18 +45,18 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iter: grain.DatasetIterator, spec: dict, force: bool = False) -> bool:
-        args = dict(state=ocp.args.StandardSave(state), spec=ocp.args.JsonSave(spec))
+    def save(self, step: int, state, data_iter: grain.DatasetIterator, spec: Spec, force: bool = False) -> bool:
+        args = dict(state=ocp.args.StandardSave(state), spec=ocp.args.JsonSave(spec.to_json()))
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-    def spec(self, step: int) -> dict:
-        return with_defaults(self.manager.restore(step, args=ocp.args.Composite(spec=ocp.args.JsonRestore()))["spec"])
+    def spec(self, step: int) -> Spec:
+        return from_dict(self.manager.restore(step, args=ocp.args.Composite(spec=ocp.args.JsonRestore()))["spec"])
 
-    def check_spec(self, step: int, spec: dict) -> None:
+    def check_spec(self, step: int, spec: Spec) -> None:
         """Refuses a checkpoint of another model; layout keys (remat, dtype, packing) may differ."""
-        diff = spec_mismatch(self.spec(step), spec, ignore=LAYOUT_KEYS)
+        diff = mismatch(self.spec(step), spec, ignore=LAYOUT_KEYS)
         if diff:
             raise NotResumable(
                 f"{self.directory} holds a checkpoint of a different model ({diff}); use a new --workdir"
@@ -79,7 +79,7 @@ class Checkpoints:
             raise ValueError(f"no readable checkpoint in {self.directory} (tried steps {failed}; see the warnings)")
         return None, None, []
 
-    def restore_newest(self, abstract_state, data_iter: grain.DatasetIterator, spec: dict):
+    def restore_newest(self, abstract_state, data_iter: grain.DatasetIterator, spec: Spec):
         """(step, state) of the newest readable checkpoint of this model, or (None, None) if there is none.
         Newer unreadable ones are moved aside once an older one has restored."""
 

@@ -8,6 +8,10 @@ import os
 
 import ml_collections
 
+from cloc_jax import sharding
+from cloc_jax.data import pipeline
+from cloc_jax.models.spec import Spec
+
 # Logical axis -> mesh axes. The first rule whose mesh axes are still free wins, so activations
 # [batch, length, embed] shard batch over data x fsdp and leave embed whole, while parameters
 # [embed, mlp] shard embed over fsdp (ZeRO-3 style) and mlp over tensor.
@@ -43,73 +47,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.image_size = 224
+    c.image_size = Spec().image_size
     c.batch_size = 32_768
     c.num_steps = 439_087
-    c.model = dict(
-        # cluster_ratio > 0: UMG-CLIP token clustering (that fraction of tokens merged after cluster_layer)
-        # adapter_dim > 0: Convpass adapters in every image block (PET; train them with optim.trainable)
-        # cluster_unfold: "copy" (each token takes its cluster's output) or "residual" (its own features at
-        # the clustering point plus its cluster's update since); cluster_spatial: weight of grid distance
-        # beside feature distance when clustering (AiluRus's spatial awareness; 0 = features only);
-        # cluster_knn: neighbours that make a token's density (DPC-kNN's 5; keep it at most the tokens of
-        # the smallest object that must stay its own cluster)
-        image=dict(
-            variant="B/16",
-            pool="map",
-            cluster_ratio=0.0,
-            cluster_layer=2,
-            cluster_unfold="copy",
-            cluster_spatial=0.0,
-            cluster_knn=5,
-            adapter_dim=0,
-            # Architecture knobs for imported checkpoints (cloc_jax/convert/); the defaults are big_vision's ViT.
-            # width/depth/heads/mlp_dim: nonzero overrides the variant's size; posemb_grid: 0 = image_size / patch;
-            # pixel_mean/std: the checkpoint's normalisation of [0, 1] pixels, applied to the [-1, 1] input.
-            width=0,
-            depth=0,
-            heads=0,
-            mlp_dim=0,
-            ln_pre=True,
-            patch_bias=True,
-            project=True,  # False: no projection after pooling (SigLIP's image tower)
-            proj_bias=False,
-            posemb_grid=0,
-            posemb_resize="bilinear",  # or "bicubic" (transformers, open_clip), "zoom" (big_vision loading)
-            pixel_mean=(0.5, 0.5, 0.5),
-            pixel_std=(0.5, 0.5, 0.5),
-        ),
-        # causal + pool "eot" is CLIP's text tower; SigLIP's is bidirectional and pools the last position.
-        # vocab_size: 0 = the tokenizer's (padded) size.
-        text=dict(width=512, depth=12, heads=8, mlp_dim=2048, causal=True, pool="eot", proj_bias=False, vocab_size=0),
-        embed_dim=512,
-        activation="gelu_tanh",  # "gelu" (exact, open_clip's LAION models) or "quick_gelu" (OpenAI CLIP)
-        ln_eps=1e-6,
-        max_logit_scale=100.0,  # 0: no clamp (imported SigLIP and CLIP keep their learned scale)
-        loss="softmax",  # or "sigmoid" (SigLIP, adds a learnable bias)
-        dtype="float32",  # activation dtype; parameters and optimizer state stay float32
-        scan=True,
-        remat="none",
-        # attention kernel of the encoder blocks: "auto" = Pallas splash on TPU, cuDNN flash attention on GPU
-        # (bf16/fp16), XLA elsewhere; or "xla", "cudnn", "splash" (cloc_jax/models/attention.py)
-        attention="auto",
-        region_extractor="prompter",  # "none" for CLIP-only twins
-    )
-    # Region captions and referring expressions are short: a shorter context keeps the region texts cheap.
-    # region_pack_length > 0 packs an image's M region texts end to end into one row of that many tokens
-    # for training (the text tower then costs what the texts are long, not M x region_context_length);
-    # regions whose text would not fit are dropped and counted (data/dropped/regions_over_pack_length).
-    # pad_id: what `tokenize` pads with (imported SigLIP pads with its EOS); clean: open_clip's text cleaning.
-    c.tokenizer = dict(
-        type="bytes",
-        path="",
-        lowercase=True,
-        context_length=77,
-        region_context_length=16,
-        region_pack_length=0,
-        pad_id=0,
-        clean="lower",
-    )
+    # The model's architecture and tokenizer: the spec's defaults (cloc_jax/models/spec.py documents each key).
+    spec = Spec().to_config()
+    c.model = spec["model"]
+    c.tokenizer = spec["tokenizer"]
     # L = L_CLIP + weight * (images with regions / batch) * (L_region + grounding_weight * L_grounding)
     c.region_loss = dict(
         weight=1.0,
@@ -127,17 +71,13 @@ def base_config() -> ml_collections.ConfigDict:
         heldout="scenes:heldout",
         train_size=1_000_000,  # sizes of the embedded scenes splits (other sources have their own)
         heldout_size=1024,
-        seed=0,
         max_regions=4,  # M regions sampled per training image (the paper's default; M = 2 does about as well)
-        eval_max_regions=4,  # evaluation keeps up to this many ground-truth regions per image (more: counted)
-        eval_max_captions=8,  # and this many captions (COCO has up to 7; retrieval scores every one)
         referring_prob=0.5,  # chance a region's text is its referring expression instead of its caption
         # Training-time geometry: "pad" = long-side resize + pad (CLOC), "crop" = random resized crop
         # (CLIP; boxes keeping < min_visible of their area are dropped). A flip swaps left/right in the
         # texts ("swap") or is not done to images whose texts say left/right ("skip").
         augment=dict(resize="pad", crop_scale=(0.9, 1.0), min_visible=0.3, flip=0.0, flip_texts="swap"),
-        num_threads=2,
-        prefetch=4,
+        **pipeline.EVAL_DATA_DEFAULTS,  # seed, decoding threads, prefetch, regions and captions kept in evaluation
     )
     # LAMB is the default. The CLOC paper's AdamW is one flag away:
     #   --config.optim.name=adamw --config.optim.b2=0.98 --config.optim.lr=5e-4
@@ -160,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # In-slice mesh (one axis may be -1 = the rest) x `slices` data-parallel copies over DCN.
     # max_fsdp > 0 caps fsdp: the factor of the devices beyond it goes to data parallelism.
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, slices=1, max_fsdp=0)
+    c.mesh = dict(sharding.DATA_PARALLEL)
     c.contrastive = "global"  # or "ring": chunked losses that never hold [B, B] logits on one device
     c.axis_rules = AXIS_RULES
     c.log_every = 100

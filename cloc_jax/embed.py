@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from cloc_jax import distributed, evals, sharding
 from cloc_jax.data import pipeline, sources
-from cloc_jax.evals.device import Device
-from cloc_jax.export import load
+from cloc_jax.evals.runner import EvalRunner
+from cloc_jax.weights import load
 
 WHAT = ("images", "texts", "regions")
 
@@ -96,7 +96,7 @@ def embed(
     shards = [share[k : k + shard_size] for k in range(0, len(share), shard_size)]
     todo = [k for k in range(len(shards)) if not all(os.path.exists(_shard_path(out, w, k)) for w in what)]
     mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices())  # this host's devices, data-parallel
-    device = Device(encoder, mesh, batch_size, across_hosts=False)
+    runner = EvalRunner(encoder, mesh, batch_size, across_hosts=False)
     needs = frozenset({"image"} | ({"regions"} if "regions" in what else set()))
     stats = pipeline.DataStats()
     total = sum(-(-len(shards[k]) // batch_size) for k in todo)
@@ -108,14 +108,14 @@ def embed(
         )  # fmt: skip
         parts = {w: [] for w in what}
         for batch in batches:
-            result = device.outputs(batch, needs)
+            result = runner.outputs(batch, needs)
             for w in what:
                 parts[w].append(_rows(batch, result, w))
             bar.update()
         for w in what:
             arrays = {key: np.concatenate([p[key] for p in parts[w]]) for key in parts[w][0]}
             if w == "texts":
-                arrays["embeddings"] = device.encode(arrays.pop("tokens"))
+                arrays["embeddings"] = runner.encode(arrays.pop("tokens"))
             _save(_shard_path(out, w, k), arrays)
     bar.close()
     with open(os.path.join(out, f"stats-p{jax.process_index():03d}.json"), "w") as f:

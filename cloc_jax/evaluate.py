@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from cloc_jax import distributed, evals, sharding
 from cloc_jax.evals import benchmarks
-from cloc_jax.export import load
+from cloc_jax.weights import load
 
 _MODEL = flags.DEFINE_string("model", None, "export dir, training workdir, hf:DIR, open_clip:DIR, big_vision:FILE")
 _SUITE = flags.DEFINE_enum("suite", "paper", list(benchmarks.SUITES), "which benchmarks to run")
@@ -44,7 +44,7 @@ def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -
     config = evals.eval_config(encoder.spec, batch_size, num_threads)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(batch_size, mesh)
-    device = evals.device_for(config, encoder, mesh)
+    runner = evals.runner_for(config, encoder, mesh)
     records, skipped, groups = [], [], {}
     for name in benchmarks.SUITES[suite]:
         cfg = ml_collections.ConfigDict(dict(benchmarks.BENCHMARKS[name], data=data[name]))
@@ -63,7 +63,7 @@ def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -
             skipped.extend(dict(benchmark=name, reason=reason) for name in entries)
             continue
         try:
-            results, stats = evals.evaluate_source(config, device, source, entries, desc=spec[-40:])
+            results, stats = evals.evaluate_source(config, runner, source, entries, desc=spec[-40:])
         except evals.NoUsableData as error:  # e.g. a wrong image folder: every image missing
             skipped.extend(dict(benchmark=name, reason=str(error)) for name in entries)
             continue

@@ -6,17 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cloc_jax.models.cloc import Model
+from cloc_jax.models.spec import Spec
 from cloc_jax.tokenizers import Tokenizer, tokenize
-
-
-def _encode_regions(model: Model, images: jax.Array, boxes: jax.Array) -> jax.Array:
-    if model.prompter is None:
-        return model.pool_regions(images, boxes)
-    return model.encode_regions(model.encode_image(images)[1], boxes)
-
-
-def _ground(model: Model, images: jax.Array, tokens: jax.Array) -> jax.Array:
-    return model.ground(model.encode_image(images)[1], model.encode_texts(tokens))
 
 
 def class_embeddings(encode_text, class_names, templates) -> np.ndarray:
@@ -30,27 +21,19 @@ def class_embeddings(encode_text, class_names, templates) -> np.ndarray:
 class Encoder:
     """Jitted `encode_image` / `encode_text` for a model and its parameters.
 
-    Images are [B, S, S, 3] floats in [-1, 1] (S = image_size); texts are strings or token ids [B, L]; boxes are
-    [B, M, 4] xyxy normalised to [0, 1]. Embeddings are unit-norm numpy arrays. `ground` needs a model
-    trained with a region extractor.
+    Images are [B, S, S, 3] floats in [-1, 1] (S = spec.image_size); texts are strings or token ids [B, L];
+    boxes are [B, M, 4] xyxy normalised to [0, 1]. Embeddings are unit-norm numpy arrays. Regions and grounding
+    go through the model's region head (`can_ground` says whether it has a box head).
     """
 
-    def __init__(
-        self,
-        model: Model,
-        params,
-        tokenizer: Tokenizer,
-        context_length: int,
-        image_size: int,
-        axis_rules=(),
-        spec: dict | None = None,
-    ):
+    def __init__(self, model: Model, params, tokenizer: Tokenizer, spec: Spec, axis_rules=()):
         self.model, self.params, self.tokenizer, self.spec = model, params, tokenizer, spec
-        self.context_length, self.image_size, self.axis_rules = context_length, image_size, tuple(axis_rules)
-        self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Model.encode_image)[0])
+        self.context_length, self.image_size = spec.tokenizer.context_length, spec.image_size
+        self.axis_rules = tuple(axis_rules)
+        self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Model.encode_image))
         self._text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=Model.encode_text))
-        self._regions = jax.jit(lambda p, x, b: model.apply({"params": p}, x, b, method=_encode_regions))
-        self._ground = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, method=_ground))
+        self._regions = jax.jit(lambda p, x, b: model.apply({"params": p}, x, b, method=Model.encode_regions))
+        self._ground = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, method=Model.ground))
         self._logit_params = jax.jit(lambda p: model.apply({"params": p}, method=Model.logit_params))
         self._features = {}  # hidden-state depth -> jitted truncated tower
 
@@ -82,7 +65,7 @@ class Encoder:
             truncated = self.model.image.clone(hidden_layers=k, parent=None)
             self._features[k] = jax.jit(lambda p, x: truncated.apply({"params": p}, x))
         params = self.params["image"]
-        if self.model.image.scan:
+        if self.model.image.tower.scan:
             sliced = jax.tree.map(lambda a: a[:k], params["encoder"]["blocks"])
             params = {**params, "encoder": {**params["encoder"], "blocks": sliced}}
         with nn.logical_axis_rules(self.axis_rules):
@@ -100,23 +83,20 @@ class Encoder:
         return scale * self.encode_image(images) @ self.encode_text(texts).T + bias
 
     def encode_regions(self, images, boxes) -> np.ndarray:
-        """[B, H, W, 3] + [B, M, 4] -> [B, M, E]: one image forward serves every box.
-
-        Through the Prompter when the model has one; a CLIP-only model pools its tokens in each box.
-        """
+        """[B, H, W, 3] + [B, M, 4] -> [B, M, E]: one image forward serves every box, through the region head
+        (the Prompter, RoIAlign, or a CLIP-only model's own head pooling inside each box)."""
         with nn.logical_axis_rules(self.axis_rules):
             return np.asarray(self._regions(self.params, jnp.asarray(images), jnp.asarray(boxes, jnp.float32)))
 
     @property
     def can_ground(self) -> bool:
-        return self.model.prompter is not None
+        """Whether the region head turns texts into boxes (`ground`)."""
+        return self.model.head.can_ground
 
     def ground(self, images, texts) -> np.ndarray:
         """[B, H, W, 3] + texts ([B][M] strings or [B, M, L] tokens) -> boxes [B, M, 4] xyxy in [0, 1]."""
-        if self.model.prompter is None:
-            raise ValueError(
-                f"ground needs the Prompter's box head; this model has region_extractor={self.model.region_extractor!r}"
-            )
+        if not self.can_ground:
+            raise ValueError(f"ground needs a box head; this model's region head is {self.model.head.description}")
         if not isinstance(texts, np.ndarray | jax.Array):
             texts = np.stack([self.tokenize(row) for row in texts])
         with nn.logical_axis_rules(self.axis_rules):

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from PIL import Image, ImageDraw
 
 from cloc_jax.data import transforms
-from cloc_jax.export import load
+from cloc_jax.weights import load
 from cloc_jax.inference import Encoder
 
 HEATMAP_GRID = 16  # cells per side of the similarity map (each cell's region embedding against the text)

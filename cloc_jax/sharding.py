@@ -15,6 +15,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# The default mesh: every device data-parallel (`config.mesh`; one axis may be -1 = the rest).
+DATA_PARALLEL = dict(data=-1, fsdp=1, tensor=1, slices=1, max_fsdp=0)
 
 
 def _ici_sizes(mesh: ml_collections.ConfigDict, per_slice: int) -> list[int]:

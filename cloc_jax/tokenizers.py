@@ -9,6 +9,7 @@ tower pools there). Our own tokenizers keep id 0 for padding; imported ones keep
 can be a real token: a causal tower pooled at EOT never sees what follows EOT, so 0-padding is exact.
 """
 
+import dataclasses
 import functools
 import gzip
 import html
@@ -17,7 +18,6 @@ import re
 import string
 import tempfile
 
-import ml_collections
 import numpy as np
 
 TYPES = ("bytes", "sentencepiece", "clip_bpe", "words", "hf", "open_clip", "big_vision")
@@ -232,8 +232,11 @@ class WordTokenizer(Tokenizer):
         return text
 
 
-def from_spec(spec: ml_collections.ConfigDict | dict) -> Tokenizer:
-    """`spec` holds type, path and lowercase (see configs/common.py)."""
+def from_spec(spec) -> Tokenizer:
+    """A tokenizer from the spec's tokenizer part (`models.spec.TokenizerSpec`, or its dict / config form):
+    type, path, lowercase, pad_id, clean."""
+    if dataclasses.is_dataclass(spec):
+        spec = dataclasses.asdict(spec)
     kind, path, lowercase = spec["type"], spec.get("path", ""), spec.get("lowercase", True)
     if kind not in TYPES:
         raise ValueError(f"tokenizer.type={kind!r}; choose one of {TYPES}")

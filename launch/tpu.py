@@ -17,9 +17,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cloc_jax import aot, cpu, distributed
+from cloc_jax import cpu, distributed, tokenizers
+from cloc_jax.data import pipeline
 from cloc_jax.guards import RunError
-from cloc_jax.train import train_and_evaluate
+from cloc_jax.train import aot, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file, optionally FILE:key=value,...", lock_config=True
@@ -50,7 +51,8 @@ def main(argv):
     config = _CONFIG.value
     if _AOT_TOPOLOGY.value:
         devices = aot.topology_devices(_AOT_TOPOLOGY.value, config.mesh.slices)  # --config.mesh.slices=N: N slices
-        report = aot.compile_for(config, devices, estimate=_AOT_ESTIMATE.value)
+        tags = pipeline.tag_vocabulary(config, tokenizers.from_spec(config.tokenizer))  # UMG's: read from the data
+        report = aot.compile_for(config, devices, estimate=_AOT_ESTIMATE.value, tags=tags)
         print(aot.format_report(f"{_AOT_TOPOLOGY.value} x {config.mesh.slices} slice(s)", report), flush=True)
         print(json.dumps(report), flush=True)
         return

@@ -21,7 +21,13 @@ def test_tiny_step_compiles_for_two_v5e_slices_joined_by_dcn():
     report = aot.compile_for(config, devices)
     assert report["devices"] == 8 and report["device_kind"] == "TPU v5 lite" and report["fits"]
     assert 0 < report["per_device_gib"] < 1
-    assert report["model_tflops_per_step"] == pytest.approx(aot.model_flops(config) * 16 / 1e12)
+    # The step's FLOPs against XLA's own count of the same step (batch 16) on one CPU device, layers unrolled
+    # so each is counted: the report counts matmuls only, so it is below by the norms, softmaxes and optimizer
+    # update (2-4% here), as in test_analytic_flops_match_xla_on_an_unrolled_step. A per-device batch (2 of
+    # 16) or a scanned layer counted once would fall far outside.
+    unrolled = tiny_config(**{"model.scan": False, "mesh.data": 1})
+    xla = aot.lower_step(unrolled, jax.devices()[:1])[0].cost_analysis()["flops"]
+    assert 0.95 * xla < report["model_tflops_per_step"] * 1e12 <= xla, report["model_tflops_per_step"] * 1e12 / xla
     assert report["replicated"] == [] and report["replicated_mib"] == 0  # every array over 1 MiB is split
 
 

@@ -8,10 +8,10 @@ import sys
 import jax
 import pytest
 
-from cloc_jax import sharding
+from cloc_jax import sharding, tokenizers
 from cloc_jax.config import load_config_file
 from cloc_jax.models.spec import build_model_from_spec, model_spec
-from cloc_jax.optim import make_optimizer
+from cloc_jax.optim import make_optimizer, schedule
 from cloc_jax.train import abstract_state, build
 from tests.conftest import ROOT
 
@@ -26,6 +26,46 @@ def _load(path, arg=None):
     return load_config_file(path, arg or ARGS.get(os.path.basename(path)))
 
 
+# Width, depth and MLP size of the ViT paper's B, L and H (mu: this framework's test size); heads change no count.
+VIT_SIZES = {"mu": (128, 4, 512), "B": (768, 12, 3072), "L": (1024, 24, 4096), "H": (1280, 32, 5120)}
+
+
+def _block(d: int, mlp: int) -> int:
+    """One pre-LN block: ln1, q/k/v/out (kernels [D, H, D/H] / [H, D/H, D], biases [H, D/H] / [D]), ln2, MLP."""
+    return 2 * d + 4 * (d * d + d) + 2 * d + (d * mlp + mlp) + (mlp * d + d)
+
+
+def expected_params(config) -> dict[str, int]:
+    """Parameter counts per top-level module, from the architecture's formula and the config's sizes."""
+    m, im, t = config.model, config.model.image, config.model.text
+    name, _, patch = im.variant.partition("/")
+    d, depth, mlp = (im.width, im.depth, im.mlp_dim) if im.width else VIT_SIZES[name]
+    p, e = int(patch), m.embed_dim
+    grid = im.posemb_grid or config.image_size // p
+    image = p * p * 3 * d + d * im.patch_bias + grid * grid * d + 2 * d * im.ln_pre  # patches, positions, ln_pre
+    image += depth * _block(d, mlp) + 2 * d  # blocks (split at the clustering layer or not: same count), ln_post
+    if im.adapter_dim:  # two Convpass per block: 1x1 down, 3x3 conv, 1x1 up, with biases
+        a = im.adapter_dim
+        image += depth * 2 * ((d * a + a) + (9 * a * a + a) + (a * d + d))
+    image += {"cls": d, "gap": 0, "map": d + 4 * (d * d + d) + 2 * d + (d * mlp + mlp) + (mlp * d + d)}[im.pool]
+    image += (d * e + e * im.proj_bias) * im.project
+    vocab = t.vocab_size or tokenizers.from_spec(config.tokenizer.to_dict()).padded_vocab_size
+    w, context = t.width, config.tokenizer.context_length
+    text = vocab * w + context * w + t.depth * _block(w, t.mlp_dim) + 2 * w + w * e + e * t.proj_bias
+    want = dict(image=image, text=text, log_scale=1)
+    if m.loss == "sigmoid":
+        want["bias"] = 1
+    if m.region_extractor == "prompter":  # single-layer, single-head encoder at the ViT width, MLP ratio 4
+        dense = d * d + d
+        want["prompter"] = (
+            dense + 2 * d + (e * d + d) + dense  # corner_proj, corner_type, text_proj, key_pos
+            + 4 * 2 * d + 4 * dense  # ln_kv, ln_q, ln_mlp, ln_out; query, key, value, out
+            + (d * 4 * d + 4 * d) + (4 * d * d + d) + d * e  # MLP; projection (no bias)
+            + dense + (d * 4 + 4)  # box head: hidden, out
+        )  # fmt: skip
+    return want
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_builds_abstract_state(path):
     config = _load(path)
@@ -34,18 +74,36 @@ def test_config_builds_abstract_state(path):
     model = build_model_from_spec(model_spec(config))  # paper configs: no tokenizer file needed for shapes
     mesh = sharding.make_mesh(config.mesh)
     _, shapes = abstract_state(config, model, make_optimizer(config.optim, config.num_steps), mesh)
-    n_params = sum(x.size for x in jax.tree.leaves(shapes.params))
-    assert n_params > 1e6
+    got = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in shapes.params.items()}
+    assert got == expected_params(config)
 
 
-def test_paper_settings():
-    b16, l14, h14 = (_load(os.path.join(ROOT, "configs", f"cloc_{n}.py")) for n in ("b16", "l14", "h14"))
-    assert (b16.image_size, l14.image_size, h14.image_size) == (224, 336, 336)
-    assert b16.model.image.variant == "B/16" and l14.model.image.variant == "L/14" and h14.model.image.variant == "H/14"
-    for c in (b16, l14, h14):
-        assert c.batch_size == 32_768 and c.tokenizer.context_length == 77
-        assert c.optim.name == "lamb" and c.optim.warmup_steps == 2000 and c.optim.weight_decay == 0.2
-        assert c.optim.b2 == 0.98 and c.optim.lr == 5e-4  # the paper's AdamW is `--config.optim.name=adamw`
+# The CLOC paper's training setup (arXiv 2410.02746v2, /work/shared/PAPERS.md): variant -> image size, and
+# batch 32,768, 439,087 steps, T5 tokenizer (32,000 pieces) lowercased into 77 tokens, b1 0.9, b2 0.98, peak lr 5e-4, 2k
+# warmup, cosine, wd 0.2; negatives filtered above text similarity 0.9, M = 4 regions, lambda = 1.0 x share.
+PAPER_IMAGE_SIZES = {"b16": ("B/16", 224), "l14": ("L/14", 336), "h14": ("H/14", 336)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_IMAGE_SIZES))
+def test_paper_settings(name):
+    c = _load(os.path.join(ROOT, "configs", f"cloc_{name}.py"))
+    variant, size = PAPER_IMAGE_SIZES[name]
+    assert (c.model.image.variant, c.image_size) == (variant, size)
+    # 224 / 16 = 14 and 336 / 14 = 24 tokens a side: the position embeddings are learned at that grid.
+    side = {224: 14, 336: 24}[size]
+    assert build_model_from_spec(model_spec(c)).image.posemb_grid == side
+    assert (c.batch_size, c.num_steps) == (32_768, 439_087)
+    assert c.tokenizer.context_length == 77 and c.tokenizer.lowercase and c.model.text.vocab_size == 32_000
+    assert (c.optim.b1, c.optim.b2, c.optim.lr, c.optim.weight_decay) == (0.9, 0.98, 5e-4, 0.2)
+    lr = schedule(c.optim, c.num_steps, c.optim.lr)
+    # Linear warmup from 0 to the peak 5e-4 at step 2,000 (half of it at step 1,000), then cosine to 0 at the
+    # last step: halfway through the decay (step 2,000 + 437,087 / 2) it is 5e-4 x (1 + cos(pi / 2)) / 2.
+    assert float(lr(0)) == 0.0 and float(lr(1000)) == pytest.approx(2.5e-4, rel=1e-6)
+    assert float(lr(2000)) == pytest.approx(5e-4, rel=1e-6)
+    assert float(lr(2000 + 437_087 / 2)) == pytest.approx(2.5e-4, rel=1e-4)
+    assert float(lr(c.num_steps)) == pytest.approx(0.0, abs=1e-12)
+    r = c.region_loss
+    assert (r.filter_threshold, r.weight, r.grounding, c.data.max_regions) == (0.9, 1.0, "l2", 4)
 
 
 def test_config_arg_overrides_and_rejects_unknown_keys():

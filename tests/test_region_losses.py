@@ -27,6 +27,16 @@ def region_reference(zr, zt, valid, scale, threshold):
     return total / (2 * max(len(idx), 1))
 
 
+def clip_reference(zimg, ztxt, scale):
+    """Symmetric InfoNCE, float64: image i's positive is text i among all texts, and text i's is image i."""
+    total = 0.0
+    for i in range(len(zimg)):
+        row = np.array([scale * zimg[i] @ ztxt[j] for j in range(len(ztxt))])
+        col = np.array([scale * zimg[j] @ ztxt[i] for j in range(len(zimg))])
+        total += (np.log(np.exp(row).sum()) - row[i]) + (np.log(np.exp(col).sum()) - col[i])
+    return total / (2 * len(zimg))
+
+
 @pytest.mark.parametrize("threshold", [0.9, 0.3, 2.0])
 def test_region_text_loss_matches_reference_with_padding_and_filtering(threshold):
     rng = np.random.default_rng(0)
@@ -92,7 +102,18 @@ def test_total_loss_weights_regions_by_the_fraction_of_images_that_have_them():
     mask = np.array([[True, True], [True, False], [False, False], [True, False]])
     cfg = ml_collections.ConfigDict(dict(weight=2.0, filter_threshold=0.9, grounding="l2", grounding_weight=0.5))
     loss, parts = training_loss(out, dict(boxes=boxes, region_mask=mask), cfg)
-    lam = 2.0 * 2 / 4  # images 0 and 1 have usable regions; image 3's only region is NaN
-    want = parts["loss/image_text"] + lam * (parts["loss/region"] + 0.5 * parts["loss/grounding"])
-    assert np.isfinite(float(loss)) and float(loss) == pytest.approx(float(want), rel=1e-6)
-    assert float(parts["loss/grounding"]) == pytest.approx(np.sum((0.25 - boxes[0, 0]) ** 2), rel=1e-5)
+    f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    image_text = clip_reference(f64(out["zimg"]), f64(out["ztxt"]), 5.0)
+    # Usable regions, flattened: (0, 0), (0, 1), (1, 0); (3, 0) has a NaN box, the rest are masked.
+    valid = np.array([True, True, True, False, False, False, False, False])
+    region = region_reference(
+        f64(out["zregion"]).reshape(8, 4), f64(out["zregion_text"]).reshape(8, 4), valid, 5.0, 0.9
+    )
+    # Each usable box is (0.1, 0.1, 0.6, 0.6) predicted as 0.25 everywhere: 2 x 0.15^2 + 2 x 0.35^2 = 0.29.
+    grounding = 0.29
+    lam = 2.0 * 2 / 4  # weight 2 x images 0 and 1 of 4 have usable regions (image 3's only region is NaN)
+    assert float(parts["loss/image_text"]) == pytest.approx(image_text, rel=1e-5)
+    assert float(parts["loss/region"]) == pytest.approx(region, rel=1e-5)
+    assert float(parts["loss/grounding"]) == pytest.approx(grounding, rel=1e-5)
+    want = image_text + lam * (region + 0.5 * grounding)
+    assert np.isfinite(float(loss)) and float(loss) == pytest.approx(want, rel=1e-5)

@@ -119,8 +119,8 @@ def test_bf16_activations_keep_float32_parameters_and_optimizer_state():
     tokenizer, model, tx = build(config)
     local = next(pipeline.train_iterator(config, tokenizer))
     # One device: this test is about dtypes. On 8 simulated CPU devices XLA:CPU sometimes orders this
-    # FSDP step's collectives differently per device and hangs (seen in CI); sharded training is
-    # tested in test_sharding, test_distributed and the ring tests above.
+    # FSDP step's collectives differently per device and hangs (seen in CI); sharded training steps are
+    # tested by test_one_step_matches_a_single_device and the ring tests above.
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
         state, _ = init_state(config, model, tx, mesh)

@@ -13,6 +13,7 @@ from cloc_jax.tokenizers import ByteTokenizer
 from cloc_jax.train import build, dummy_batch
 from tests.conftest import tiny_config
 from tests.data import fixtures
+from tests.test_region_losses import clip_reference, region_reference
 
 IMAGE_TAGS = ml_collections.ConfigDict(dict(image_weight=1.0, region_weight=0.0, beta=0.1))
 
@@ -56,18 +57,20 @@ def test_training_loss_adds_weighted_image_and_region_tag_terms():
         image_tags=np.array([[1, 0, 1, 0], [0, 0, 0, 1]], np.float32),
         image_tags_valid=np.ones(2, bool),
     )
-    out, batch = jax.tree.map(jnp.asarray, (out, batch))
+    out32, batch32 = jax.tree.map(jnp.asarray, (out, batch))
     region_cfg = ml_collections.ConfigDict(dict(weight=1.0, filter_threshold=0.9, grounding="l2", grounding_weight=1.0))
     tags = ml_collections.ConfigDict(dict(image_weight=0.5, region_weight=2.0, beta=0.1))
-    base, _ = training_loss(out, batch, region_cfg)
-    loss, parts = training_loss(out, batch, region_cfg, tags=tags)
-    image = tag_loss(out["zimg"], out["ztag"], batch["image_tags"], jnp.ones(2, bool), 0.1)
-    labels = np.array([2, 0, 3])
-    region = tag_loss(out["zregion"][np.array([0, 0, 1]), np.array([0, 1, 0])], out["ztag"], np.eye(4)[labels],
-                      jnp.ones(3, bool), 0.1)  # fmt: skip
-    assert float(parts["loss/image_tags"]) == pytest.approx(float(image), rel=1e-6)
-    assert float(parts["loss/region_tags"]) == pytest.approx(float(region), rel=1e-6)
-    assert float(loss) == pytest.approx(float(base + 0.5 * image + 2.0 * region), rel=1e-6)
+    loss, parts = training_loss(out32, batch32, region_cfg, tags=tags)
+    # float64 references: both images are tagged; the regions with a class are (0, 0): 2, (0, 1): 0, (1, 0): 3.
+    image = np.mean(_smooth_l1(out["zimg"] @ out["ztag"].T - batch["image_tags"], 0.1))
+    labelled = out["zregion"][[0, 0, 1], [0, 1, 0]]
+    region = np.mean(_smooth_l1(labelled @ out["ztag"].T - np.eye(4)[[2, 0, 3]], 0.1))
+    valid = batch["region_mask"].reshape(-1)
+    region_text = region_reference(out["zregion"].reshape(6, 8), out["zregion_text"].reshape(6, 8), valid, 10.0, 0.9)
+    base = clip_reference(out["zimg"], out["ztxt"], 10.0) + 1.0 * region_text  # lambda: both images have regions
+    assert float(parts["loss/image_tags"]) == pytest.approx(image, rel=1e-5)
+    assert float(parts["loss/region_tags"]) == pytest.approx(region, rel=1e-5)
+    assert float(loss) == pytest.approx(base + 0.5 * image + 2.0 * region, rel=1e-5)
 
 
 def test_pipeline_makes_multi_hot_image_tags_from_the_objects():

@@ -37,7 +37,7 @@ class ClocGrounder:
 
     @classmethod
     def from_export(cls, directory: str, batch_size: int = 32) -> "ClocGrounder":
-        from cloc_jax.export import load
+        from cloc_jax.weights import load
 
         return cls(load(directory), batch_size)
 

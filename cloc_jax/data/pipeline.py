@@ -21,6 +21,10 @@ from cloc_jax.data.records import empty_record
 from cloc_jax.tokenizers import Tokenizer, tokenize
 
 SPLITS = ("train", "heldout")
+# The data options evaluation reads (a training config's `data` has them too): shuffling and scenes seed,
+# decoding threads and prefetched records, and per image the ground-truth regions (more: counted) and captions
+# kept (COCO has up to 7; retrieval scores every one).
+EVAL_DATA_DEFAULTS = dict(seed=0, num_threads=2, prefetch=4, eval_max_regions=4, eval_max_captions=8)
 
 
 def check_split_set(data: ml_collections.ConfigDict, split: str) -> None:
@@ -259,14 +263,13 @@ def tags_enabled(config: ml_collections.ConfigDict) -> bool:
     return config.tags.image_weight > 0 or config.tags.region_weight > 0
 
 
-def tag_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The tag vocabulary: the training source's class names (T of them)."""
-    return tuple(make_source(config.data, "train", config.image_size).class_names)
-
-
-def tag_tokens(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> np.ndarray:
-    """The tag vocabulary as region-length tokens [T, L']."""
-    return tokenize(tokenizer, list(tag_names(config)), config.tokenizer.region_context_length)
+def tag_vocabulary(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> np.ndarray | None:
+    """UMG-CLIP's tag vocabulary, the training source's class names, as region-length tokens [T, L'] (None
+    without tag losses): a constant of the training step that only the data knows, read here once and passed in."""
+    if not tags_enabled(config):
+        return None
+    names = make_source(config.data, "train", config.image_size).class_names
+    return tokenize(tokenizer, list(names), config.tokenizer.region_context_length)
 
 
 def per_host_batch_size(batch_size: int) -> int:

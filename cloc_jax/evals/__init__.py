@@ -14,10 +14,10 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from cloc_jax.config import base_config
+from cloc_jax import sharding
 from cloc_jax.data import pipeline, sources
 from cloc_jax.evals import benchmarks, regions
-from cloc_jax.evals.device import Device
+from cloc_jax.evals.runner import EvalRunner
 from cloc_jax.evals.retrieval import Retrieval
 from cloc_jax.evals.zeroshot import ZeroShot
 
@@ -47,15 +47,20 @@ def build(cfg: ml_collections.ConfigDict, class_names):
     return kind(names, templates)
 
 
-def eval_config(spec: dict, batch_size: int, num_threads: int) -> ml_collections.ConfigDict:
-    """The settings evaluation reads (image size, tokenizer lengths, data options) for a model's spec."""
-    c = base_config()
-    c.image_size = spec["image_size"]
-    c.tokenizer.update(spec["tokenizer"])
-    c.eval_batch_size = batch_size
-    c.data.num_threads = num_threads
-    c.evals = {}
-    return c
+def eval_config(spec, batch_size: int, num_threads: int) -> ml_collections.ConfigDict:
+    """What evaluation reads, for a model's spec (`models.spec.Spec`): its image size and tokenizer, the batch,
+    a data-parallel mesh and the evaluation data options. A training run passes its own config, which has them."""
+    data = dict(pipeline.EVAL_DATA_DEFAULTS, num_threads=num_threads)
+    return ml_collections.ConfigDict(
+        dict(
+            image_size=spec.image_size,
+            tokenizer=spec.to_config()["tokenizer"],
+            eval_batch_size=batch_size,
+            mesh=sharding.DATA_PARALLEL,
+            data=data,
+            evals={},
+        )
+    )
 
 
 def data_spec(config: ml_collections.ConfigDict, cfg) -> str:
@@ -70,11 +75,11 @@ def open_source(config: ml_collections.ConfigDict, cfg):
 
 
 def runnable(cfg, encoder) -> bool:
-    """Only the Prompter has a grounding head (RoIAlign and CLIP-only models do not)."""
-    return cfg.type != "grounding" or encoder.model.prompter is not None
+    """Grounding needs a region head with a box head (`can_ground`); every other evaluation runs on any model."""
+    return cfg.type != "grounding" or encoder.can_ground
 
 
-def evaluate_source(config, device: Device, source, entries: dict, desc: str = "eval"):
+def evaluate_source(config, runner: EvalRunner, source, entries: dict, desc: str = "eval"):
     """One pass over `source` for every entry {name: cfg} on it -> ({"<prefix>/<metric>": value}, data
     stats of the pass)."""
     evaluators = {name: build(cfg, source.class_names) for name, cfg in entries.items()}
@@ -83,13 +88,13 @@ def evaluate_source(config, device: Device, source, entries: dict, desc: str = "
     captions_cap = max(cfg.max_captions or config.data.eval_max_captions for cfg in entries.values())
     stats = pipeline.DataStats()
     num_batches, batches = pipeline.eval_batches(
-        config, source, device.encoder.tokenizer, device.per_host, regions_cap, captions_cap, stats
+        config, source, runner.encoder.tokenizer, runner.per_host, regions_cap, captions_cap, stats
     )
     quiet = jax.process_index() != 0
     usable = 0
     for batch in tqdm(batches, desc, total=num_batches, disable=quiet, mininterval=1 if sys.stderr.isatty() else 60):
-        out = device.outputs(batch, needs)
-        gathered = device.gather(batch)
+        out = runner.outputs(batch, needs)
+        gathered = runner.gather(batch)
         usable += int(gathered["valid"].sum())
         for evaluator in evaluators.values():
             evaluator.update(out, gathered)
@@ -99,24 +104,24 @@ def evaluate_source(config, device: Device, source, entries: dict, desc: str = "
     results = {}
     for name, evaluator in evaluators.items():
         prefix = entries[name].prefix or name
-        results.update({f"{prefix}/{k}": v for k, v in evaluator.result(device)})
+        results.update({f"{prefix}/{k}": v for k, v in evaluator.result(runner)})
     return results, stats.snapshot()
 
 
-def device_for(config: ml_collections.ConfigDict, encoder, mesh) -> Device:
+def runner_for(config: ml_collections.ConfigDict, encoder, mesh) -> EvalRunner:
     """The evaluation runner of a training run (built once: its compiled functions are reused)."""
-    return Device(encoder, mesh, pipeline.per_host_batch_size(config.eval_batch_size))
+    return EvalRunner(encoder, mesh, pipeline.per_host_batch_size(config.eval_batch_size))
 
 
-def run_all(config: ml_collections.ConfigDict, device: Device) -> dict[str, float]:
+def run_all(config: ml_collections.ConfigDict, runner: EvalRunner) -> dict[str, float]:
     """Runs every configured evaluator (none whose data is unset, none the model cannot run), one pass
     per distinct data source; returns {"<prefix>/<metric>": value}, the same on every host."""
     groups: dict[str, dict] = {}
     for name, cfg in config.evals.items():
-        if data_spec(config, cfg) and runnable(cfg, device.encoder):
+        if data_spec(config, cfg) and runnable(cfg, runner.encoder):
             groups.setdefault(data_spec(config, cfg), {})[name] = cfg
     results = {}
     for spec, entries in groups.items():
         source = open_source(config, next(iter(entries.values())))
-        results.update(evaluate_source(config, device, source, entries, desc=f"eval {spec[-40:]}")[0])
+        results.update(evaluate_source(config, runner, source, entries, desc=f"eval {spec[-40:]}")[0])
     return results

@@ -25,7 +25,6 @@ class RegionClassification:
     """Each ground-truth box of a known class -> the nearest class-prompt embedding (CLOC's COCO/LVIS
     protocol); reports `macc` (mean over the classes present) and plain `acc`."""
 
-    prefix = "region"
     needs = frozenset({"regions"})
     output, metric = "regions", "macc"
 
@@ -81,7 +80,6 @@ class RegionRetrieval:
     circle" in many images) are not scored as misses.
     """
 
-    prefix = "region"
     needs = frozenset({"regions"})
 
     def __init__(self, ks=(1, 10)):
@@ -106,7 +104,6 @@ class Grounding:
     """Every referring expression -> a box through the grounding head (RefCOCO/+/g protocol: one sample per
     expression); `acc50` = fraction with IoU >= 0.5 to its box, `miou` the mean IoU."""
 
-    prefix = "grounding"
     needs = frozenset({"ground"})
 
     def __init__(self):

@@ -18,7 +18,6 @@ def recall_at_k(images: np.ndarray, texts: np.ndarray, text_image: np.ndarray, k
 class Retrieval:
     """Batches carry `captions` [B, C, L] with `caption_mask` [B, C]: every caption of each image."""
 
-    prefix = "retrieval"
     needs = frozenset({"image"})
 
     def __init__(self, ks=(1, 5, 10)):

@@ -2,7 +2,7 @@
 
 Every evaluator has the same shape: `needs` names the device outputs it reads per batch, `update(out,
 batch)` keeps what it needs of one batch (every host's rows), and `result(texts)` encodes its texts once
-(`evals.device.Texts`) and yields (metric, value) pairs.
+(`evals.runner.EvalRunner`) and yields (metric, value) pairs.
 """
 
 import warnings
@@ -28,7 +28,6 @@ class ZeroShot:
     `present_only`: only the classes that occur in the split are candidates (ImageNet-A and -R: 200 of
     ImageNet's 1,000 classes, the protocol of CLIP and open_clip)."""
 
-    prefix = "zeroshot"
     needs = frozenset({"image"})
 
     def __init__(self, class_names, templates=("a {}",), present_only: bool = False):

@@ -4,6 +4,7 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `voca
 activations carry (`batch`, `length`, `embed`), so sharding is decided by the config's axis rules.
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +22,20 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_KERNELS = ("auto", *KERNELS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerSettings:
+    """What the image and text towers share, taken from the spec's model part (`build.tower_settings`):
+    no defaults here, the spec's are the only ones."""
+
+    out_dim: int  # the joint embedding width E
+    activation: str
+    ln_eps: float
+    dtype: Dtype  # activations
+    scan: bool  # layers stacked under nn.scan (compile time independent of depth) or unrolled
+    remat: str  # "none" or a key of REMAT_POLICIES
+    attention: str  # the blocks' attention kernel (Attention.kernel)
 
 
 def remat_policy(name: str):
@@ -208,7 +223,7 @@ class Block(nn.Module):
         return constrain(x, ("batch", "length", "embed")), None
 
 
-class Encoder(nn.Module):
+class Blocks(nn.Module):
     """`depth` blocks, either scanned (compile time independent of depth) or unrolled.
 
     `remat` is `none` or a key of REMAT_POLICIES; it trades recomputation for activation memory.

@@ -1,85 +1,154 @@
-"""Model specs: what determines a model's parameters and meaning (model config, image size, tokenizer), and
-the one function that builds a model from one. Checkpoints, exports and imported weights all carry a spec."""
+"""The model contract: typed, frozen specs of what determines a model's parameters and meaning.
 
+A `Spec` is the model part of a config (`config.model`, `config.image_size`, `config.tokenizer`), the JSON every
+checkpoint and export carries, and what every importer fills. Its field defaults are the only defaults of the
+architecture: `config.base_config` takes them from here, and a file saved before a field existed reads that
+field's default, which keeps the old behaviour. `FAMILIES` says once what each imported checkpoint family is.
+Building a model, its example batch and its parameter shapes from a spec is `models/build.py`.
+"""
+
+import dataclasses
 import filecmp
 import json
 import os
+from typing import Any
 
 import flax
-import ml_collections
 
-from cloc_jax import tokenizers
-from cloc_jax.config import base_config
-from cloc_jax.models.cloc import Model, build_model
-from cloc_jax.tokenizers import Tokenizer
+# jnp dtype names the activations may take; parameters and optimizer state stay float32.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _flat(tree: dict) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """The ViT image tower (`models/vit.py`). Defaults are big_vision's ViT; the knobs after `adapter_dim`
+    let imported CLIP, SigLIP and open_clip towers compute what they compute in their own libraries."""
+
+    variant: str = "B/16"  # "<name>/<patch>", sizes from vit.VARIANTS (or all four of width..mlp_dim)
+    pool: str = "map"  # "map" (attention pooling), "cls" (class token), "gap" (mean of the tokens)
+    cluster_ratio: float = 0.0  # > 0: UMG-CLIP token clustering merges that fraction of tokens after cluster_layer
+    cluster_layer: int = 2
+    cluster_unfold: str = "copy"  # or "residual": own features at the clustering point + the cluster's update
+    cluster_spatial: float = 0.0  # weight of grid distance beside feature distance (AiluRus); 0: features only
+    cluster_knn: int = 5  # neighbours that make a token's density (DPC-kNN's 5)
+    adapter_dim: int = 0  # > 0: Convpass adapters in every block (PET; train them with optim.trainable)
+    width: int = 0  # nonzero: overrides the variant's size
+    depth: int = 0
+    heads: int = 0
+    mlp_dim: int = 0
+    ln_pre: bool = True
+    patch_bias: bool = True
+    project: bool = True  # False: the pooled features are the embedding (SigLIP's image tower)
+    proj_bias: bool = False
+    posemb_grid: int = 0  # 0: image_size / patch
+    posemb_resize: str = "bilinear"  # or "bicubic" (transformers, open_clip), "zoom" (big_vision loading)
+    pixel_mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # the checkpoint's normalisation of [0, 1] pixels
+    pixel_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSpec:
+    """The text tower (`models/text.py`): causal + "eot" is CLIP's; SigLIP's is bidirectional, pooled "last"."""
+
+    width: int = 512
+    depth: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+    causal: bool = True
+    pool: str = "eot"
+    proj_bias: bool = False
+    vocab_size: int = 0  # 0: the tokenizer's (padded) size
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Both towers, what they share, the contrastive loss's parameters and the region head."""
+
+    image: ImageSpec = ImageSpec()
+    text: TextSpec = TextSpec()
+    embed_dim: int = 512
+    activation: str = "gelu_tanh"  # "gelu" (exact, open_clip's LAION models) or "quick_gelu" (OpenAI CLIP)
+    ln_eps: float = 1e-6
+    max_logit_scale: float = 100.0  # 0: no clamp (imported SigLIP and CLIP keep their learned scale)
+    loss: str = "softmax"  # or "sigmoid" (SigLIP, adds a learnable bias)
+    dtype: str = "float32"  # activation dtype
+    scan: bool = True
+    remat: str = "none"
+    # encoder attention kernel: "auto" = Pallas splash on TPU, cuDNN on GPU (bf16/fp16), XLA elsewhere;
+    # or "xla", "cudnn", "splash" (models/attention.py)
+    attention: str = "auto"
+    region_extractor: str = "prompter"  # a region head of models/heads.py: "prompter", "roi_align", "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+    """The tokenizer and the text lengths. Region captions and referring expressions are short: a shorter
+    region context keeps them cheap; `region_pack_length` > 0 packs an image's region texts end to end into one
+    row that long for training (regions that would not fit are dropped and counted)."""
+
+    type: str = "bytes"  # tokenizers.TYPES
+    path: str = ""
+    lowercase: bool = True
+    context_length: int = 77
+    region_context_length: int = 16
+    region_pack_length: int = 0
+    pad_id: int = 0  # what `tokenize` pads with (imported SigLIP pads with its EOS)
+    clean: str = "lower"  # open_clip's text cleaning
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    model: ModelSpec = ModelSpec()
+    image_size: int = 224
+    tokenizer: TokenizerSpec = TokenizerSpec()
+
+    def to_json(self) -> dict:
+        """JSON-normalised nested dict (tuples become lists): what files hold."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_config(self) -> dict:
+        """Nested dict with tuples kept: what `config.model` / `config.tokenizer` hold."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **dotted) -> "Spec":
+        """A copy with dotted keys set: `spec.replace(**{"model.scan": False})`."""
+        return from_dict(flax.traverse_util.unflatten_dict({**flat(self.to_json()), **dotted}, sep="."))
+
+
+def _build(cls, values: dict, where: str):
+    """A spec dataclass from a nested dict: missing fields take their defaults, lists become tuples, an unknown
+    key is one line (a file written by a newer cloc_jax, or a typo)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(values) - set(fields)):
+        raise ValueError(f"spec key {where}{unknown[0]} is unknown (choose from {sorted(fields)})")
+    out = {}
+    for name, value in values.items():
+        default = fields[name].default
+        if dataclasses.is_dataclass(default):
+            value = value if isinstance(value, type(default)) else _build(type(default), value, f"{where}{name}.")
+        elif isinstance(default, tuple):
+            value = tuple(value)
+        out[name] = value
+    return cls(**out)
+
+
+def from_dict(spec: dict | Spec) -> Spec:
+    """A nested dict (a file's JSON, a config's model part) -> Spec; a Spec passes through."""
+    return spec if isinstance(spec, Spec) else _build(Spec, dict(spec), "")
+
+
+def from_config(config) -> Spec:
+    """A training config's model part -> Spec."""
+    return from_dict(dict(model=config.model.to_dict(), image_size=config.image_size, tokenizer=config.tokenizer))
+
+
+def flat(tree: dict) -> dict:
     return flax.traverse_util.flatten_dict(tree, sep=".")
-
-
-def model_spec(config: ml_collections.ConfigDict) -> dict:
-    """What determines the parameters' shapes and meaning; nothing about training. JSON-normalised (tuples
-    become lists), so a spec read back from a file compares equal."""
-    spec = dict(model=config.model.to_dict(), image_size=config.image_size, tokenizer=config.tokenizer.to_dict())
-    return json.loads(json.dumps(spec))
-
-
-def default_spec() -> dict:
-    return model_spec(base_config())
-
-
-def with_defaults(spec: dict) -> dict:
-    """A spec saved before an option existed gets that option's default, which keeps the old behaviour,
-    so older checkpoints and exports still resume and load."""
-    return flax.traverse_util.unflatten_dict({**_flat(default_spec()), **_flat(spec)}, sep=".")
 
 
 # Keys that change only how a model runs (memory, speed, batch layout), not its parameters or what they
 # compute: a run resumes with other values (with the mesh, which is not in the spec at all).
 LAYOUT_KEYS = ("model.remat", "model.dtype", "model.attention", "tokenizer.region_pack_length")
-
-
-def spec_mismatch(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> str | None:
-    """First differing key of two nested specs, outside `ignore`, as `key: saved != current`, or None."""
-    saved, current = _flat(saved), _flat(current)
-    for key in sorted(set(saved) | set(current)):
-        if key not in ignore and saved.get(key) != current.get(key):
-            return f"{key}: {saved.get(key)!r} != {current.get(key)!r}"
-    return None
-
-
-def build_model_from_spec(spec: dict, tokenizer: Tokenizer | None = None) -> Model:
-    """Spec -> model. Without `tokenizer` its file is read only when the model takes its vocabulary size
-    from it (`model.text.vocab_size` = 0), so a config that states the size compiles (AOT) without the file."""
-    spec = with_defaults(spec)
-    tok = spec["tokenizer"]
-    if tok["region_context_length"] > tok["context_length"]:
-        raise ValueError(
-            f"tokenizer.region_context_length={tok['region_context_length']} exceeds "
-            f"tokenizer.context_length={tok['context_length']}"
-        )
-    pack = tok["region_pack_length"]
-    if 0 < pack < tok["region_context_length"]:
-        raise ValueError(
-            f"tokenizer.region_pack_length={pack} is shorter than one region text "
-            f"(region_context_length={tok['region_context_length']}); use 0 (no packing) or more"
-        )
-    vocab = spec["model"]["text"]["vocab_size"] or (tokenizer or tokenizers.from_spec(tok)).padded_vocab_size
-    return build_model(ml_collections.ConfigDict(spec["model"]), spec["image_size"], vocab, tok["context_length"], pack)
-
-
-def build_from_spec(spec: dict) -> tuple[Tokenizer, Model]:
-    """Spec -> (tokenizer, model): training, export, loading and imports all build models here."""
-    tokenizer = tokenizers.from_spec(with_defaults(spec)["tokenizer"])
-    model = build_model_from_spec(spec, tokenizer)
-    if tokenizer.vocab_size > model.text.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} ids but model.text.vocab_size={model.text.vocab_size}: "
-            "set model.text.vocab_size=0 (the tokenizer's size) or the tokenizer's size"
-        )
-    return tokenizer, model
-
 
 # Keys that belong to how a run trains, not to what the weights mean: a run started from a checkpoint keeps
 # its own (a CLOC run adds its region heads to an imported CLIP; it may scan, remat or cast differently).
@@ -101,7 +170,16 @@ TRAINING_KEYS = (
 )
 
 
-def _same_files(a: str, b: str) -> bool:
+def mismatch(saved: Spec, current: Spec, ignore: tuple[str, ...] = ()) -> str | None:
+    """First differing key of two specs, outside `ignore`, as `key: saved != current`, or None."""
+    saved, current = flat(saved.to_json()), flat(current.to_json())
+    for key in sorted(set(saved) | set(current)):
+        if key not in ignore and saved.get(key) != current.get(key):
+            return f"{key}: {saved.get(key)!r} != {current.get(key)!r}"
+    return None
+
+
+def same_files(a: str, b: str) -> bool:
     """Two vocabulary paths (files or folders) with the same contents."""
     if not (a and b and os.path.exists(a) and os.path.exists(b)):
         return False
@@ -110,30 +188,82 @@ def _same_files(a: str, b: str) -> bool:
     if not os.path.isdir(a):
         return filecmp.cmp(a, b, shallow=False)
     names = sorted(os.listdir(a))
-    return names == sorted(os.listdir(b)) and all(_same_files(os.path.join(a, n), os.path.join(b, n)) for n in names)
+    return names == sorted(os.listdir(b)) and all(same_files(os.path.join(a, n), os.path.join(b, n)) for n in names)
 
 
-def adopt_architecture(config: ml_collections.ConfigDict, spec: dict, source: str) -> None:
-    """Sets `config`'s architecture keys (model and tokenizer, not image_size) to those of the checkpoint
-    `spec` it starts from. A key the config sets to something else than both the default and the
-    checkpoint is a one-line error naming it: the config asks for another model than the weights are."""
-    defaults, saved = _flat(default_spec()), _flat(with_defaults(spec))
-    current = _flat(model_spec(config))
-    for key, value in saved.items():
-        if key == "image_size" or key in TRAINING_KEYS or current.get(key) == value:
+def architecture_overrides(current: Spec, saved: Spec, source: str) -> dict[str, Any]:
+    """The architecture keys (model and tokenizer, not image_size or TRAINING_KEYS) a config must take from the
+    checkpoint `saved` it starts from, as {dotted key: value}. A key `current` sets to something else than both
+    the default and the checkpoint is a one-line error naming it: the config asks for another model."""
+    defaults, saved_flat, current_flat = flat(Spec().to_json()), flat(saved.to_json()), flat(current.to_json())
+    out = {}
+    for key, value in saved_flat.items():
+        if key == "image_size" or key in TRAINING_KEYS or current_flat.get(key) == value:
             continue
-        if key == "tokenizer.path" and _same_files(current.get(key), value):
+        if key == "tokenizer.path" and same_files(current_flat.get(key), value):
             continue  # the same vocabulary in another place (an export keeps a copy)
-        if current.get(key) != defaults.get(key):
+        if current_flat.get(key) != defaults.get(key):
             raise ValueError(
-                f"init_from={source}: {key}={current.get(key)!r} disagrees with the checkpoint's {value!r} "
+                f"init_from={source}: {key}={current_flat.get(key)!r} disagrees with the checkpoint's {value!r} "
                 "(architecture keys come from the checkpoint; drop the override)"
             )
-        *path, last = key.split(".")
-        target = config
-        for part in path:
-            target = target[part]
-        target[last] = tuple(value) if isinstance(value, list) else value
-    context = config.tokenizer.context_length
-    if config.tokenizer.region_context_length > context:
-        config.tokenizer.region_context_length = context
+        out[key] = tuple(value) if isinstance(value, list) else value
+    context = out.get("tokenizer.context_length", current.tokenizer.context_length)
+    if current.tokenizer.region_context_length > context:
+        out["tokenizer.region_context_length"] = context
+    return out
+
+
+# What each imported checkpoint family is, said once: the architecture keys its converters do not read from the
+# file (a converter adds the sizes it reads). Region heads never travel: imports are CLIP-only models.
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+_CLIP_IMAGE = dict(pool="cls", ln_pre=True, patch_bias=False, project=True, posemb_resize="bicubic")
+_CLIP_TEXT = dict(causal=True, pool="eot", proj_bias=False)
+_SIGLIP_TEXT = dict(causal=False, pool="last", proj_bias=True)
+_IMPORTED = dict(region_extractor="none", max_logit_scale=0.0)
+FAMILIES = {
+    # transformers' CLIPModel (OpenAI, LAION)
+    "hf_clip": dict(
+        image=dict(_CLIP_IMAGE, pixel_mean=OPENAI_MEAN, pixel_std=OPENAI_STD),
+        text=_CLIP_TEXT,
+        model=dict(_IMPORTED, loss="softmax"),
+        tokenizer=dict(type="hf", lowercase=False, pad_id=0),
+    ),
+    # transformers' SiglipModel (SigLIP, SigLIP 2 without NaFlex): no ln_pre, no image projection
+    "hf_siglip": dict(
+        image=dict(pool="map", ln_pre=False, patch_bias=True, project=False, posemb_resize="bicubic"),
+        text=_SIGLIP_TEXT,
+        model=dict(_IMPORTED, loss="sigmoid"),
+        tokenizer=dict(type="hf", lowercase=False),
+    ),
+    # open_clip's VisionTransformer + TextTransformer (OpenAI and LAION ViT models)
+    "open_clip": dict(
+        image=dict(_CLIP_IMAGE, pixel_mean=OPENAI_MEAN, pixel_std=OPENAI_STD),
+        text=_CLIP_TEXT,
+        model=dict(_IMPORTED),
+        tokenizer=dict(type="open_clip", lowercase=False, pad_id=0),
+    ),
+    # big_vision's SigLIP (.npz): MAP head, [-1, 1] pixels as they are, scipy zoom for position embeddings
+    "big_vision_siglip": dict(
+        image=dict(pool="map", ln_pre=False, patch_bias=True, posemb_resize="zoom", pixel_mean=(0.5,) * 3,
+                   pixel_std=(0.5,) * 3),
+        text=_SIGLIP_TEXT,
+        model=dict(_IMPORTED, loss="sigmoid", activation="gelu_tanh", ln_eps=1e-6),
+        tokenizer=dict(),
+    ),
+}  # fmt: skip
+
+
+def family_spec(family: str, image: dict, text: dict, model: dict, tokenizer: dict, image_size: int) -> Spec:
+    """A spec of an imported checkpoint: the family's fixed keys plus what the converter read from the file
+    (which wins where both say). The region text context never exceeds the checkpoint's context."""
+    preset = FAMILIES[family]
+    tok = {**preset["tokenizer"], **tokenizer}
+    tok.setdefault("region_context_length", min(TokenizerSpec.region_context_length, tok["context_length"]))
+    return from_dict(
+        dict(
+            model=dict(preset["model"], **model, image={**preset["image"], **image}, text={**preset["text"], **text}),
+            image_size=image_size,
+            tokenizer=tok,
+        )
+    )

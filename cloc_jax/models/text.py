@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cloc_jax.models.layers import Dtype, Encoder, constrain, layer_norm, logical
+from cloc_jax.models.layers import Blocks, TowerSettings, constrain, layer_norm, logical
+from cloc_jax.models.spec import TextSpec
 
 Packing = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -48,71 +49,58 @@ class TextTower(nn.Module):
     own segment, takes position embeddings from its own start, and the embedding is [B, M, out_dim].
     """
 
-    vocab_size: int
-    width: int = 512
-    depth: int = 12
-    heads: int = 8
-    mlp_dim: int = 2048
-    context_length: int = 77
-    out_dim: int = 512
-    scan: bool = True
-    remat: str = "none"
-    causal: bool = True
-    pool: str = "eot"
-    proj_bias: bool = False
-    activation: str = "gelu_tanh"
-    ln_eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    attention: str = "auto"  # the encoder blocks' attention kernel (layers.Attention)
+    spec: TextSpec  # the architecture, with vocab_size resolved (build.py)
+    tower: TowerSettings
+    context_length: int  # the tokenizer's
 
     @nn.compact
     def __call__(self, tokens: jax.Array, packing: Packing | None = None) -> tuple[jax.Array, jax.Array]:
-        if self.pool not in TEXT_POOLS:
-            raise ValueError(f"model.text.pool={self.pool!r}; choose one of {TEXT_POOLS}")
-        if packing is not None and (self.pool != "eot" or not self.causal):
+        if self.spec.pool not in TEXT_POOLS:
+            raise ValueError(f"model.text.pool={self.spec.pool!r}; choose one of {TEXT_POOLS}")
+        if packing is not None and (self.spec.pool != "eot" or not self.spec.causal):
             raise ValueError("region_pack_length > 0 needs a causal text tower pooled at EOT (CLIP's), not SigLIP's")
         length = tokens.shape[-1]
         if packing is None and length > self.context_length:
             raise ValueError(f"tokens have length {length}, the text tower takes at most {self.context_length}")
         x = nn.Embed(
-            self.vocab_size,
-            self.width,
-            dtype=self.dtype,
+            self.spec.vocab_size,
+            self.spec.width,
+            dtype=self.tower.dtype,
             embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")),
             name="token_embed",
         )(tokens)
         posemb = self.param(
-            "pos_embedding", logical(nn.initializers.normal(0.01), (None, "embed")), (self.context_length, self.width)
+            "pos_embedding", logical(nn.initializers.normal(0.01), (None, "embed")), (self.context_length, self.spec.width)
         )
         if packing is None:
             eot = length - 1 - jnp.argmax((tokens != 0)[:, ::-1], axis=-1)  # last non-pad token [B]
-            eot = eot if self.pool == "eot" else jnp.full_like(eot, length - 1)
+            eot = eot if self.spec.pool == "eot" else jnp.full_like(eot, length - 1)
             posemb, segment_ids = posemb[:length], None
         else:
             segments, positions, eot = packing
             posemb = posemb[positions]
             segment_ids = (segments, segments)  # a token sees its own text only (kernels take ids, not a bias)
-        x = constrain(x + posemb.astype(self.dtype), ("batch", "length", "embed"))
-        x = Encoder(
-            self.depth,
-            self.heads,
-            self.mlp_dim,
-            causal=self.causal,
-            scan=self.scan,
-            remat=self.remat,
-            activation=self.activation,
-            ln_eps=self.ln_eps,
-            dtype=self.dtype,
-            attention=self.attention,
+        x = constrain(x + posemb.astype(self.tower.dtype), ("batch", "length", "embed"))
+        x = Blocks(
+            self.spec.depth,
+            self.spec.heads,
+            self.spec.mlp_dim,
+            causal=self.spec.causal,
+            scan=self.tower.scan,
+            remat=self.tower.remat,
+            activation=self.tower.activation,
+            ln_eps=self.tower.ln_eps,
+            dtype=self.tower.dtype,
+            attention=self.tower.attention,
             name="encoder",
         )(x, segment_ids=segment_ids)
-        x = layer_norm("ln_final", self.dtype, self.ln_eps)(x)
+        x = layer_norm("ln_final", self.tower.dtype, self.tower.ln_eps)(x)
         pooled = jnp.einsum("bld,b...l->b...d", x, jax.nn.one_hot(eot, length, dtype=x.dtype))
         embedding = nn.Dense(
-            self.out_dim,
-            use_bias=self.proj_bias,
-            dtype=self.dtype,
-            kernel_init=logical(nn.initializers.normal(self.width**-0.5), ("embed", "joint")),
+            self.tower.out_dim,
+            use_bias=self.spec.proj_bias,
+            dtype=self.tower.dtype,
+            kernel_init=logical(nn.initializers.normal(self.spec.width**-0.5), ("embed", "joint")),
             bias_init=logical(nn.initializers.zeros, ("joint",)),
             name="proj",
         )(pooled)

@@ -13,8 +13,9 @@ import numpy as np
 
 from cloc_jax.boxes import cell_coverage
 from cloc_jax.models.clustering import cluster, num_clusters, unfold
-from cloc_jax.models.layers import Attention, Dtype, Encoder, Mlp, constrain, layer_norm, logical
+from cloc_jax.models.layers import Attention, Blocks, Dtype, Mlp, TowerSettings, constrain, layer_norm, logical
 from cloc_jax.models.region_pool import roi_align
+from cloc_jax.models.spec import ImageSpec
 
 # name -> (width, depth, heads, mlp_dim); patch size comes after the slash: "B/16".
 VARIANTS = {
@@ -27,7 +28,6 @@ VARIANTS = {
     "So400m": (1152, 27, 16, 4304),
 }
 POOLS = ("cls", "map", "gap")
-REGION_POOLS = ("coverage", "roi_align")
 ROI_SIZE = 4  # RoIAlign bins per side (2 samples each), averaged into one region token
 
 
@@ -151,38 +151,13 @@ class ViT(nn.Module):
     after the first k blocks, which is transformers' `hidden_states[k]` (`Encoder.image_features`).
     """
 
-    variant: str = "B/16"
-    pool: str = "map"
-    posemb_grid: int = 14
-    out_dim: int = 512
-    scan: bool = True
-    remat: str = "none"
-    region_pool: str = "coverage"
-    cluster_ratio: float = 0.0  # UMG-CLIP token clustering: drop this fraction of tokens after cluster_layer
-    cluster_layer: int = 2
-    cluster_unfold: str = "copy"  # or "residual": see clustering.unfold
-    cluster_spatial: float = 0.0  # weight of grid distance in clustering: see clustering.token_distances
-    cluster_knn: int = 5  # neighbours of a token's density: see clustering.density_peak_centres
-    adapter_dim: int = 0  # > 0: Convpass adapters (parameter-efficient tuning) in every block
-    width: int = 0  # nonzero: overrides the variant's size
-    depth: int = 0
-    heads: int = 0
-    mlp_dim: int = 0
-    activation: str = "gelu_tanh"
-    ln_eps: float = 1e-6
-    ln_pre: bool = True
-    patch_bias: bool = True
-    project: bool = True  # False: the pooled features are the embedding (SigLIP's image tower)
-    proj_bias: bool = False
-    posemb_resize: str = "bilinear"
-    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # of images in [0, 1]; 0.5/0.5 leaves [-1, 1] as it is
-    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    hidden_layers: int = -1
-    dtype: Dtype = jnp.float32
-    attention: str = "auto"  # the encoder blocks' attention kernel (layers.Attention)
+    spec: ImageSpec  # the architecture, with posemb_grid resolved (build.py)
+    tower: TowerSettings
+    region_pool: str = "coverage"  # how boxes pool the grid: the region head's `image_pool`
+    hidden_layers: int = -1  # >= 0: return the tokens after that many blocks (`Encoder.image_features`)
 
     def size(self) -> ViTSize:
-        return vit_size(self.variant, self.width, self.depth, self.heads, self.mlp_dim)
+        return vit_size(self.spec.variant, self.spec.width, self.spec.depth, self.spec.heads, self.spec.mlp_dim)
 
     @nn.compact
     def __call__(self, images: jax.Array, boxes: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -194,57 +169,57 @@ class ViT(nn.Module):
         tokens (`gap`'s mean restricted to the box; for `cls` the nearest box-local counterpart of the class
         token). "roi_align" is UMG-CLIP's RoIAlign on the token grid, then the norm and projection.
         """
-        if self.pool not in POOLS:
-            raise ValueError(f"pool={self.pool!r}; choose one of {POOLS}")
+        if self.spec.pool not in POOLS:
+            raise ValueError(f"pool={self.spec.pool!r}; choose one of {POOLS}")
         size = self.size()
-        if (self.pixel_mean, self.pixel_std) != ((0.5,) * 3, (0.5,) * 3):  # the checkpoint's own normalisation
-            images = ((images + 1) / 2 - jnp.asarray(self.pixel_mean)) / jnp.asarray(self.pixel_std)
+        if (self.spec.pixel_mean, self.spec.pixel_std) != ((0.5,) * 3, (0.5,) * 3):  # the checkpoint's own normalisation
+            images = ((images + 1) / 2 - jnp.asarray(self.spec.pixel_mean)) / jnp.asarray(self.spec.pixel_std)
         x = nn.Conv(
             size.width,
             (size.patch, size.patch),
             strides=(size.patch, size.patch),
             padding="VALID",
-            use_bias=self.patch_bias,
-            dtype=self.dtype,
+            use_bias=self.spec.patch_bias,
+            dtype=self.tower.dtype,
             kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
             bias_init=logical(nn.initializers.zeros, ("embed",)),
             name="patch_embed",
-        )(images.astype(self.dtype))
+        )(images.astype(self.tower.dtype))
         batch, h, w, width = x.shape
         posemb = self.param(
             "pos_embedding",
             logical(nn.initializers.normal(0.02), (None, None, "embed")),
-            (self.posemb_grid, self.posemb_grid, width),
+            (self.spec.posemb_grid, self.spec.posemb_grid, width),
         )
-        posemb = resize_posemb(posemb, (h, w), self.posemb_resize)
-        x = (x + posemb.astype(self.dtype)).reshape(batch, h * w, width)
+        posemb = resize_posemb(posemb, (h, w), self.spec.posemb_resize)
+        x = (x + posemb.astype(self.tower.dtype)).reshape(batch, h * w, width)
         num_prefix = 0
-        if self.pool == "cls":  # (a class token's own position embedding is folded into it: both are constants)
+        if self.spec.pool == "cls":  # (a class token's own position embedding is folded into it: both are constants)
             cls = self.param("cls", logical(nn.initializers.zeros, (None, None, "embed")), (1, 1, width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)).astype(x.dtype), x], axis=1)
             num_prefix = 1
-        if self.ln_pre:
-            x = layer_norm("ln_pre", self.dtype, self.ln_eps)(x)
+        if self.spec.ln_pre:
+            x = layer_norm("ln_pre", self.tower.dtype, self.tower.ln_eps)(x)
         x = constrain(x, ("batch", "length", "embed"))
         x = self._encode(x, size, num_prefix, (h, w))
         if self.hidden_layers >= 0:
             return x
         grid = x[:, num_prefix:].reshape(batch, h, w, width)
-        ln_post = layer_norm("ln_post", self.dtype, self.ln_eps)
+        ln_post = layer_norm("ln_post", self.tower.dtype, self.tower.ln_eps)
         x = ln_post(x)
-        if self.pool == "cls":
+        if self.spec.pool == "cls":
             pooled = x[:, 0]
-        elif self.pool == "gap":
+        elif self.spec.pool == "gap":
             pooled = x.mean(axis=1)
         else:
-            head = MapHead(size.heads, size.mlp_dim, self.activation, self.ln_eps, self.dtype, name="map_head")
+            head = MapHead(size.heads, size.mlp_dim, self.tower.activation, self.tower.ln_eps, self.tower.dtype, name="map_head")
             pooled = head(x)
         proj = lambda y: y  # noqa: E731
-        if self.project:
+        if self.spec.project:
             proj = nn.Dense(
-                self.out_dim,
-                use_bias=self.proj_bias,
-                dtype=self.dtype,
+                self.tower.out_dim,
+                use_bias=self.spec.proj_bias,
+                dtype=self.tower.dtype,
                 kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "joint")),
                 bias_init=logical(nn.initializers.zeros, ("joint",)),
                 name="proj",
@@ -256,7 +231,7 @@ class ViT(nn.Module):
                 regions = proj(ln_post(roi_align(grid, boxes * scale, ROI_SIZE).mean(axis=(2, 3))))
             else:
                 coverage, tokens = cell_coverage(boxes, h, w).astype(x.dtype), x[:, num_prefix:]
-                if self.pool == "map":
+                if self.spec.pool == "map":
                     regions = proj(head(tokens, coverage_bias(coverage)))
                 else:
                     regions = proj(jnp.einsum("bmn,bnd->bmd", coverage, tokens))
@@ -264,29 +239,29 @@ class ViT(nn.Module):
 
     def _encode(self, x: jax.Array, size: ViTSize, num_prefix: int, grid: tuple[int, int]) -> jax.Array:
         """The transformer, with token clustering after `cluster_layer` when `cluster_ratio` > 0."""
-        blocks = dict(heads=size.heads, mlp_dim=size.mlp_dim, scan=self.scan, remat=self.remat, dtype=self.dtype)
-        blocks.update(activation=self.activation, ln_eps=self.ln_eps, attention=self.attention)
+        blocks = dict(heads=size.heads, mlp_dim=size.mlp_dim, scan=self.tower.scan, remat=self.tower.remat, dtype=self.tower.dtype)
+        blocks.update(activation=self.tower.activation, ln_eps=self.tower.ln_eps, attention=self.tower.attention)
         if self.hidden_layers >= 0:  # the first k blocks only (their parameters sliced by the caller when scanned)
-            if self.cluster_ratio:
+            if self.spec.cluster_ratio:
                 raise ValueError("image_features needs a model without token clustering (cluster_ratio=0)")
             size = dataclasses.replace(size, depth=self.hidden_layers)
             if size.depth == 0:
                 return x
-        _check_clustering(self.cluster_ratio, self.cluster_layer, size.depth, x.shape[1] - num_prefix)
-        if self.cluster_ratio == 0:
-            adapters = dict(adapter_dim=self.adapter_dim, adapter_grid=grid)
-            return Encoder(size.depth, **blocks, **adapters, name="encoder")(x)
-        if self.adapter_dim:
+        _check_clustering(self.spec.cluster_ratio, self.spec.cluster_layer, size.depth, x.shape[1] - num_prefix)
+        if self.spec.cluster_ratio == 0:
+            adapters = dict(adapter_dim=self.spec.adapter_dim, adapter_grid=grid)
+            return Blocks(size.depth, **blocks, **adapters, name="encoder")(x)
+        if self.spec.adapter_dim:
             raise ValueError("adapters need the full token grid: set cluster_ratio=0 for adaptation")
-        x = Encoder(self.cluster_layer, **blocks, name="encoder")(x)
+        x = Blocks(self.spec.cluster_layer, **blocks, name="encoder")(x)
         prefix, tokens = x[:, :num_prefix], x[:, num_prefix:]
         merged, assign, log_sizes = cluster(
-            tokens, self.cluster_ratio, knn=self.cluster_knn, grid=grid, spatial=self.cluster_spatial
+            tokens, self.spec.cluster_ratio, knn=self.spec.cluster_knn, grid=grid, spatial=self.spec.cluster_spatial
         )
         log_sizes = jnp.concatenate([jnp.zeros((x.shape[0], num_prefix)), log_sizes], axis=1)
         y = jnp.concatenate([prefix, merged], axis=1)
-        y = Encoder(size.depth - self.cluster_layer, **blocks, name="encoder_clustered")(y, log_sizes[:, None, None, :])
-        tokens = unfold(y[:, num_prefix:], assign, self.cluster_unfold, before=(merged, tokens))
+        y = Blocks(size.depth - self.spec.cluster_layer, **blocks, name="encoder_clustered")(y, log_sizes[:, None, None, :])
+        tokens = unfold(y[:, num_prefix:], assign, self.spec.cluster_unfold, before=(merged, tokens))
         return jnp.concatenate([y[:, :num_prefix], tokens], axis=1)
 
 

@@ -22,14 +22,40 @@ def test_every_variant_returns_embedding_and_grid(name, patch):
     assert grid.shape == (2, 4, 4, size.width)
 
 
+def _float64(variables) -> dict:
+    return jax.tree.map(
+        lambda x: np.asarray(x.value, np.float64), variables["params"], is_leaf=lambda x: hasattr(x, "value")
+    )
+
+
 @pytest.mark.parametrize("pool", POOLS)
 def test_pools_share_the_grid_without_prefix_tokens(pool):
+    """The grid is the encoder's output without the class token, and each pool is its head on the encoder's
+    output, against float64 NumPy: cls projects ln_post(class token), gap the mean of ln_post(grid tokens),
+    map the MAP head's probe attending over ln_post(grid tokens)."""
     model = ViT(variant="mu/8", pool=pool, posemb_grid=4, out_dim=16)
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     variables = model.init(jax.random.key(0), images)
-    emb, grid, _ = model.apply(variables, images)
+    (emb, grid, _), state = model.apply(
+        variables, images, capture_intermediates=lambda m, _: m.name == "encoder", mutable=["intermediates"]
+    )
     assert emb.shape == (2, 16) and grid.shape == (2, 4, 4, 128)
-    assert np.isfinite(np.asarray(emb)).all()
+    encoded = np.asarray(state["intermediates"]["encoder"]["__call__"][0], np.float64)  # [B, prefix + 16, D]
+    prefix = int(pool == "cls")
+    assert encoded.shape == (2, prefix + 16, 128)
+    np.testing.assert_array_equal(np.asarray(grid, np.float64).reshape(2, 16, 128), encoded[:, prefix:])
+    p = _float64(variables)
+    normed = _layer_norm(encoded, p["ln_post"])
+    mean = normed[:, prefix:].mean(axis=1)
+    if pool == "cls":
+        pooled = normed[:, 0]
+    elif pool == "gap":
+        pooled = mean
+    else:
+        pooled = np.stack([_map_head(tokens, np.ones(16), p["map_head"]) for tokens in normed])
+    np.testing.assert_allclose(emb, pooled @ p["proj"]["kernel"], rtol=1e-4, atol=1e-5)
+    if pool != "gap":  # a head that fell back to the mean would pass the shapes above
+        assert np.abs(np.asarray(emb) - mean @ p["proj"]["kernel"]).max() > 1e-2
 
 
 def test_any_resolution_uses_interpolated_position_embeddings():
@@ -112,9 +138,7 @@ def test_box_pooling_is_the_image_head_applied_to_the_covered_tokens(pool):
     # Box 1: exactly token cell (row 1, col 2); box 2: cells (0, 0) and (0, 1) in equal parts; box 3: all.
     boxes = jnp.array([[[0.5, 0.25, 0.75, 0.5], [0.0, 0.0, 0.5, 0.25], [0.0, 0.0, 1.0, 1.0]]])
     emb, grid, regions = model.apply(variables, images, boxes)
-    p = jax.tree.map(
-        lambda x: np.asarray(x.value, np.float64), variables["params"], is_leaf=lambda x: hasattr(x, "value")
-    )
+    p = _float64(variables)
     tokens = _layer_norm(np.asarray(grid, np.float64)[0].reshape(16, -1), p["ln_post"])
     for row, weights in enumerate([np.eye(16)[6], (np.eye(16)[0] + np.eye(16)[1]) / 2, np.full(16, 1 / 16)]):
         pooled = _map_head(tokens, weights, p["map_head"]) if pool == "map" else weights @ tokens

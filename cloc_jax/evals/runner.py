@@ -1,8 +1,8 @@
 """Evaluation on device, sharded like training: per-host batches in, every host's rows out.
 
 Each host passes its own rows ([B, ...], B = eval batch / processes); they become global arrays over the
-mesh's batch axes, one jitted forward serves every output a data pass needs (the image forward is shared by
-the image embedding, the regions and grounding), and the outputs are gathered so that every host holds all
+mesh's batch axes, one jitted forward serves every output a data pass needs (`Model.evaluate`: the region
+head shares the image forward between the image embedding, the regions and grounding), and the outputs are gathered so that every host holds all
 rows in process order ([P * B, ...]) and computes the same metrics. Texts (captions, class prompts) are
 encoded densely at the end, split across hosts the same way; class prompts once per evaluation run.
 """
@@ -17,28 +17,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cloc_jax import sharding
 from cloc_jax.evals.regions import crop_and_resize
 from cloc_jax.inference import Encoder, class_embeddings
-from cloc_jax.models.cloc import Model, normalize
+from cloc_jax.models.cloc import Model
 
 OUTPUTS = ("image", "regions", "ground", "crops")
 TEXT_ROWS = 1024  # at most this many texts per host and call (ImageNet's 80,000 prompts: 79 calls on one host)
-
-
-def _forward(model: Model, images, boxes, ground_tokens, needs: frozenset) -> dict:
-    """images [B, S, S, 3], boxes [B, M, 4], ground_tokens [B, M, L'] -> the `needs` of OUTPUTS (not crops)."""
-    out = {}
-    if model.prompter is None:  # box pooling (CLIP-only) or RoIAlign: regions come out of the image forward
-        embedding, _, regions = model.image(images, boxes if "regions" in needs else None)
-        out["image"] = normalize(embedding.astype(jnp.float32))
-        if "regions" in needs:
-            out["regions"] = normalize(regions.astype(jnp.float32))
-        return out
-    out["image"], grid = model.encode_image(images)
-    memory = model.prompter.memory(grid)  # shared by box prompts and text prompts
-    if "regions" in needs:
-        out["regions"] = model._regions(memory, grid.shape[1:3], boxes)
-    if "ground" in needs:
-        out["ground"] = model._ground(memory, grid.shape[1:3], model.encode_texts(ground_tokens))
-    return out
 
 
 def _on_mesh(params, mesh: Mesh):
@@ -51,7 +33,7 @@ def _on_mesh(params, mesh: Mesh):
     return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, replicated, lambda i: a[i]), host)
 
 
-class Device:
+class EvalRunner:
     """An Encoder's model run over `mesh` for evaluation, `per_host` rows per host and call."""
 
     def __init__(self, encoder: Encoder, mesh: Mesh, per_host: int, across_hosts: bool = True):
@@ -64,7 +46,7 @@ class Device:
         self.encoder, self.mesh, self.per_host = encoder, mesh, per_host
         model = encoder.model
         self._text = jax.jit(lambda p, tokens: model.apply({"params": p}, tokens, method=Model.encode_text))
-        self._image = jax.jit(lambda p, images: model.apply({"params": p}, images, method=Model.encode_image)[0])
+        self._image = jax.jit(lambda p, images: model.apply({"params": p}, images, method=Model.encode_image))
         self._forwards = {}  # needs -> jitted forward
         self.set_params(encoder.params)
 
@@ -93,7 +75,7 @@ class Device:
             model = self.encoder.model
             self._forwards[device] = jax.jit(
                 lambda p, images, boxes, ground_tokens: model.apply(
-                    {"params": p}, images, boxes, ground_tokens, device, method=_forward
+                    {"params": p}, images, boxes, ground_tokens, device, method=Model.evaluate
                 )
             )
         inputs = dict(images=batch["image"], boxes=batch["boxes"], ground_tokens=batch["ground_tokens"])

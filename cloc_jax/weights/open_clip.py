@@ -17,9 +17,9 @@ import shutil
 
 import numpy as np
 
-from cloc_jax.convert import layout
-from cloc_jax.convert.hf import OPENAI_MEAN, OPENAI_STD
-from cloc_jax.convert.layout import Weights, conv, linear
+from cloc_jax.models.spec import FAMILIES, Spec, family_spec
+from cloc_jax.weights import layout
+from cloc_jax.weights.layout import Weights, conv, linear, same_in_both_towers
 
 CONFIG = "open_clip_config.json"
 WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -91,13 +91,7 @@ def _eps(kwargs: dict | None, where: str, source: str) -> float:
     return float(eps)
 
 
-def _same(key: str, values: list, source: str):
-    if len(set(values)) != 1:
-        raise ValueError(f"{source}: the towers differ in {key} ({values}); cloc_jax shares it between them")
-    return values[0]
-
-
-def _architecture(config: dict, source: str) -> dict:
+def _architecture(config: dict, source: str) -> Spec:
     """open_clip_config.json -> our spec (without the tokenizer's path); one-line errors for what we cannot
     express."""
     if "model_cfg" not in config:
@@ -120,30 +114,26 @@ def _architecture(config: dict, source: str) -> dict:
     if extra:
         raise ValueError(f"{source}: text_cfg.tokenizer_kwargs.{sorted(extra)[0]} has no cloc_jax equivalent")
     quick = bool(cfg.get("quick_gelu", False))
-    activation = _same("act_kwargs", [_activation(quick, c.get("act_kwargs"), w, source)
+    activation = same_in_both_towers("act_kwargs", [_activation(quick, c.get("act_kwargs"), w, source)
                                       for c, w in ((vision, "vision_cfg"), (text, "text_cfg"))], source)  # fmt: skip
-    ln_eps = _same("norm_kwargs.eps", [_eps(vision.get("norm_kwargs"), "vision_cfg", source),
+    ln_eps = same_in_both_towers("norm_kwargs.eps", [_eps(vision.get("norm_kwargs"), "vision_cfg", source),
                                        _eps(text.get("norm_kwargs"), "text_cfg", source)], source)  # fmt: skip
     width, patch = int(vision.get("width", 768)), _square(vision.get("patch_size", 16), "patch_size", source)
     side = _square(vision.get("image_size", 224), "image_size", source)
     heads = width // int(vision.get("head_width", 64))
     if not heads or side % patch:
         raise ValueError(f"{source}: vision_cfg: width {width} / head_width or image_size {side} / patch {patch}")
-    preprocess = config.get("preprocess_cfg", {})
+    preprocess, preset = config.get("preprocess_cfg", {}), FAMILIES["open_clip"]["image"]
     image = dict(
         variant=f"open_clip/{patch}",
-        pool="cls",
         width=width,
         depth=int(vision.get("layers", 12)),
         heads=heads,
         mlp_dim=int(width * vision.get("mlp_ratio", 4.0)),
         ln_pre=not vision.get("no_ln_pre", False),
-        patch_bias=False,
-        project=True,
         posemb_grid=side // patch,
-        posemb_resize="bicubic",
-        pixel_mean=[float(v) for v in preprocess.get("mean", OPENAI_MEAN)],
-        pixel_std=[float(v) for v in preprocess.get("std", OPENAI_STD)],
+        pixel_mean=tuple(float(v) for v in preprocess.get("mean", preset["pixel_mean"])),
+        pixel_std=tuple(float(v) for v in preprocess.get("std", preset["pixel_std"])),
     )
     txt_width = int(text.get("width", 512))
     txt = dict(
@@ -156,20 +146,14 @@ def _architecture(config: dict, source: str) -> dict:
         proj_bias=bool(text.get("proj_bias", False)),
         vocab_size=int(text.get("vocab_size", 49408)),
     )
-    spec = layout.import_spec(
-        image,
-        txt,
+    model = dict(
         embed_dim=int(cfg.get("embed_dim", 512)),
         loss="softmax" if cfg.get("init_logit_bias") is None else "sigmoid",
         activation=activation,
         ln_eps=ln_eps,
-        max_logit_scale=0.0,
     )
-    spec["image_size"] = side
     context, clean = int(text.get("context_length", 77)), (text.get("tokenizer_kwargs") or {}).get("clean", "lower")
-    spec["tokenizer"].update(type="open_clip", lowercase=False, clean=clean, pad_id=0, context_length=context)
-    spec["tokenizer"]["region_context_length"] = min(spec["tokenizer"]["region_context_length"], context)
-    return spec
+    return family_spec("open_clip", image, txt, model, dict(clean=clean, context_length=context), image_size=side)
 
 
 def default_bpe() -> str | None:
@@ -201,16 +185,17 @@ def read(directory: str) -> Weights:
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"open_clip:{directory}: no {CONFIG} (not an open_clip hub folder)")
     with open(config_path) as f:
-        spec = _architecture(json.load(f), config_path)
+        architecture = _architecture(json.load(f), config_path)
     names = [os.path.join(directory, name) for name in WEIGHTS]
     source = next((path for path in names if os.path.exists(path)), None)
     if source is None:
         raise FileNotFoundError(f"open_clip:{directory}: {CONFIG} but no weights ({' or '.join(WEIGHTS)})")
     state = {k.removeprefix("module."): v for k, v in layout.read_torch_weights(source).items()}
-    spec["tokenizer"]["path"] = _bpe(directory)
+    spec = architecture.replace(**{"tokenizer.path": _bpe(directory)})
     t = "text." if any(k.startswith("text.") for k in state) else ""  # CustomTextCLIP nests the text tower
-    _check_state(state, _torch_shapes(spec, t), source)
-    return Weights(spec, _params(state, spec["model"]["image"], spec["model"]["text"], t), source)
+    fields = spec.to_json()
+    _check_state(state, _torch_shapes(fields, t), source)
+    return Weights(spec, _params(state, fields["model"]["image"], fields["model"]["text"], t), source)
 
 
 def _vision_norms(image: dict) -> tuple[str, ...]:
@@ -388,7 +373,7 @@ def write(weights: Weights, tokenizer, out: str) -> str:
 
     from cloc_jax.tokenizers import OpenClipTokenizer
 
-    spec, p = weights.spec, weights.params
+    spec, p = weights.spec.to_json(), weights.in_layout(scan=False)
     cfg = model_config(spec, p)
     if not isinstance(tokenizer, OpenClipTokenizer):
         raise ValueError(f"tokenizer.type={spec['tokenizer']['type']!r} has no open_clip equivalent (needs open_clip)")

@@ -15,14 +15,17 @@ import time
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 
 from cloc_jax import sharding
-from cloc_jax.data import pipeline
+from cloc_jax.models.build import build, example_batch
 from cloc_jax.models.clustering import num_clusters
-from cloc_jax.models.spec import build_model_from_spec, model_spec
+from cloc_jax.models.heads import region_head
+from cloc_jax.models.spec import from_config
 from cloc_jax.models.vit import ROI_SIZE, vit_size
 from cloc_jax.optim import make_optimizer
-from cloc_jax.train import abstract_state, dummy_batch, make_train_step
+from cloc_jax.train.state import abstract_state
+from cloc_jax.train.step import make_train_step
 
 GIB = 2**30
 # device_kind -> (peak bf16 FLOP/s, HBM bytes) per JAX device, from the Cloud TPU documentation.
@@ -48,11 +51,11 @@ def _text_flops(length: int, texts: int, t: ml_collections.ConfigDict, e: int) -
     return 3 * tower + 2 * texts * 2 * length * t.width
 
 
-def model_flops(config: ml_collections.ConfigDict) -> float:
+def model_flops(config: ml_collections.ConfigDict, num_tags: int = 0) -> float:
     """Training FLOPs per example, as XLA would count the matmuls of the step: 3 x forward (the backward
     takes input and weight gradients), 2 x where one operand is a constant (images, boxes, one-hot
     selections: it gets no gradient), 1 x under stop_gradient. Remat recomputation is not model FLOPs;
-    what runs once per step (the tag vocabulary) is shared by the batch."""
+    what runs once per step (the tag vocabulary of `num_tags` names) is shared by the batch."""
     model, tok, im, t = config.model, config.tokenizer, config.model.image, config.model.text
     size = vit_size(im.variant, im.width, im.depth, im.heads, im.mlp_dim)
     d, e, b, m = size.width, model.embed_dim, config.batch_size, config.data.max_regions
@@ -71,18 +74,19 @@ def model_flops(config: ml_collections.ConfigDict) -> float:
         flops += 3 * (2 * 2 * d**2 + 2 * 2 * n * d**2 + 2 * 2 * n * d + 2 * 2 * d * size.mlp_dim)
     proj = 3 * 2 * d * e if im.project else 0  # an image or region embedding's projection
     flops += proj + _text_flops(tok.context_length, 1, t, e) + 3 * 2 * b * e  # this example's row of the logits
-    if pipeline.tags_enabled(config):  # the vocabulary through the text tower once a step; tag similarities
-        tags = len(pipeline.tag_names(config))
+    if num_tags:  # the vocabulary through the text tower once a step; tag similarities
+        tags = num_tags
         flops += tags * _text_flops(tok.region_context_length, 1, t, e) / b
         flops += 3 * 2 * tags * e * ((config.tags.image_weight > 0) + m * (config.tags.region_weight > 0))
-    if model.region_extractor == "none":
+    head = region_head(model.region_extractor)
+    if not head.trains:
         return flops
     if tok.region_pack_length:  # one packed row per image
         flops += _text_flops(tok.region_pack_length, m, t, e)
     else:
         flops += m * _text_flops(tok.region_context_length, 1, t, e)
     flops += 3 * 2 * m * (b * m) * e + 2 * m * (b * m) * e  # region-text logits; text-text filter (stop_gradient)
-    if model.region_extractor == "roi_align":  # two interpolation einsums (weights from the boxes); head
+    if head.image_pool == "roi_align":  # two interpolation einsums (weights from the boxes); head
         return flops + 2 * 2 * m * ROI_SIZE * side * (side + ROI_SIZE) * d + m * proj
     # Prompter: image keys/values once; 2 box-corner rows and 1 text row per region, each through
     # q/k/v/out, attention over the n image tokens and its own prompt tokens, MLP; region and box heads.
@@ -110,39 +114,45 @@ def topology_devices(topology: str, slices: int = 1) -> list:
     return list(desc.devices)
 
 
-def lower_step(config: ml_collections.ConfigDict, devices: list):
-    """(the training step lowered for `devices`, its mesh): XLA's cost analysis of it needs no compilation."""
+def lower_step(config: ml_collections.ConfigDict, devices: list, tags: np.ndarray | None = None):
+    """(the training step lowered for `devices`, its mesh): XLA's cost analysis of it needs no compilation.
+    `tags`: the tag vocabulary [T, L'] of a config with tag losses (`pipeline.tag_vocabulary`)."""
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.batch_size, mesh)
-    model, tx = build_model_from_spec(model_spec(config)), make_optimizer(config.optim, config.num_steps)
+    spec = from_config(config)
+    model, tx = build(spec), make_optimizer(config.optim, config.num_steps)
+    num_tags = 0 if tags is None else len(tags)
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
         _, state = abstract_state(config, model, tx, mesh)
         batch = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)),
-            jax.eval_shape(lambda: dummy_batch(config, config.batch_size)),
+            jax.eval_shape(lambda: example_batch(spec, config.batch_size, config.data.max_regions, num_tags)),
         )
-        return jax.jit(make_train_step(config, model, tx), donate_argnums=0).lower(state, batch), mesh
+        return jax.jit(make_train_step(config, model, tx, tags), donate_argnums=0).lower(state, batch), mesh
 
 
-def compile_step(config: ml_collections.ConfigDict, devices: list):
+def compile_on(config: ml_collections.ConfigDict, devices: list, tags: np.ndarray | None = None):
     """(compiled training step for `devices`, its mesh, seconds lowering and compiling took)."""
     start = time.perf_counter()
-    lowered, mesh = lower_step(config, devices)
+    lowered, mesh = lower_step(config, devices, tags)
     return lowered.compile(), mesh, time.perf_counter() - start
 
 
-def compile_for(config: ml_collections.ConfigDict, devices: list, estimate: bool = False) -> dict:
+def compile_for(
+    config: ml_collections.ConfigDict, devices: list, estimate: bool = False, tags: np.ndarray | None = None
+) -> dict:
     """Compiles the training step for `devices` (real or abstract) -> memory, FLOPs and, with
     `estimate`, XLA's cost-model step time and the MFU it implies."""
     kind = devices[0].device_kind
     peak, hbm = DEVICES.get(kind, (float("nan"), float("nan")))
+    num_tags = 0 if tags is None else len(tags)
     try:
-        compiled, mesh, seconds = compile_step(config, devices)
+        compiled, mesh, seconds = compile_on(config, devices, tags)
     except jax.errors.JaxRuntimeError as e:  # XLA refuses programs that cannot fit in HBM
         needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
         if "RESOURCE_EXHAUSTED" not in str(e) or not needed:
             raise
-        return _out_of_memory(config, devices, float(needed.group(1)) * 1e9 / GIB, hbm)
+        return _out_of_memory(config, devices, float(needed.group(1)) * 1e9 / GIB, hbm, num_tags)
     memory = compiled.memory_analysis()
     state = jax.tree.map(  # the training state as the step takes it
         lambda info, where: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=where),
@@ -152,8 +162,8 @@ def compile_for(config: ml_collections.ConfigDict, devices: list, estimate: bool
     replicated = sharding.replicated_arrays(state)
     per_device = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     per_device += memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
-    flops = model_flops(config) * config.batch_size
-    step, depths = estimate_step_seconds(config, devices) if estimate else (float("nan"), [])
+    flops = model_flops(config, num_tags) * config.batch_size
+    step, depths = estimate_step_seconds(config, devices, tags) if estimate else (float("nan"), [])
     return dict(
         device_kind=kind,
         devices=len(devices),
@@ -189,7 +199,9 @@ def estimate_depths(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
     return [(k * image // g, k * text // g), ((k + 1) * image // g, (k + 1) * text // g)]
 
 
-def estimate_step_seconds(config: ml_collections.ConfigDict, devices: list) -> tuple[float, list]:
+def estimate_step_seconds(
+    config: ml_collections.ConfigDict, devices: list, tags: np.ndarray | None = None
+) -> tuple[float, list]:
     """(XLA's cost-model seconds per step on `devices`, the depths compiled), NaN when it prices no time.
 
     The cost model needs the layers unrolled, and unrolled at full depth the L/14 step for 1,024 chips
@@ -202,7 +214,7 @@ def estimate_step_seconds(config: ml_collections.ConfigDict, devices: list) -> t
         shallow = config.copy_and_resolve_references()
         shallow.model.scan = False
         shallow.model.image.depth, shallow.model.text.depth = image, text
-        seconds.append(float(compile_step(shallow, devices)[0].cost_analysis().get("optimal_seconds", -1)))
+        seconds.append(float(compile_on(shallow, devices, tags)[0].cost_analysis().get("optimal_seconds", -1)))
     if min(seconds) <= 0:  # negative: some op the cost model cannot price
         return float("nan"), depths
     if len(seconds) == 1:
@@ -217,7 +229,9 @@ def _full_depths(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return vit_size(im.variant, im.width, im.depth, im.heads, im.mlp_dim).depth, config.model.text.depth
 
 
-def _out_of_memory(config: ml_collections.ConfigDict, devices: list, temporaries_gib: float, hbm: float) -> dict:
+def _out_of_memory(
+    config: ml_collections.ConfigDict, devices: list, temporaries_gib: float, hbm: float, num_tags: int
+) -> dict:
     """The report of a step XLA refused to compile: its temporaries alone exceed HBM."""
     nan = float("nan")
     return dict(
@@ -232,7 +246,7 @@ def _out_of_memory(config: ml_collections.ConfigDict, devices: list, temporaries
         per_device_gib=temporaries_gib,  # at least
         hbm_gib=hbm / GIB,
         fits=False,
-        model_tflops_per_step=model_flops(config) * config.batch_size / 1e12,
+        model_tflops_per_step=model_flops(config, num_tags) * config.batch_size / 1e12,
         replicated_mib=nan,
         replicated=[],
         estimated_step_seconds=nan,

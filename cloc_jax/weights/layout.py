@@ -1,17 +1,18 @@
 """What every importer produces and every exporter reads: a spec and flat parameters in host memory.
 
-Parameters are `{"image/encoder/block_0/attn/query/kernel": np.ndarray}` in cloc_jax's *unrolled*
-layout; `to_layout` stacks the blocks into the scanned layout (`.../encoder/blocks/...`, layers first)
-when the spec scans. Importers fill a spec from `default_spec()` with the checkpoint's architecture.
+Parameters are `{"image/encoder/block_0/attn/query/kernel": np.ndarray}` in the *unrolled* layout (importers,
+which read one block at a time) or `{".../encoder/blocks/attn/query/kernel": [depth, ...]}` in the *scanned*
+layout (exports and checkpoints of scanned models); `Weights.in_layout` converts only when the two differ.
 """
 
 import dataclasses
 import re
 from collections.abc import Callable
 
+import flax
 import numpy as np
 
-from cloc_jax.models.spec import build_model_from_spec, default_spec, with_defaults
+from cloc_jax.models.spec import Spec
 
 _BLOCK = re.compile(r"^(.*/encoder\w*)/block_(\d+)/(.*)$")  # encoder, encoder_clustered
 _STACK = re.compile(r"^(.*/encoder\w*)/blocks/(.*)$")
@@ -19,19 +20,18 @@ _STACK = re.compile(r"^(.*/encoder\w*)/blocks/(.*)$")
 
 @dataclasses.dataclass
 class Weights:
-    spec: dict
-    params: dict[str, np.ndarray]  # flat, "/"-separated, unrolled layout
+    spec: Spec
+    params: dict[str, np.ndarray]  # flat, "/"-separated, in the layout `scanned` says
     source: str  # a file or folder, for error messages
     name: Callable[[str], str] | None = None  # our key -> the file's name of it, for error messages
+    scanned: bool = False  # the blocks stacked along a leading layers axis
+    model: object = None  # the model of `spec`, when reading had to build it (native files): reused by `load`
 
-
-def import_spec(image: dict, text: dict, **model) -> dict:
-    """A spec for imported towers (no region extractor) from the checkpoint's architecture keys."""
-    spec = default_spec()
-    spec["model"].update(region_extractor="none", **{k: v for k, v in model.items() if k != "tokenizer"})
-    spec["model"]["image"].update(image)
-    spec["model"]["text"].update(text)
-    return spec
+    def in_layout(self, scan: bool) -> dict[str, np.ndarray]:
+        """The parameters in the layout a model with `scan` has (converted one way only when they differ)."""
+        if scan == self.scanned:
+            return dict(self.params)
+        return stacked(self.params) if scan else unrolled(self.params)
 
 
 def unrolled(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -47,10 +47,8 @@ def unrolled(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def to_layout(flat: dict[str, np.ndarray], scan: bool) -> dict[str, np.ndarray]:
-    """Unrolled layout -> the layout a model with `scan` has (stacking blocks along a leading axis)."""
-    if not scan:
-        return dict(flat)
+def stacked(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Unrolled layout -> scanned (blocks stacked along a leading layers axis)."""
     out, stacks = {}, {}
     for key, value in flat.items():
         match = _BLOCK.match(key)
@@ -63,27 +61,29 @@ def to_layout(flat: dict[str, np.ndarray], scan: bool) -> dict[str, np.ndarray]:
     return out
 
 
-def expected_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
-    """The unrolled parameter shapes the spec's model has (abstract: nothing is allocated)."""
-    import flax
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    spec = with_defaults(spec)
-    model = build_model_from_spec(spec)
-    side, context = spec["image_size"], spec["tokenizer"]["context_length"]
-    inputs = dict(images=jnp.zeros((1, side, side, 3)), tokens=jnp.zeros((1, context), jnp.int32))
-    if model.region_extractor != "none":  # the region heads only exist when called with regions
-        inputs.update(boxes=jnp.zeros((1, 1, 4)), region_tokens=jnp.zeros((1, 1, context), jnp.int32))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs)["params"])
-    out = {}
-    for key, value in flax.traverse_util.flatten_dict(nn.unbox(shapes), sep="/").items():
+def flat_shapes(abstract: dict, scanned: bool) -> dict[str, tuple[int, ...]]:
+    """Nested parameter shapes (`build.abstract_params`, in the model's own layout) -> {flat key: shape} in the
+    layout `scanned` says."""
+    flat = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(abstract, sep="/").items()}
+    if scanned == any(_STACK.match(k) for k in flat) or not any(_STACK.match(k) or _BLOCK.match(k) for k in flat):
+        return flat
+    if not scanned:  # the model scans: each stack [depth, ...] is depth blocks
+        out = {}
+        for key, shape in flat.items():
+            match = _STACK.match(key)
+            if match:
+                out.update({f"{match[1]}/block_{i}/{match[2]}": shape[1:] for i in range(shape[0])})
+            else:
+                out[key] = shape
+        return out
+    depth = {}  # the model is unrolled: blocks stack into [depth, ...]
+    for key in flat:
+        if match := _BLOCK.match(key):
+            depth[f"{match[1]}/blocks/{match[3]}"] = max(depth.get(f"{match[1]}/blocks/{match[3]}", 0), int(match[2]) + 1)
+    out = {k: shape for k, shape in flat.items() if not _BLOCK.match(k)}
+    for key in depth:
         match = _STACK.match(key)
-        if match:
-            out.update({f"{match[1]}/block_{i}/{match[2]}": value.shape[1:] for i in range(value.shape[0])})
-        else:
-            out[key] = value.shape
+        out[key] = (depth[key], *flat[f"{match[1]}/block_0/{match[2]}"])
     return out
 
 
@@ -102,10 +102,18 @@ def check_shapes(have: dict, want: dict, source: str, name: Callable[[str], str]
             )
 
 
-def check_params(weights: Weights) -> None:
-    """Every parameter the spec's model needs is there with its shape, and nothing else."""
+def check_params(weights: Weights, abstract: dict) -> None:
+    """Every parameter the spec's model needs (`abstract`: its nested shapes) is there with its shape, and
+    nothing else."""
     have = {key: value.shape for key, value in weights.params.items()}
-    check_shapes(have, expected_shapes(weights.spec), weights.source, weights.name)
+    check_shapes(have, flat_shapes(abstract, weights.scanned), weights.source, weights.name)
+
+
+def same_in_both_towers(key: str, values: list, source: str):
+    """A setting cloc_jax shares between the towers (activation, LayerNorm epsilon) read from both of a file's."""
+    if len(set(values)) != 1:
+        raise ValueError(f"{source}: the towers differ in {key} ({values}); cloc_jax shares it between them")
+    return values[0]
 
 
 # torch <-> cloc_jax for one transformer block. torch Linear weights are [out, in]; ours are einsum kernels

@@ -7,34 +7,34 @@ python -m cloc_jax.convert --from=/tmp/cloc_export --to=open_clip --out=/tmp/clo
 
 import sys
 
+import flax
 from absl import app, flags, logging
 
+from cloc_jax import tokenizers
+from cloc_jax import weights as cloc_weights
+from cloc_jax.models.build import check_vocabulary
+from cloc_jax.weights import hf, open_clip
+from cloc_jax.weights.native import write_export
+
 TARGETS = ("cloc_jax", "hf", "open_clip")
+WRITERS = {"hf": hf.write, "open_clip": open_clip.write}
 
 
 def convert(source: str, out: str, to: str = "cloc_jax", scan: bool | None = None) -> str:
     """Reads any `cloc_jax.load` source and writes it in the `to` layout at `out`; returns `out`."""
-    from cloc_jax import convert as conv
-    from cloc_jax.convert.layout import to_layout
-    from cloc_jax.export import to_tree, write_export
-    from cloc_jax.models.spec import build_from_spec
-
     if to not in TARGETS:
         raise ValueError(f"--to={to!r}; choose one of {TARGETS}")
-    weights = conv.read(source)
+    weights = cloc_weights.read(source)
+    tokenizer = tokenizers.from_spec(weights.spec.tokenizer)
+    check_vocabulary(tokenizer, weights.model)
     if to == "cloc_jax":
-        if scan is not None:
-            weights.spec["model"]["scan"] = scan
-        return write_export(weights.spec, to_tree(to_layout(weights.params, weights.spec["model"]["scan"])), out)
-    tokenizer, _ = build_from_spec(weights.spec)
-    if to == "hf":
-        from cloc_jax.convert import hf as family
-    else:
-        from cloc_jax.convert import open_clip as family
+        spec = weights.spec if scan is None else weights.spec.replace(**{"model.scan": scan})
+        params = flax.traverse_util.unflatten_dict(weights.in_layout(spec.model.scan), sep="/")
+        return write_export(spec, params, out)
     heads = sorted({k.split("/")[0] for k in weights.params} - {"image", "text", "log_scale", "bias"})
     if heads:
         print(f"Not exported (no place for them in {to}): {', '.join(heads)}", file=sys.stderr)
-    return family.write(weights, tokenizer, out)
+    return WRITERS[to](weights, tokenizer, out)
 
 
 def main(argv):

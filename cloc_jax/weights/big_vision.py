@@ -17,8 +17,8 @@ import zipfile
 
 import numpy as np
 
-from cloc_jax.convert import layout
-from cloc_jax.convert.layout import Weights
+from cloc_jax.models.spec import family_spec
+from cloc_jax.weights.layout import Weights
 
 # big_vision's vit.decode_variant: name -> (width, depth, heads, mlp_dim)
 VARIANTS = {
@@ -111,25 +111,17 @@ def read(rest: str) -> Weights:
         )
     image = dict(
         variant=f"{variant.split('/')[0] if variant else 'big_vision'}/{patch}",
-        pool="map",
         width=width,
         **towers["image"],
-        ln_pre=False,
-        patch_bias=True,
         project=project,
         proj_bias=project,
         posemb_grid=grid,
-        posemb_resize="zoom",  # big_vision resamples position embeddings with scipy.ndimage.zoom(order=1)
-        pixel_mean=[0.5] * 3,  # SigLIP reads [-1, 1] pixels as they are
-        pixel_std=[0.5] * 3,
     )
-    text = dict(width=text_width, **towers["text"], causal=False, pool="last", proj_bias=True, vocab_size=vocab)
-    spec = layout.import_spec(image, text, embed_dim=embed_dim, loss="sigmoid", activation="gelu_tanh", ln_eps=1e-6)
-    spec["model"]["max_logit_scale"] = 0.0
-    spec["image_size"] = grid * patch
-    spec["tokenizer"].update(_tokenizer(path, context))
-    spec["tokenizer"]["region_context_length"] = min(spec["tokenizer"]["region_context_length"], context)
-    return Weights(spec, params, path, name)  # convert.read checks every shape, naming keys as the file does
+    text = dict(width=text_width, **towers["text"], vocab_size=vocab)
+    spec = family_spec(
+        "big_vision_siglip", image, text, dict(embed_dim=embed_dim), _tokenizer(path, context), image_size=grid * patch
+    )
+    return Weights(spec, params, path, name)  # checked against the model it loads into, named as the file does
 
 
 def _convert(flat: dict, source: str) -> tuple[dict[str, np.ndarray], dict[str, str], set[str]]:

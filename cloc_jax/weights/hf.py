@@ -12,13 +12,13 @@ import os
 
 import numpy as np
 
-from cloc_jax.convert import layout
-from cloc_jax.convert.layout import Weights, conv, linear
+from cloc_jax.models.spec import FAMILIES, Spec, family_spec
+from cloc_jax.weights import layout
+from cloc_jax.weights.layout import Weights, conv, linear, same_in_both_towers
 
 # transformers' hidden_act -> ours; "gelu_new" and "gelu_pytorch_tanh" are both the tanh approximation.
 ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 HF_ACTIVATION = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _NAMES = dict(
     ln1="layer_norm1", ln2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2", q="self_attn.q_proj", k="self_attn.k_proj",
     v="self_attn.v_proj", out="self_attn.out_proj",
@@ -54,12 +54,6 @@ def _activation(cfg: dict, source: str) -> str:
     return ACTIVATIONS[cfg["hidden_act"]]
 
 
-def _same(key: str, values: list, source: str):
-    if len(set(values)) != 1:
-        raise ValueError(f"{source}: the towers differ in {key} ({values}); cloc_jax shares it between them")
-    return values[0]
-
-
 def read(directory: str) -> Weights:
     """`hf:DIR` -> Weights. The tokenizer and image-processor files of the folder come along."""
     config_path = os.path.join(directory, "config.json")
@@ -77,54 +71,39 @@ def read(directory: str) -> Weights:
     config = AutoConfig.from_pretrained(directory).to_dict()  # with the class defaults filled in
     vision, text = config["vision_config"], config["text_config"]
     state, source = _read_state(directory)
-    activation = _same("hidden_act", [_activation(vision, source), _activation(text, source)], source)
-    ln_eps = _same("layer_norm_eps", [vision["layer_norm_eps"], text["layer_norm_eps"]], source)
+    activation = same_in_both_towers("hidden_act", [_activation(vision, source), _activation(text, source)], source)
+    ln_eps = same_in_both_towers("layer_norm_eps", [vision["layer_norm_eps"], text["layer_norm_eps"]], source)
     processor = {}
     if os.path.exists(os.path.join(directory, "preprocessor_config.json")):
         with open(os.path.join(directory, "preprocessor_config.json")) as f:
             processor = json.load(f)
     clip = family == "clip"
-    mean = processor.get("image_mean", OPENAI_MEAN if clip else (0.5, 0.5, 0.5))
-    std = processor.get("image_std", OPENAI_STD if clip else (0.5, 0.5, 0.5))
+    preset = FAMILIES[f"hf_{family}"]
     patch, side = vision["patch_size"], vision["image_size"]
     image = dict(
         variant=f"hf/{patch}",
-        pool="cls" if clip else "map",
         width=vision["hidden_size"],
         depth=vision["num_hidden_layers"],
         heads=vision["num_attention_heads"],
         mlp_dim=vision["intermediate_size"],
-        ln_pre=clip,
-        patch_bias=not clip,
-        project=clip,
         posemb_grid=side // patch,
-        posemb_resize="bicubic",
-        pixel_mean=list(mean),
-        pixel_std=list(std),
+        pixel_mean=tuple(processor.get("image_mean", preset["image"].get("pixel_mean", (0.5,) * 3))),
+        pixel_std=tuple(processor.get("image_std", preset["image"].get("pixel_std", (0.5,) * 3))),
     )
     txt = dict(
         width=text["hidden_size"],
         depth=text["num_hidden_layers"],
         heads=text["num_attention_heads"],
         mlp_dim=text["intermediate_size"],
-        causal=clip,
-        pool="eot" if clip else "last",
-        proj_bias=not clip,
         vocab_size=text["vocab_size"],
     )
     embed_dim = config["projection_dim"] if clip else text.get("projection_size") or text["hidden_size"]
-    spec = layout.import_spec(
-        image, txt, embed_dim=embed_dim, loss="softmax" if clip else "sigmoid", activation=activation, ln_eps=ln_eps
-    )
-    spec["model"]["max_logit_scale"] = 0.0
-    spec["image_size"] = side
-    pad_id = 0 if clip else text.get("pad_token_id", 1)  # SigLIP pads with its EOS and reads the padding
-    spec["tokenizer"].update(
-        type="hf", path=directory, lowercase=False, context_length=text["max_position_embeddings"], pad_id=pad_id
-    )
-    spec["tokenizer"]["region_context_length"] = min(
-        spec["tokenizer"]["region_context_length"], text["max_position_embeddings"]
-    )
+    context = text["max_position_embeddings"]
+    tokenizer = dict(path=directory, context_length=context)
+    if not clip:
+        tokenizer["pad_id"] = text.get("pad_token_id", 1)  # SigLIP pads with its EOS and reads the padding
+    model = dict(embed_dim=embed_dim, activation=activation, ln_eps=ln_eps)
+    spec = family_spec(f"hf_{family}", image, txt, model, tokenizer, image_size=side)
     return Weights(spec, _params(state, family, image, txt, source), source)
 
 
@@ -240,47 +219,30 @@ def _torch_names(params: dict, family: str, image: dict, text: dict) -> dict[str
     return out
 
 
-def family_of(spec: dict) -> str:
-    """ "clip" or "siglip": the transformers class that expresses this architecture, or a one-line error naming
-    the first setting neither can express."""
-    m = spec["model"]
-    im, tx = m["image"], m["text"]
+# Keys of a family's preset that an export may set otherwise (the processor and resizing carry them).
+_FREE = ("posemb_resize", "pixel_mean", "pixel_std")
+
+
+def family_of(spec: Spec) -> str:
+    """ "clip" or "siglip": the transformers class that expresses this architecture (its `FAMILIES` preset), or
+    a one-line error naming the first setting it cannot express."""
+    m, im = spec.model, spec.model.image
     common = {
-        "model.image.cluster_ratio": (im["cluster_ratio"], 0.0),
-        "model.image.adapter_dim": (im["adapter_dim"], 0),
-        "model.image.proj_bias": (im["proj_bias"], False),
-    }
-    families = {
-        "clip": {
-            "model.loss": (m["loss"], "softmax"),
-            "model.image.pool": (im["pool"], "cls"),
-            "model.image.ln_pre": (im["ln_pre"], True),
-            "model.image.patch_bias": (im["patch_bias"], False),
-            "model.image.project": (im["project"], True),
-            "model.text.causal": (tx["causal"], True),
-            "model.text.pool": (tx["pool"], "eot"),
-            "model.text.proj_bias": (tx["proj_bias"], False),
-        },
-        "siglip": {
-            "model.loss": (m["loss"], "sigmoid"),
-            "model.image.pool": (im["pool"], "map"),
-            "model.image.ln_pre": (im["ln_pre"], False),
-            "model.image.patch_bias": (im["patch_bias"], True),
-            "model.image.project": (im["project"], False),
-            "model.text.causal": (tx["causal"], False),
-            "model.text.pool": (tx["pool"], "last"),
-            "model.text.proj_bias": (tx["proj_bias"], True),
-        },
+        "model.image.cluster_ratio": (im.cluster_ratio, 0.0),
+        "model.image.adapter_dim": (im.adapter_dim, 0),
+        "model.image.proj_bias": (im.proj_bias, False),
     }
     for key, (have, want) in common.items():
         if have != want:
             raise ValueError(f"{key}={have!r} has no transformers equivalent (needs {want!r})")
-    if m["activation"] not in HF_ACTIVATION:
-        raise ValueError(f"model.activation={m['activation']!r} has no transformers equivalent")
-    family = "clip" if m["loss"] == "softmax" else "siglip"  # the loss decides: CLIP softmax, SigLIP sigmoid
-    for key, (have, want) in families[family].items():
-        if have != want:
-            raise ValueError(f"{key}={have!r}: a transformers {family} model needs {want!r}")
+    if m.activation not in HF_ACTIVATION:
+        raise ValueError(f"model.activation={m.activation!r} has no transformers equivalent")
+    family = "clip" if m.loss == "softmax" else "siglip"  # the loss decides: CLIP softmax, SigLIP sigmoid
+    preset = FAMILIES[f"hf_{family}"]
+    for part, tower in (("image", m.image), ("text", m.text)):
+        for key, want in preset[part].items():
+            if key not in _FREE and getattr(tower, key) != want:
+                raise ValueError(f"model.{part}.{key}={getattr(tower, key)!r}: a transformers {family} model needs {want!r}")
     return family
 
 
@@ -292,13 +254,13 @@ def write(weights: Weights, tokenizer, out: str) -> str:
     from cloc_jax.models.vit import vit_size
     from cloc_jax.tokenizers import _Transformers
 
-    spec = weights.spec
-    family = family_of(spec)
+    family = family_of(weights.spec)
+    spec = weights.spec.to_json()
     if not isinstance(tokenizer, _Transformers):
         raise ValueError(
             f"tokenizer.type={spec['tokenizer']['type']!r} has no transformers tokenizer (use hf, clip_bpe, open_clip)"
         )
-    m, p = spec["model"], weights.params
+    m, p = spec["model"], weights.in_layout(scan=False)
     im = m["image"]
     size = vit_size(im["variant"], im["width"], im["depth"], im["heads"], im["mlp_dim"])
     grid = p["image/pos_embedding"].shape[0]

@@ -1,0 +1,70 @@
+"""The training step: forward, losses, gradients, optimizer update, and the guard against non-finite steps."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cloc_jax import guards
+from cloc_jax.losses import training_loss
+from cloc_jax.models.build import model_inputs
+from cloc_jax.models.cloc import Model
+from cloc_jax.optim import learning_rate
+from cloc_jax.train.state import TrainState
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model: Model,
+    tx: optax.GradientTransformation,
+    tag_tokens: np.ndarray | None = None,
+):
+    """-> train_step(state, batch) -> (state, metrics), to be jitted (the loop donates the state).
+
+    The batch is `build.example_batch`'s contract, sharded over the mesh's batch axes. The loss is
+    `losses.training_loss` (image-text, region-text, grounding, tags, as the config weighs them); `tag_tokens`
+    [T, L'] (`pipeline.tag_vocabulary`, None without tag losses) is a constant of the step. After the update
+    the temperature is clamped (`Model.clamp_logit_scale`). A step whose loss, gradient or new parameters are not
+    finite changes nothing and is counted (`nonfinite/*` metrics; the loop stops after
+    `optim.max_nonfinite_steps` in a row)."""
+    tags_cfg = config.tags if tag_tokens is not None else None
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def loss_fn(params):
+            out = model.apply({"params": params}, **model_inputs(model, batch), tag_tokens=tag_tokens)
+            loss, parts = training_loss(out, batch, config.region_loss, config.contrastive, tags_cfg)
+            return loss, (out, parts)
+
+        (loss, (out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = model.clamp_logit_scale(optax.apply_updates(state.params, updates))
+        grad_norm = optax.global_norm(grads)
+        # optax.apply_if_finite looks at the gradients only: an update that overflows the parameters would pass
+        # it. One norm per tree, not one test per array: each is one reduction (and one all-reduce) whatever the
+        # number of arrays; a norm is finite exactly when every element is (or it overflows: diverged).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
+        total = state.nonfinite_total + (~finite).astype(jnp.int32)
+        metrics = {
+            **parts,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "temperature": 1.0 / out["scale"],
+            "lr": learning_rate(config.optim, config.num_steps, state.step),
+            "nonfinite/in_a_row": in_a_row,
+            "nonfinite/skipped_steps": total,
+        }
+        new = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), in_a_row, total)
+        return new, metrics
+
+    return train_step
+
+
+def compile_step(config, model, tx, state: TrainState, batch: dict, tag_tokens: np.ndarray | None = None):
+    """The jitted, donated train step compiled for these shapes, after checking it fits in device memory."""
+    step = make_train_step(config, model, tx, tag_tokens)
+    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    guards.check_step_memory(compiled, jax.local_devices()[0])
+    return compiled
