@@ -13,8 +13,8 @@ import os
 
 from absl import app, flags, logging
 
-from cloc_jax.train import aot
 from cloc_jax.config import load_config_file, set_dotted
+from cloc_jax.train import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIGS = flags.DEFINE_list("configs", ["cloc_b16", "cloc_l14", "cloc_h14"], "config names under configs/")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from cloc_jax import cpu, sharding, tokenizers
 from cloc_jax.data import pipeline
-from cloc_jax.train import build, init_state, make_train_step
+from cloc_jax.train import aot, build, init_state, make_train_step
 
 # The fast layout on a CPU (layout keys: what a config trains is unchanged). The paper configs are laid out
 # for TPUs, where bf16, remat and scanned layers pay; on a CPU each costs time.

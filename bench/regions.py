@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from cloc_jax import sharding
 from cloc_jax.config import clip_twin
+from cloc_jax.models.heads import region_head
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a cloc_* config", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", 16, "global batch size")
@@ -28,7 +29,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     config.batch_size = _BATCH.value
-    if config.model.region_extractor == "none":
+    if not region_head(config.model.region_extractor).trains:
         raise app.UsageError("--config must train regions (a cloc_* config)")
     mesh = sharding.make_mesh(config.mesh)
     batch = real_batch(config, mesh)

@@ -26,8 +26,8 @@ from cloc_jax.boxes import iou_and_giou
 from cloc_jax.config import load_config_file
 from cloc_jax.data import records, transforms
 from cloc_jax.data.scenes import CLASS_NAMES, Scenes
-from cloc_jax.weights.native import export
 from cloc_jax.train import train_and_evaluate
+from cloc_jax.weights.native import export
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/self_labelling", "where shards, runs and results go")

@@ -19,8 +19,8 @@ from absl import app, flags, logging
 from PIL import Image, ImageDraw
 
 from cloc_jax.data import transforms
-from cloc_jax.weights import load
 from cloc_jax.inference import Encoder
+from cloc_jax.weights import load
 
 HEATMAP_GRID = 16  # cells per side of the similarity map (each cell's region embedding against the text)
 
@@ -139,14 +139,15 @@ def predict(
         out["image"] = _ranked(probabilities(encoder, encoder.encode_image(x)[0] @ z_labels.T), list(labels), top_k)
     if boxes is not None and len(boxes):
         regions = encoder.encode_regions(x, geometry.to_model(boxes)[None])[0]
-        if encoder.model.prompter is None:
-            how = "RoIAlign" if encoder.model.region_extractor == "roi_align" else "box pooling"
-            out["notes"].append(f"regions by {how} of the image tokens (no Prompter)")
+        if not encoder.can_ground:
+            out["notes"].append(f"regions by {encoder.model.head.description} of the image tokens (no Prompter)")
         for box, z in zip(boxes, regions):
             ranked = _ranked(probabilities(encoder, z @ z_labels.T), list(labels), top_k) if labels else []
             out["boxes"].append(dict(box=[float(v) for v in box], labels=ranked))
-    if phrases and encoder.model.prompter is None:
-        out["notes"].append("this model cannot ground: it has no Prompter box head (a CLIP-only or RoIAlign model)")
+    if phrases and not encoder.can_ground:
+        out["notes"].append(
+            f"this model cannot ground: its region head ({encoder.model.head.description}) has no box head"
+        )
     elif phrases:
         predicted = encoder.ground(x, [list(phrases)])  # [1, P, 4] on the padded square
         z_regions = encoder.encode_regions(x, predicted)[0]

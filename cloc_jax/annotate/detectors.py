@@ -31,8 +31,10 @@ def _bucket(n: int) -> int:
 
 class ClocGrounder:
     def __init__(self, encoder, batch_size: int = 32):
-        if encoder.model.prompter is None:
-            raise ValueError("ClocGrounder needs a checkpoint trained with region_extractor='prompter'")
+        if not encoder.can_ground:
+            raise ValueError(
+                f"ClocGrounder needs a grounding head; this checkpoint's is {encoder.model.head.description}"
+            )
         self.encoder, self.batch_size = encoder, batch_size
 
     @classmethod

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from cloc_jax import sharding
 from cloc_jax.data import pipeline, sources
 from cloc_jax.evals import benchmarks, regions
-from cloc_jax.evals.runner import EvalRunner
 from cloc_jax.evals.retrieval import Retrieval
+from cloc_jax.evals.runner import EvalRunner
 from cloc_jax.evals.zeroshot import ZeroShot
 
 

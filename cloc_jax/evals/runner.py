@@ -2,14 +2,14 @@
 
 Each host passes its own rows ([B, ...], B = eval batch / processes); they become global arrays over the
 mesh's batch axes, one jitted forward serves every output a data pass needs (`Model.evaluate`: the region
-head shares the image forward between the image embedding, the regions and grounding), and the outputs are gathered so that every host holds all
-rows in process order ([P * B, ...]) and computes the same metrics. Texts (captions, class prompts) are
-encoded densely at the end, split across hosts the same way; class prompts once per evaluation run.
+head shares the image forward between the image embedding, the regions and grounding), and the outputs are
+gathered so that every host holds all rows in process order ([P * B, ...]) and computes the same metrics.
+Texts (captions, class prompts) are encoded densely at the end, split across hosts the same way; class
+prompts once per evaluation run.
 """
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec

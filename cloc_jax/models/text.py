@@ -70,7 +70,9 @@ class TextTower(nn.Module):
             name="token_embed",
         )(tokens)
         posemb = self.param(
-            "pos_embedding", logical(nn.initializers.normal(0.01), (None, "embed")), (self.context_length, self.spec.width)
+            "pos_embedding",
+            logical(nn.initializers.normal(0.01), (None, "embed")),
+            (self.context_length, self.spec.width),
         )
         if packing is None:
             eot = length - 1 - jnp.argmax((tokens != 0)[:, ::-1], axis=-1)  # last non-pad token [B]

@@ -172,7 +172,39 @@ class ViT(nn.Module):
         if self.spec.pool not in POOLS:
             raise ValueError(f"pool={self.spec.pool!r}; choose one of {POOLS}")
         size = self.size()
-        if (self.spec.pixel_mean, self.spec.pixel_std) != ((0.5,) * 3, (0.5,) * 3):  # the checkpoint's own normalisation
+        x, (h, w), num_prefix = self._embed(images, size)
+        x = self._encode(x, size, num_prefix, (h, w))
+        if self.hidden_layers >= 0:
+            return x
+        grid = x[:, num_prefix:].reshape(x.shape[0], h, w, size.width)
+        ln_post = layer_norm("ln_post", self.tower.dtype, self.tower.ln_eps)
+        x = ln_post(x)
+        head = None
+        if self.spec.pool == "cls":
+            pooled = x[:, 0]
+        elif self.spec.pool == "gap":
+            pooled = x.mean(axis=1)
+        else:
+            t = self.tower
+            head = MapHead(size.heads, size.mlp_dim, t.activation, t.ln_eps, t.dtype, name="map_head")
+            pooled = head(x)
+        proj = self._projection()
+        regions = None
+        if boxes is not None and self.region_pool == "roi_align":
+            scale = jnp.array([w, h, w, h], jnp.float32)
+            regions = proj(ln_post(roi_align(grid, boxes * scale, ROI_SIZE).mean(axis=(2, 3))))
+        elif boxes is not None:
+            coverage, tokens = cell_coverage(boxes, h, w).astype(x.dtype), x[:, num_prefix:]
+            if head is not None:
+                regions = proj(head(tokens, coverage_bias(coverage)))
+            else:
+                regions = proj(jnp.einsum("bmn,bnd->bmd", coverage, tokens))
+        return proj(pooled), grid, regions
+
+    def _embed(self, images: jax.Array, size: ViTSize) -> tuple[jax.Array, tuple[int, int], int]:
+        """[B, H, W, 3] in [-1, 1] -> (tokens [B, T, D] before the blocks, the patch grid (h, w), how many prefix
+        tokens come first: 1 for the class token, else 0). Pixels are normalised as the checkpoint was trained."""
+        if (self.spec.pixel_mean, self.spec.pixel_std) != ((0.5,) * 3, (0.5,) * 3):
             images = ((images + 1) / 2 - jnp.asarray(self.spec.pixel_mean)) / jnp.asarray(self.spec.pixel_std)
         x = nn.Conv(
             size.width,
@@ -200,46 +232,26 @@ class ViT(nn.Module):
             num_prefix = 1
         if self.spec.ln_pre:
             x = layer_norm("ln_pre", self.tower.dtype, self.tower.ln_eps)(x)
-        x = constrain(x, ("batch", "length", "embed"))
-        x = self._encode(x, size, num_prefix, (h, w))
-        if self.hidden_layers >= 0:
-            return x
-        grid = x[:, num_prefix:].reshape(batch, h, w, width)
-        ln_post = layer_norm("ln_post", self.tower.dtype, self.tower.ln_eps)
-        x = ln_post(x)
-        if self.spec.pool == "cls":
-            pooled = x[:, 0]
-        elif self.spec.pool == "gap":
-            pooled = x.mean(axis=1)
-        else:
-            head = MapHead(size.heads, size.mlp_dim, self.tower.activation, self.tower.ln_eps, self.tower.dtype, name="map_head")
-            pooled = head(x)
-        proj = lambda y: y  # noqa: E731
-        if self.spec.project:
-            proj = nn.Dense(
-                self.tower.out_dim,
-                use_bias=self.spec.proj_bias,
-                dtype=self.tower.dtype,
-                kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "joint")),
-                bias_init=logical(nn.initializers.zeros, ("joint",)),
-                name="proj",
-            )
-        regions = None
-        if boxes is not None:
-            if self.region_pool == "roi_align":
-                scale = jnp.array([w, h, w, h], jnp.float32)
-                regions = proj(ln_post(roi_align(grid, boxes * scale, ROI_SIZE).mean(axis=(2, 3))))
-            else:
-                coverage, tokens = cell_coverage(boxes, h, w).astype(x.dtype), x[:, num_prefix:]
-                if self.spec.pool == "map":
-                    regions = proj(head(tokens, coverage_bias(coverage)))
-                else:
-                    regions = proj(jnp.einsum("bmn,bnd->bmd", coverage, tokens))
-        return proj(pooled), grid, regions
+        return constrain(x, ("batch", "length", "embed")), (h, w), num_prefix
+
+    def _projection(self):
+        """The pooled features -> the joint space [.., out_dim] (the identity for a tower without projection)."""
+        if not self.spec.project:
+            return lambda y: y
+        return nn.Dense(
+            self.tower.out_dim,
+            use_bias=self.spec.proj_bias,
+            dtype=self.tower.dtype,
+            kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "joint")),
+            bias_init=logical(nn.initializers.zeros, ("joint",)),
+            name="proj",
+        )
 
     def _encode(self, x: jax.Array, size: ViTSize, num_prefix: int, grid: tuple[int, int]) -> jax.Array:
         """The transformer, with token clustering after `cluster_layer` when `cluster_ratio` > 0."""
-        blocks = dict(heads=size.heads, mlp_dim=size.mlp_dim, scan=self.tower.scan, remat=self.tower.remat, dtype=self.tower.dtype)
+        blocks = dict(
+            heads=size.heads, mlp_dim=size.mlp_dim, scan=self.tower.scan, remat=self.tower.remat, dtype=self.tower.dtype
+        )
         blocks.update(activation=self.tower.activation, ln_eps=self.tower.ln_eps, attention=self.tower.attention)
         if self.hidden_layers >= 0:  # the first k blocks only (their parameters sliced by the caller when scanned)
             if self.spec.cluster_ratio:
@@ -260,7 +272,9 @@ class ViT(nn.Module):
         )
         log_sizes = jnp.concatenate([jnp.zeros((x.shape[0], num_prefix)), log_sizes], axis=1)
         y = jnp.concatenate([prefix, merged], axis=1)
-        y = Blocks(size.depth - self.spec.cluster_layer, **blocks, name="encoder_clustered")(y, log_sizes[:, None, None, :])
+        y = Blocks(size.depth - self.spec.cluster_layer, **blocks, name="encoder_clustered")(
+            y, log_sizes[:, None, None, :]
+        )
         tokens = unfold(y[:, num_prefix:], assign, self.spec.cluster_unfold, before=(merged, tokens))
         return jnp.concatenate([y[:, :num_prefix], tokens], axis=1)
 

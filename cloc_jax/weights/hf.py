@@ -242,7 +242,9 @@ def family_of(spec: Spec) -> str:
     for part, tower in (("image", m.image), ("text", m.text)):
         for key, want in preset[part].items():
             if key not in _FREE and getattr(tower, key) != want:
-                raise ValueError(f"model.{part}.{key}={getattr(tower, key)!r}: a transformers {family} model needs {want!r}")
+                raise ValueError(
+                    f"model.{part}.{key}={getattr(tower, key)!r}: a transformers {family} model needs {want!r}"
+                )
     return family
 
 

@@ -79,7 +79,9 @@ def flat_shapes(abstract: dict, scanned: bool) -> dict[str, tuple[int, ...]]:
     depth = {}  # the model is unrolled: blocks stack into [depth, ...]
     for key in flat:
         if match := _BLOCK.match(key):
-            depth[f"{match[1]}/blocks/{match[3]}"] = max(depth.get(f"{match[1]}/blocks/{match[3]}", 0), int(match[2]) + 1)
+            depth[f"{match[1]}/blocks/{match[3]}"] = max(
+                depth.get(f"{match[1]}/blocks/{match[3]}", 0), int(match[2]) + 1
+            )
     out = {k: shape for k, shape in flat.items() if not _BLOCK.match(k)}
     for key in depth:
         match = _STACK.match(key)
