@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from common import median_seconds
 
+from cloc_jax.models.build import tower_settings
+from cloc_jax.models.spec import ImageSpec, ModelSpec
 from cloc_jax.models.vit import ViT
 
 _VARIANT = flags.DEFINE_string("variant", "B/16", "ViT variant")
@@ -25,7 +27,7 @@ _KNN = flags.DEFINE_integer("knn", 2, "neighbours of a token's density (the umg 
 
 def step_fn(ratio: float):
     patch = int(_VARIANT.value.split("/")[1])
-    vit = ViT(
+    image = ImageSpec(
         variant=_VARIANT.value,
         posemb_grid=_SIZE.value // patch,
         cluster_ratio=ratio,
@@ -33,6 +35,7 @@ def step_fn(ratio: float):
         cluster_unfold=_UNFOLD.value,
         cluster_knn=_KNN.value,
     )
+    vit = ViT(image, tower_settings(ModelSpec()))
     images = jax.random.normal(jax.random.key(0), (_BATCH.value, _SIZE.value, _SIZE.value, 3))
     params = vit.init(jax.random.key(1), images)
 

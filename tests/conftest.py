@@ -46,6 +46,15 @@ def tiny_config(name: str = "cloc_tiny", **overrides):
     return set_dotted(c, overrides)
 
 
+def make_vit(out_dim: int = 16, scan: bool = True, **image):
+    """A bare ViT image tower: `image` are `ImageSpec` fields, the rest the spec's defaults."""
+    from cloc_jax.models.build import tower_settings
+    from cloc_jax.models.spec import ImageSpec, ModelSpec
+    from cloc_jax.models.vit import ViT
+
+    return ViT(ImageSpec(**image), tower_settings(ModelSpec(embed_dim=out_dim, scan=scan)))
+
+
 @pytest.fixture
 def config():
     return tiny_config()

@@ -6,7 +6,7 @@ from cloc_jax.evals.regions import crop_and_resize
 
 
 class FakeTexts:
-    """What `evals.device.Device` gives `result()`: dense text encoding and class embeddings, here from a
+    """What `evals.runner.EvalRunner` gives `result()`: dense text encoding and class embeddings, here from a
     fake encoder's `encode_text` (class = normalised mean of its prompts, written out independently)."""
 
     def __init__(self, fake):

@@ -11,11 +11,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cloc_jax.checkpoint import Checkpoints
-from cloc_jax.export import export, load
 from cloc_jax.models.adapters import Convpass
-from cloc_jax.models.vit import ViT, merge_clustered_encoder
+from cloc_jax.models.vit import merge_clustered_encoder
 from cloc_jax.train import train_and_evaluate
-from tests.conftest import tiny_config
+from cloc_jax.weights import load
+from cloc_jax.weights.native import export
+from tests.conftest import make_vit, tiny_config
 
 
 def _gelu(x):
@@ -49,8 +50,8 @@ def test_convpass_matches_a_numpy_reference():
 
 def test_zero_initialised_adapters_leave_a_pretrained_vit_unchanged():
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    plain = ViT(variant="mu/8", posemb_grid=4, out_dim=16, pool="cls")
-    adapted = ViT(variant="mu/8", posemb_grid=4, out_dim=16, pool="cls", adapter_dim=8)
+    plain = make_vit(variant="mu/8", posemb_grid=4, out_dim=16, pool="cls")
+    adapted = make_vit(variant="mu/8", posemb_grid=4, out_dim=16, pool="cls", adapter_dim=8)
     base = plain.init(jax.random.key(0), images)
     with_adapters = adapted.init(jax.random.key(2), images)
     merged = flax.traverse_util.flatten_dict(with_adapters)

@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from cloc_jax import aot, sharding
+from cloc_jax import sharding, tokenizers
 from cloc_jax.config import load_config_file
+from cloc_jax.data import pipeline
+from cloc_jax.train import aot
 from tests.conftest import ROOT, tiny_config
 
 
@@ -37,14 +39,15 @@ def test_no_array_over_1_mib_is_whole_on_every_chip_of_the_papers_pod(name):
     only. On 1 x 1,024 the 768-wide text tower would stay whole on every chip (1.26 GiB of L/14's state)."""
     import flax.linen as nn
 
-    from cloc_jax.models.spec import build_model_from_spec, model_spec
+    from cloc_jax.models.build import build
+    from cloc_jax.models.spec import from_config
     from cloc_jax.optim import make_optimizer
     from cloc_jax.train import abstract_state
 
     config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
     mesh = sharding.make_mesh(config.mesh, aot.topology_devices("v5p:8x8x16"))
     assert dict(mesh.shape) == {"data": 4, "fsdp": 256, "tensor": 1}
-    model, tx = build_model_from_spec(model_spec(config)), make_optimizer(config.optim, config.num_steps)
+    model, tx = build(from_config(config)), make_optimizer(config.optim, config.num_steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
         _, state = abstract_state(config, model, tx, mesh)
     assert sharding.replicated_arrays(state) == []
@@ -76,8 +79,9 @@ def test_analytic_flops_match_xla_on_an_unrolled_step(name, overrides):
     count: 74% of XLA's for umg_tiny) or charging packed texts as M rows (136%) fails. XLA's count of
     the lowered step is within 0.3% of the compiled one's, at a tenth of the time."""
     config = tiny_config(name, **{"model.scan": False, "mesh.data": 1, **overrides})
-    xla = aot.lower_step(config, jax.devices()[:1])[0].cost_analysis()["flops"]
-    analytic = aot.model_flops(config) * config.batch_size
+    tags = pipeline.tag_vocabulary(config, tokenizers.from_spec(config.tokenizer))
+    xla = aot.lower_step(config, jax.devices()[:1], tags)[0].cost_analysis()["flops"]
+    analytic = aot.model_flops(config, 0 if tags is None else len(tags)) * config.batch_size
     assert 0.95 * xla < analytic <= xla, (analytic / xla, analytic, xla)
 
 
@@ -97,7 +101,7 @@ def test_the_depth_extrapolated_step_time_is_the_full_depth_one():
     estimate, depths = aot.estimate_step_seconds(config, devices)
     full = config.copy_and_resolve_references()
     full.model.scan = False
-    seconds = aot.compile_step(full, devices)[0].cost_analysis()["optimal_seconds"]
+    seconds = aot.compile_on(full, devices)[0].cost_analysis()["optimal_seconds"]
     assert depths == [(2, 1), (4, 2)] and seconds > 0
     print(f"extrapolated {estimate:.4g} s, full depth {seconds:.4g} s: {estimate / seconds - 1:+.1%}")
     assert estimate == pytest.approx(seconds, rel=0.05)

@@ -1,6 +1,5 @@
 """Checkpoint round trips: data iterator continuity, model-spec checks, export -> load."""
 
-import copy
 import json
 import os
 import shutil
@@ -12,10 +11,10 @@ import pytest
 from cloc_jax import load
 from cloc_jax.checkpoint import Checkpoints
 from cloc_jax.data.pipeline import train_iterator
-from cloc_jax.export import export
-from cloc_jax.models.spec import model_spec, spec_mismatch, with_defaults
+from cloc_jax.models.spec import from_config, from_dict, mismatch
 from cloc_jax.tokenizers import ByteTokenizer
 from cloc_jax.train import train_and_evaluate
+from cloc_jax.weights.native import export
 from tests.conftest import tiny_config
 
 
@@ -26,7 +25,7 @@ def test_restored_data_iterator_continues_without_repeating_or_skipping(tmp_path
     it = train_iterator(config, tok)
     seen = [next(it)["index"] for _ in range(3)]
     ckpt = Checkpoints(str(tmp_path), every=1)
-    ckpt.save(3, {"w": np.zeros(2)}, it, model_spec(config), force=True)
+    ckpt.save(3, {"w": np.zeros(2)}, it, from_config(config), force=True)
     ckpt.wait()
     fresh = train_iterator(config, tok)
     ckpt.restore(3, {"w": jax.ShapeDtypeStruct((2,), np.float64)}, fresh)
@@ -36,20 +35,26 @@ def test_restored_data_iterator_continues_without_repeating_or_skipping(tmp_path
 
 
 def test_spec_mismatch_names_the_first_difference():
-    a = dict(model=dict(image=dict(variant="B/16")), image_size=224)
-    b = dict(model=dict(image=dict(variant="L/14")), image_size=224)
-    assert spec_mismatch(a, a) is None
-    assert spec_mismatch(a, b) == "model.image.variant: 'B/16' != 'L/14'"
+    a = from_dict(dict(model=dict(image=dict(variant="B/16")), image_size=224))
+    b = from_dict(dict(model=dict(image=dict(variant="L/14")), image_size=224))
+    assert mismatch(a, a) is None
+    assert mismatch(a, b) == "model.image.variant: 'B/16' != 'L/14'"
 
 
 def test_a_spec_saved_before_an_option_existed_matches_at_the_option_default():
-    current = model_spec(tiny_config())
-    older = copy.deepcopy(current)
+    current = from_config(tiny_config())
+    older = current.to_json()
     del older["model"]["image"]["cluster_unfold"]  # a checkpoint written before the option existed
-    assert spec_mismatch(with_defaults(older), current) is None
-    changed = copy.deepcopy(current)
-    changed["model"]["image"]["cluster_unfold"] = "residual"
-    assert spec_mismatch(with_defaults(older), changed) == "model.image.cluster_unfold: 'copy' != 'residual'"
+    assert mismatch(from_dict(older), current) is None
+    changed = current.replace(**{"model.image.cluster_unfold": "residual"})
+    assert mismatch(from_dict(older), changed) == "model.image.cluster_unfold: 'copy' != 'residual'"
+
+
+def test_a_spec_key_no_version_wrote_is_one_line():
+    saved = from_config(tiny_config()).to_json()
+    saved["model"]["image"]["cluster_unfolds"] = "copy"  # a typo, or a file from a newer cloc_jax
+    with pytest.raises(ValueError, match=r"spec key model\.image\.cluster_unfolds is unknown"):
+        from_dict(saved)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,7 @@ def test_workdir_with_a_different_model_is_refused(trained):
 def test_remat_dtype_and_packing_are_layout_not_identity(trained):
     _, workdir, _ = trained
     other = tiny_config(**{"model.remat": "full", "model.dtype": "bfloat16", "tokenizer.region_pack_length": 48})
-    Checkpoints(workdir).check_spec(6, model_spec(other))  # resumes: no error
+    Checkpoints(workdir).check_spec(6, from_config(other))  # resumes: no error
 
 
 def test_export_then_load_gives_the_trained_model(trained, tmp_path):
@@ -170,7 +175,7 @@ def _restore_newest(config, workdir: str):
     data_iter = train_iterator(config, tokenizer)
     with jax.set_mesh(mesh):
         step, state = Checkpoints(workdir).restore_newest(
-            abstract_state(config, model, tx, mesh)[1], data_iter, model_spec(config)
+            abstract_state(config, model, tx, mesh)[1], data_iter, from_config(config)
         )
     return step, state, data_iter
 

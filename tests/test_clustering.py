@@ -9,7 +9,8 @@ import pytest
 
 from cloc_jax.models.clustering import cluster, density_peak_centres, num_clusters, token_distances, unfold
 from cloc_jax.models.layers import Attention
-from cloc_jax.models.vit import ViT, merge_clustered_encoder
+from cloc_jax.models.vit import merge_clustered_encoder
+from tests.conftest import make_vit
 
 
 def reference_distances(x: np.ndarray, grid: tuple[int, int] | None = None, spatial: float = 0.0) -> np.ndarray:
@@ -108,7 +109,7 @@ def test_log_size_bias_makes_merged_tokens_count_for_their_members():
 
 
 def test_vit_with_clustering_returns_the_full_grid_and_trains():
-    vit = ViT(variant="mu/8", posemb_grid=4, out_dim=16, cluster_ratio=0.75, cluster_layer=2, scan=False)
+    vit = make_vit(variant="mu/8", posemb_grid=4, out_dim=16, cluster_ratio=0.75, cluster_layer=2, scan=False)
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     params = vit.init(jax.random.key(0), images)
     assert "encoder_clustered" in params["params"]
@@ -131,7 +132,7 @@ def test_vit_with_clustering_returns_the_full_grid_and_trains():
     ],
 )
 def test_bad_clustering_settings_are_one_line(kwargs, message):
-    vit = ViT(variant="mu/8", posemb_grid=4, out_dim=16, **kwargs)
+    vit = make_vit(variant="mu/8", posemb_grid=4, out_dim=16, **kwargs)
     with pytest.raises(ValueError, match=message):
         vit.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
@@ -139,8 +140,8 @@ def test_bad_clustering_settings_are_one_line(kwargs, message):
 @pytest.mark.parametrize("scan", [True, False])
 def test_clustered_parameters_merge_into_one_encoder_in_layer_order(scan):
     images = jnp.zeros((1, 32, 32, 3))
-    clustered = ViT(variant="mu/8", posemb_grid=4, out_dim=16, cluster_ratio=0.75, cluster_layer=1, scan=scan)
-    plain = ViT(variant="mu/8", posemb_grid=4, out_dim=16, scan=scan)
+    clustered = make_vit(variant="mu/8", posemb_grid=4, out_dim=16, cluster_ratio=0.75, cluster_layer=1, scan=scan)
+    plain = make_vit(variant="mu/8", posemb_grid=4, out_dim=16, scan=scan)
     flat = lambda p: flax.traverse_util.flatten_dict(nn.unbox(p)["params"], sep="/")  # noqa: E731
     params = flat(clustered.init(jax.random.key(0), images))
     merged = merge_clustered_encoder(params)

@@ -10,7 +10,8 @@ import pytest
 
 from cloc_jax import sharding, tokenizers
 from cloc_jax.config import load_config_file
-from cloc_jax.models.spec import build_model_from_spec, model_spec
+from cloc_jax.models.build import build as build_model
+from cloc_jax.models.spec import from_config
 from cloc_jax.optim import make_optimizer, schedule
 from cloc_jax.train import abstract_state, build
 from tests.conftest import ROOT
@@ -71,7 +72,7 @@ def test_config_builds_abstract_state(path):
     config = _load(path)
     with pytest.raises(AttributeError):
         config.not_a_key = 1  # locked: typos are errors
-    model = build_model_from_spec(model_spec(config))  # paper configs: no tokenizer file needed for shapes
+    model = build_model(from_config(config))  # paper configs: no tokenizer file needed for shapes
     mesh = sharding.make_mesh(config.mesh)
     _, shapes = abstract_state(config, model, make_optimizer(config.optim, config.num_steps), mesh)
     got = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in shapes.params.items()}
@@ -91,7 +92,7 @@ def test_paper_settings(name):
     assert (c.model.image.variant, c.image_size) == (variant, size)
     # 224 / 16 = 14 and 336 / 14 = 24 tokens a side: the position embeddings are learned at that grid.
     side = {224: 14, 336: 24}[size]
-    assert build_model_from_spec(model_spec(c)).image.posemb_grid == side
+    assert build_model(from_config(c)).image.spec.posemb_grid == side
     assert (c.batch_size, c.num_steps) == (32_768, 439_087)
     assert c.tokenizer.context_length == 77 and c.tokenizer.lowercase and c.model.text.vocab_size == 32_000
     assert (c.optim.b1, c.optim.b2, c.optim.lr, c.optim.weight_decay) == (0.9, 0.98, 5e-4, 0.2)
@@ -167,7 +168,7 @@ def test_a_paper_config_without_tokenizer_or_data_says_what_to_pass(tmp_path):
 
 def test_a_paper_config_lowers_without_its_tokenizer_file():
     """The pod's step is traced from the config alone (AOT needs no vocabulary file and no data)."""
-    from cloc_jax import aot
+    from cloc_jax.train import aot
 
     config = _load(os.path.join(ROOT, "configs", "cloc_l14.py"), "batch_size=8")
     lowered, _ = aot.lower_step(config, jax.devices())

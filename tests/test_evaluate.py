@@ -14,8 +14,8 @@ from cloc_jax import load, sharding
 from cloc_jax.config import base_config
 from cloc_jax.data import pipeline, sources
 from cloc_jax.evals import eval_config
-from cloc_jax.evals.device import OUTPUTS, Device
 from cloc_jax.evals.regions import crop_and_resize
+from cloc_jax.evals.runner import OUTPUTS, EvalRunner
 from tests.conftest import ROOT
 
 
@@ -34,9 +34,9 @@ def _scenes_batch(encoder, n=16):
 def test_device_outputs_over_8_devices_equal_the_single_device_encoder(exports, name):
     encoder = load(exports[name])
     batch = _scenes_batch(encoder)
-    device = Device(encoder, sharding.make_mesh(base_config().mesh), 16)
+    device = EvalRunner(encoder, sharding.make_mesh(base_config().mesh), 16)
     assert len(device.mesh.devices.flat) == 8
-    needs = set(OUTPUTS) - ({"ground"} if encoder.model.prompter is None else set())
+    needs = set(OUTPUTS) - (set() if encoder.can_ground else {"ground"})
     out = device.outputs(batch, frozenset(needs))
     np.testing.assert_allclose(out["image"], encoder.encode_image(batch["image"]), atol=2e-5)
     np.testing.assert_allclose(out["regions"], encoder.encode_regions(batch["image"], batch["boxes"]), atol=2e-5)
@@ -52,7 +52,7 @@ def test_device_outputs_over_8_devices_equal_the_single_device_encoder(exports, 
 
 def test_texts_are_encoded_in_chunks_across_devices_and_class_prompts_once(exports, monkeypatch):
     encoder = load(exports["cloc_tiny"])
-    device = Device(encoder, sharding.make_mesh(base_config().mesh), 8)
+    device = EvalRunner(encoder, sharding.make_mesh(base_config().mesh), 8)
     texts = [f"{s} red circle" for s in ("large", "small", "a", "the")] * 5  # 20: not a multiple of 8
     np.testing.assert_allclose(device.encode(texts), encoder.encode_text(texts), atol=2e-5)
     assert device.encode([]).shape == (0, encoder.encode_text(texts).shape[1])
@@ -273,7 +273,7 @@ def test_training_runs_benchmark_entries_beside_its_heldout_ones(exports):
             imagenet=dict(benchmarks.BENCHMARKS["scenes_zeroshot"], data="scenes:heldout:16", prefix="scenes"),
         )
     encoder = load(exports["cloc_tiny"])
-    device = evals.device_for(config, encoder, sharding.make_mesh(config.mesh))
+    device = evals.runner_for(config, encoder, sharding.make_mesh(config.mesh))
     results = evals.run_all(config, device)
     assert set(results) == {"zeroshot/top1", "zeroshot/top5", "scenes/top1", "scenes/top5"}
     assert all(0 <= v <= 1 for v in results.values())

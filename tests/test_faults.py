@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from cloc_jax import convert
+from cloc_jax import weights
 from cloc_jax.checkpoint import Checkpoints
-from cloc_jax.export import export
+from cloc_jax.weights.native import export
 from tests.conftest import ROOT
 from tests.test_train import LAUNCH, TINY, launch, metric_rows
 
@@ -36,7 +36,7 @@ def _wait_for_checkpoint(proc, workdir: str, at_least: int, timeout: float = 300
 
 def _final_params(workdir: str, step: int) -> dict[str, np.ndarray]:
     """The parameters of checkpoint `step`, read on one device whatever mesh and processes saved them."""
-    return convert.read(export(workdir, os.path.join(workdir, f"export_{step}"), step=step)).params
+    return weights.read(export(workdir, os.path.join(workdir, f"export_{step}"), step=step)).params
 
 
 def _stopped_step(out: str) -> int:

@@ -108,13 +108,15 @@ def test_lamb_trust_ratio_is_per_layer_for_scanned_layers():
 
 def test_one_lamb_step_scanned_equals_unrolled():
     """A real model's parameters, two LAMB steps (weight decay on) with layers scanned and unrolled."""
-    from cloc_jax.convert import layout
-    from cloc_jax.train import build, dummy_batch, model_inputs
+    from cloc_jax.models.build import init_params
+    from cloc_jax.models.spec import from_config
+    from cloc_jax.train import build
+    from cloc_jax.weights import layout
 
     config = tiny_config("umg_tiny_pet")
     config.model.image.adapter_dim = 4
     _, model, _ = build(config)
-    init = jax.jit(lambda rng: flax.linen.unbox(model.init(rng, **model_inputs(config, dummy_batch(config)))))
+    init = jax.jit(lambda rng: flax.linen.unbox(init_params(model, from_config(config), rng)))
     flat = _flat(init(jax.random.key(0))["params"])
     rng = np.random.default_rng(0)
     grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in flat.items()} for _ in range(2)]

@@ -8,7 +8,8 @@ import pytest
 
 from cloc_jax import losses, sharding
 from cloc_jax.data import pipeline
-from cloc_jax.train import build, init_state, make_train_step, model_inputs
+from cloc_jax.models.build import model_inputs
+from cloc_jax.train import build, init_state, make_train_step
 from tests.conftest import tiny_config
 
 
@@ -125,7 +126,7 @@ def test_bf16_activations_keep_float32_parameters_and_optimizer_state():
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
         state, _ = init_state(config, model, tx, mesh)
         batch = sharding.global_batch(local, mesh)
-        out = jax.jit(lambda p, b: model.apply({"params": p}, **model_inputs(config, b)))(state.params, batch)
+        out = jax.jit(lambda p, b: model.apply({"params": p}, **model_inputs(model, b)))(state.params, batch)
         state, metrics = jax.jit(make_train_step(config, model, tx))(state, batch)
     assert out["grid"].dtype == jnp.bfloat16  # activations
     assert out["zimg"].dtype == out["zregion"].dtype == jnp.float32  # embeddings and losses in f32

@@ -9,8 +9,10 @@ import pytest
 
 from cloc_jax.data import pipeline
 from cloc_jax.losses import tag_loss, training_loss
+from cloc_jax.models.build import example_batch
+from cloc_jax.models.spec import from_config
 from cloc_jax.tokenizers import ByteTokenizer
-from cloc_jax.train import build, dummy_batch
+from cloc_jax.train import build
 from tests.conftest import tiny_config
 from tests.data import fixtures
 from tests.test_region_losses import clip_reference, region_reference
@@ -83,7 +85,7 @@ def test_pipeline_makes_multi_hot_image_tags_from_the_objects():
         record = source[int(batch["index"][row])]
         assert set(np.flatnonzero(batch["image_tags"][row])) == set(record["region_labels"].tolist())
     assert batch["image_tags_valid"].dtype == bool and batch["image_tags_valid"].all()  # scenes have tags
-    assert pipeline.tag_tokens(config, tokenizer).shape == (len(source.class_names), 24)
+    assert pipeline.tag_vocabulary(config, tokenizer).shape == (len(source.class_names), 24)
 
 
 def test_region_tags_without_regions_are_one_line():
@@ -135,9 +137,18 @@ def test_a_batch_without_tagged_images_has_no_image_tag_loss_or_gradient():
         assert np.isfinite(grad).all() and not np.any(grad)
 
 
-def test_dummy_batch_has_the_tag_fields_of_a_real_batch():
-    config = tiny_config(**{"tags.image_weight": 1.0})
-    real = next(pipeline.train_iterator(config, ByteTokenizer()))
-    dummy = dummy_batch(config, config.batch_size)
-    for key in ("image_tags", "image_tags_valid"):
-        assert (dummy[key].shape, dummy[key].dtype) == (real[key].shape, real[key].dtype)
+@pytest.mark.parametrize("name", ["cloc_tiny", "umg_tiny"])
+def test_the_pipeline_makes_the_example_batch(name):
+    """Every field of the batch contract (`build.example_batch`, what the step reads) comes out of the pipeline
+    with its shape and dtype; the rest of a pipeline batch is bookkeeping the step never reads."""
+    config = tiny_config(name)
+    tokenizer = ByteTokenizer()
+    real = next(pipeline.train_iterator(config, tokenizer))
+    tags = pipeline.tag_vocabulary(config, tokenizer)
+    example = example_batch(
+        from_config(config), config.batch_size, config.data.max_regions, 0 if tags is None else len(tags)
+    )
+    assert ("image_tags" in example) == (name == "umg_tiny")
+    for key, value in example.items():
+        assert (real[key].shape, real[key].dtype) == (value.shape, value.dtype), key
+    assert set(real) - set(example) == {"index", "label", "referring_tokens"}

@@ -61,12 +61,14 @@ def test_a_nan_box_does_not_poison_the_step_and_a_nan_loss_changes_nothing():
     import flax.linen as nn
 
     from cloc_jax import sharding
-    from cloc_jax.train import build, dummy_batch, init_state, make_train_step
+    from cloc_jax.models.build import example_batch
+    from cloc_jax.models.spec import from_config
+    from cloc_jax.train import build, init_state, make_train_step
 
     config = tiny_config()
     mesh = sharding.make_mesh(config.mesh)
     _, model, tx = build(config)
-    batch = dummy_batch(config, 16)
+    batch = example_batch(from_config(config), 16, config.data.max_regions)
     batch["image"] = jax.random.normal(jax.random.key(0), batch["image"].shape)
     words = jax.random.randint(jax.random.key(1), (16, 4), 2, 20)  # ids inside cloc_tiny's word vocabulary
     batch["tokens"] = batch["tokens"].at[:, :4].set(words)

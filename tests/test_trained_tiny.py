@@ -13,9 +13,9 @@ from cloc_jax import load
 from cloc_jax.boxes import iou_and_giou
 from cloc_jax.config import SCENE_TEMPLATES, eval_entry
 from cloc_jax.data.scenes import CLASS_NAMES, Scenes
-from cloc_jax.export import export
 from cloc_jax.predict import predict, read_image
 from cloc_jax.train import train_and_evaluate
+from cloc_jax.weights.native import export
 from tests.conftest import tiny_config
 from tests.test_train import metric_rows
 

@@ -311,12 +311,13 @@ def _ratio(width: int, mlp_dim: int) -> float:
     return ratio if int(width * ratio) == mlp_dim else (mlp_dim + 0.5) / width
 
 
-def model_config(spec: dict, params: dict) -> dict:
+def model_config(spec: Spec, params: dict) -> dict:
     """Spec -> open_clip's model_cfg, or a one-line error naming the first setting open_clip's ViT CLIP (with
     its SimpleTokenizer) cannot express."""
     from cloc_jax.models.vit import vit_size
 
-    m, tok = spec["model"], spec["tokenizer"]
+    fields = spec.to_json()
+    m, tok = fields["model"], fields["tokenizer"]
     im, tx = m["image"], m["text"]
     needs = {
         "model.image.pool": (im["pool"], ("cls",)),
@@ -373,8 +374,8 @@ def write(weights: Weights, tokenizer, out: str) -> str:
 
     from cloc_jax.tokenizers import OpenClipTokenizer
 
+    cfg = model_config(weights.spec, weights.in_layout(scan=False))
     spec, p = weights.spec.to_json(), weights.in_layout(scan=False)
-    cfg = model_config(spec, p)
     if not isinstance(tokenizer, OpenClipTokenizer):
         raise ValueError(f"tokenizer.type={spec['tokenizer']['type']!r} has no open_clip equivalent (needs open_clip)")
     im = spec["model"]["image"]

@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 sentencepiece = pytest.importorskip("sentencepiece")
 
 import cloc_jax  # noqa: E402
-from cloc_jax import convert  # noqa: E402
-from cloc_jax.convert import big_vision  # noqa: E402
+from cloc_jax import weights as convert  # noqa: E402
+from cloc_jax.weights import big_vision  # noqa: E402
 from tests.convert import reference  # noqa: E402
 
 TOL = 1e-4
@@ -231,7 +231,7 @@ def _reference(model, images, ids):
 @pytest.mark.parametrize("scan", [True, False])
 def test_matches_transformers(encoders, hf_model, scan):
     encoder, images = encoders[scan], _images()
-    assert encoder.spec["model"]["scan"] is scan
+    assert encoder.spec.model.scan is scan
     ids = np.random.default_rng(2).integers(0, TEXT["vocab"], (4, TEXT["length"])).astype(np.int32)
     zimg, ztxt, logits, hidden = _reference(hf_model, images, ids)
     errors = {
@@ -252,8 +252,8 @@ def test_texts_match_transformers(encoders, hf_model, spm):
     text embeddings transformers computes from those ids."""
     encoder = encoders[True]
     sp = sentencepiece.SentencePieceProcessor(model_file=spm)
-    spec = encoder.spec["tokenizer"]
-    assert (spec["type"], spec["pad_id"], spec["lowercase"]) == ("big_vision", sp.eos_id(), True)
+    spec = encoder.spec.tokenizer
+    assert (spec.type, spec.pad_id, spec.lowercase) == ("big_vision", sp.eos_id(), True)
     ids = _big_vision_ids(sp, TEXTS, TEXT["length"], pad=sp.eos_id())
     assert ids[-1, -1] == sp.eos_id() and len(sp.encode(TEXTS[-1])) > TEXT["length"]  # one text is cut
     np.testing.assert_array_equal(encoder.tokenize(TEXTS), ids)
@@ -265,7 +265,7 @@ def test_texts_match_transformers(encoders, hf_model, spm):
 
 def test_layouts_and_prefixes_read_alike(files):
     first, *others = (big_vision.read(path) for path in files.values())  # what convert.read checks
-    spec = first.spec
+    spec = first.spec.to_json()
     model, sizes = spec["model"], ("width", "depth", "heads", "mlp_dim")
     assert (spec["image_size"], model["embed_dim"], model["image"]["project"]) == (IMAGE["side"], TEXT["embed"], False)
     assert {k: model["image"][k] for k in sizes} == {k: IMAGE[k] for k in sizes}
@@ -276,8 +276,7 @@ def test_layouts_and_prefixes_read_alike(files):
         assert other.params.keys() == first.params.keys()
         for key, value in first.params.items():
             np.testing.assert_array_equal(value, other.params[key], err_msg=key)
-        other.spec["tokenizer"]["path"] = spec["tokenizer"]["path"]
-        assert other.spec == spec
+        assert other.spec.replace(**{"tokenizer.path": spec["tokenizer"]["path"]}) == first.spec
 
 
 def test_image_head_projects_with_bias(params, hf_model, spm, tmp_path):
@@ -289,8 +288,8 @@ def test_image_head_projects_with_bias(params, hf_model, spm, tmp_path):
     edited["txt/head/kernel"] = rng.standard_normal((32, 40)).astype(np.float32) / 6
     edited["txt/head/bias"] = rng.standard_normal(40).astype(np.float32) / 10
     encoder = cloc_jax.load(f"big_vision:{_save(tmp_path, edited, scanned=True, tokenizer=spm)}")
-    image = encoder.spec["model"]["image"]
-    assert (image["project"], image["proj_bias"], encoder.spec["model"]["embed_dim"]) == (True, True, 40)
+    image = encoder.spec.model.image
+    assert (image.project, image.proj_bias, encoder.spec.model.embed_dim) == (True, True, 40)
     images = _images()
     with torch.no_grad():
         pooled = hf_model.vision_model(pixel_values=reference.siglip_pixels(images)).pooler_output.numpy()
@@ -310,7 +309,7 @@ def test_variant_checks_the_shapes(mu_params, spm, tmp_path):
     path = _save(tmp_path, mu_params, tokenizer=spm)
     for variant in ("mu", "mu/8/32", "mu/8-i18n"):
         spec = big_vision.read(f"{path}:{variant}").spec
-        assert (spec["image_size"], spec["model"]["image"]["variant"]) == (32, "mu/8")
+        assert (spec.image_size, spec.model.image.variant) == (32, "mu/8")
     for variant, says in (("B/16", "width=768"), ("mu/16", "patch=16"), ("mu/8/64", "image_size=64")):
         with pytest.raises(ValueError) as error:
             convert.read(f"big_vision:{path}:{variant}")
@@ -376,13 +375,13 @@ def test_tokenizer_file_beside_the_npz(mu_params, spm, tmp_path):
         convert.read(f"big_vision:{path}")
     assert path in _one_line(error)
     shutil.copy(spm, tmp_path / "none" / "other.model")  # the folder's only .model file
-    assert big_vision.read(path).spec["tokenizer"]["path"].endswith("other.model")
+    assert big_vision.read(path).spec.tokenizer.path.endswith("other.model")
     shutil.copy(spm, tmp_path / "none" / "third.model")
     with pytest.raises(FileNotFoundError, match="found 2"):
         convert.read(f"big_vision:{path}")
     shutil.copy(_gemma_like_spm(str(tmp_path)), tmp_path / "none" / "siglip.model")  # the same stem wins
-    tok = big_vision.read(path).spec["tokenizer"]
-    assert tok["path"].endswith("siglip.model") and tok["pad_id"] == 0  # SigLIP 2 pads with Gemma's pad token
+    tok = big_vision.read(path).spec.tokenizer
+    assert tok.path.endswith("siglip.model") and tok.pad_id == 0  # SigLIP 2 pads with Gemma's pad token
     with pytest.raises(FileNotFoundError, match="no such file"):
         convert.read(f"big_vision:{tmp_path}/missing.npz")
     (tmp_path / "text.npz").write_text("not a zip")

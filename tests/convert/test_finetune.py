@@ -12,11 +12,12 @@ pytest.importorskip("torch")
 import jax
 
 import cloc_jax
-from cloc_jax import convert, sharding
+from cloc_jax import sharding
+from cloc_jax import weights as convert
 from cloc_jax.config import load_config_file
 from cloc_jax.inference import Encoder
-from cloc_jax.models.spec import adopt_architecture
-from cloc_jax.train import build, init_from, init_state, train_and_evaluate
+from cloc_jax.models.spec import from_config
+from cloc_jax.train import adopt_architecture, build, init_from, init_state, train_and_evaluate
 from tests.conftest import ROOT
 from tests.convert import reference
 
@@ -51,7 +52,7 @@ def test_step_zero_is_the_imported_model(clip_dir):
         state, _ = init_state(config, model, tx, mesh)
         state = init_from(state, weights, config.model.scan)
     assert "prompter" in state.params  # a new module, freshly initialised
-    ours = Encoder(model, state.params, tokenizer, config.tokenizer.context_length, config.image_size)
+    ours = Encoder(model, state.params, tokenizer, from_config(config))
     imported = cloc_jax.load(source)
     images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
     texts = ["a large red circle", "a small blue square"]

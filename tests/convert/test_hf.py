@@ -12,10 +12,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import cloc_jax  # noqa: E402
-from cloc_jax import convert  # noqa: E402
-from cloc_jax.convert import hf  # noqa: E402
-from cloc_jax.convert.layout import to_layout  # noqa: E402
-from cloc_jax.export import read_export, to_tree, write_export  # noqa: E402
+from cloc_jax import weights as convert  # noqa: E402
+from cloc_jax.convert import convert as convert_to  # noqa: E402
+from cloc_jax.weights import hf  # noqa: E402
 from tests.convert import reference  # noqa: E402
 
 TEXTS = ["a photo of a cat", "two dogs!", "A RED circle, left of the blue square.", ""]
@@ -73,14 +72,14 @@ def _compare(encoder, directory, family, images=None):
 @pytest.mark.parametrize("scan", [True, False])
 def test_clip_matches_transformers(clip_dir, scan):
     encoder = cloc_jax.load(f"hf:{clip_dir}", scan=scan)
-    assert encoder.spec["model"]["scan"] is scan
+    assert encoder.spec.model.scan is scan
     _compare(encoder, clip_dir, "clip")
 
 
 def test_clip_with_exact_gelu_matches_transformers(tmp_path):  # LAION's CLIPs
     directory = reference.save_clip(str(tmp_path), act="gelu")
     encoder = cloc_jax.load(f"hf:{directory}")
-    assert encoder.spec["model"]["activation"] == "gelu"
+    assert encoder.spec.model.activation == "gelu"
     _compare(encoder, directory, "clip")
 
 
@@ -149,7 +148,7 @@ def test_export_to_transformers_round_trip(clip_dir, siglip_dir, tmp_path):
     for directory, family in ((clip_dir, "clip"), (siglip_dir, "siglip")):
         export = write_export_of(f"hf:{directory}", tmp_path / f"{family}_export")
         out = str(tmp_path / f"{family}_hf")
-        hf.write(read_export(export), cloc_jax.load(export).tokenizer, out)
+        hf.write(convert.read(export), cloc_jax.load(export).tokenizer, out)
         _compare(cloc_jax.load(f"hf:{out}"), directory, family)  # transformers reads it: the source's outputs
         auto = transformers.AutoModel.from_pretrained(out)
         assert type(auto).__name__ == ("CLIPModel" if family == "clip" else "SiglipModel")
@@ -163,20 +162,21 @@ def test_export_to_transformers_round_trip(clip_dir, siglip_dir, tmp_path):
 
 
 def write_export_of(source, out):
-    weights = convert.read(source)
-    return write_export(weights.spec, to_tree(to_layout(weights.params, weights.spec["model"]["scan"])), str(out))
+    return convert_to(source, str(out))
 
 
 def test_import_export_import_is_bit_identical(clip_dir, tmp_path):
     first = convert.read(f"hf:{clip_dir}")
     again = convert.read(write_export_of(f"hf:{clip_dir}", tmp_path / "export"))
-    assert first.params.keys() == again.params.keys()
-    for key, value in first.params.items():
-        np.testing.assert_array_equal(value, again.params[key], err_msg=key)
+    assert (first.scanned, again.scanned) == (False, True)  # read one block at a time; the export scans
+    unrolled = first.in_layout(scan=False)
+    assert unrolled.keys() == again.in_layout(scan=False).keys()
+    for key, value in again.in_layout(scan=False).items():
+        np.testing.assert_array_equal(unrolled[key], value, err_msg=key)
     out = str(tmp_path / "hf")
     hf.write(again, cloc_jax.load(str(tmp_path / "export")).tokenizer, out)
     third = convert.read(f"hf:{out}")
-    for key, value in first.params.items():
+    for key, value in unrolled.items():
         np.testing.assert_array_equal(value, third.params[key], err_msg=key)
 
 
@@ -231,11 +231,10 @@ def test_bad_folders_are_one_line_errors(clip_dir, tmp_path):
 
 def test_architectures_transformers_cannot_express_are_named(clip_dir, tmp_path):
     weights = convert.read(f"hf:{clip_dir}")
-    weights.spec["model"]["image"]["pool"] = "gap"
+    weights.spec = weights.spec.replace(**{"model.image.pool": "gap"})
     with pytest.raises(ValueError, match=r"model.image.pool='gap'"):
         hf.family_of(weights.spec)
-    weights.spec["model"]["image"]["pool"] = "cls"
-    weights.spec["model"]["activation"] = "relu"
+    weights.spec = weights.spec.replace(**{"model.image.pool": "cls", "model.activation": "relu"})
     with pytest.raises(ValueError, match=r"model.activation='relu'"):
         hf.family_of(weights.spec)
 
@@ -244,10 +243,8 @@ def test_convert_command(clip_dir, tmp_path):
     import subprocess
     import sys
 
-    from cloc_jax.convert.__main__ import convert as convert_to
-
     export = convert_to(f"hf:{clip_dir}", str(tmp_path / "export"), scan=False)
-    assert cloc_jax.load(export).spec["model"]["scan"] is False
+    assert cloc_jax.load(export).spec.model.scan is False
     _compare(cloc_jax.load("hf:" + convert_to(export, str(tmp_path / "hf"), to="hf")), clip_dir, "clip")
     run = subprocess.run(
         [sys.executable, "-m", "cloc_jax.convert", f"--from={tmp_path}/nothing", f"--out={tmp_path}/x"],

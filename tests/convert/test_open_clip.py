@@ -17,12 +17,13 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import cloc_jax  # noqa: E402
-from cloc_jax import convert  # noqa: E402
-from cloc_jax.convert import open_clip as oc  # noqa: E402
-from cloc_jax.convert.layout import Weights, to_layout  # noqa: E402
-from cloc_jax.export import to_tree, write_export  # noqa: E402
-from cloc_jax.models.spec import build_from_spec  # noqa: E402
+from cloc_jax import weights as convert  # noqa: E402
+from cloc_jax.convert import convert as convert_to  # noqa: E402
+from cloc_jax.models.build import build_with_tokenizer  # noqa: E402
+from cloc_jax.models.spec import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 from cloc_jax.tokenizers import tokenize  # noqa: E402
+from cloc_jax.weights import open_clip as oc  # noqa: E402
+from cloc_jax.weights.layout import Weights  # noqa: E402
 
 TOL = 1e-4
 TEXTS = ["a photo of a cat", "Two DOGS &amp; a bird!", "", "word " * 100]
@@ -85,8 +86,8 @@ def _images(n=2, side=32, seed=0):
 
 def _reference(model, preprocess: dict, images, texts):
     """open_clip's own outputs: (image embeddings, text embeddings, logits [B, N], the last resblock's input)."""
-    mean = np.array(preprocess.get("mean", oc.OPENAI_MEAN), np.float32)
-    std = np.array(preprocess.get("std", oc.OPENAI_STD), np.float32)
+    mean = np.array(preprocess.get("mean", OPENAI_MEAN), np.float32)
+    std = np.array(preprocess.get("std", OPENAI_STD), np.float32)
     pixels = torch.tensor((((images + 1) / 2 - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
     tokens = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)(texts)
     seen = []
@@ -123,8 +124,8 @@ def _variant(folder):
 def test_matches_open_clip(folder, scan):
     cfg, preprocess = VARIANTS[_variant(folder)]
     encoder = cloc_jax.load(f"open_clip:{folder}", scan=scan)
-    assert encoder.spec["model"]["scan"] is scan
-    assert encoder.spec["model"]["loss"] == ("sigmoid" if "init_logit_bias" in cfg else "softmax")
+    assert encoder.spec.model.scan is scan
+    assert encoder.spec.model.loss == ("sigmoid" if "init_logit_bias" in cfg else "softmax")
     _compare(encoder, _build(cfg), preprocess, f"{_variant(folder)} scan={scan}")
 
 
@@ -176,8 +177,8 @@ def test_tokenizer_ids_match_open_clip(tmp_path, clean, texts):
     cfg, _ = VARIANTS["quick_gelu"]
     text_cfg = dict(cfg["text_cfg"], tokenizer_kwargs={"clean": clean})
     spec = oc._architecture(dict(model_cfg=dict(cfg, text_cfg=text_cfg)), "test")
-    spec["tokenizer"]["path"] = oc._bpe(str(tmp_path))  # the installed open_clip's BPE
-    tokenizer, _ = build_from_spec(spec)
+    spec = spec.replace(**{"tokenizer.path": oc._bpe(str(tmp_path))})  # the installed open_clip's BPE
+    tokenizer, _ = build_with_tokenizer(spec)
     ours = tokenize(tokenizer, texts, 77)
     theirs = open_clip.tokenizer.SimpleTokenizer(clean=clean)(texts).numpy()
     bad = [t for t, a, b in zip(texts, ours, theirs, strict=True) if not np.array_equal(a, b)]
@@ -190,13 +191,13 @@ def test_write_loads_in_open_clip_and_round_trips(folder, tmp_path):
     import -> open_clip folder -> import give bit-identical parameters."""
     cfg, preprocess = VARIANTS[_variant(folder)]
     weights = convert.read(f"open_clip:{folder}")
-    tokenizer, _ = build_from_spec(weights.spec)
+    tokenizer, _ = build_with_tokenizer(weights.spec)
     out = oc.write(weights, tokenizer, str(tmp_path / "out"))
     assert not [f for f in os.listdir(out) if f.endswith(".gz")]  # open_clip's own BPE is not copied
     written = open_clip.create_model("local-dir:" + out).eval()
     with open(os.path.join(out, oc.CONFIG)) as f:
         written_preprocess = json.load(f)["preprocess_cfg"]
-    assert np.allclose(written_preprocess["mean"], preprocess.get("mean", oc.OPENAI_MEAN))
+    assert np.allclose(written_preprocess["mean"], preprocess.get("mean", OPENAI_MEAN))
     images = _images(seed=1)
     want = _reference(_build(cfg), preprocess, images, TEXTS)
     have = _reference(written, written_preprocess, images, TEXTS)
@@ -204,11 +205,11 @@ def test_write_loads_in_open_clip_and_round_trips(folder, tmp_path):
     print("open_clip before/after export", [f"{e:.2e}" for e in errors])
     assert max(errors) <= TOL, errors
     again = convert.read(f"open_clip:{out}")
-    scan = weights.spec["model"]["scan"]
-    export = write_export(weights.spec, to_tree(to_layout(weights.params, scan)), str(tmp_path / "export"))
+    export = convert_to(f"open_clip:{folder}", str(tmp_path / "export"))
     for other in (again, convert.read(export)):
-        assert other.params.keys() == weights.params.keys()
-        assert all(np.array_equal(other.params[k], weights.params[k]) for k in weights.params)
+        params = other.in_layout(scan=False)
+        assert params.keys() == weights.params.keys()
+        assert all(np.array_equal(params[k], weights.params[k]) for k in weights.params)
     assert again.spec == weights.spec
 
 
@@ -217,13 +218,12 @@ def test_write_copies_a_foreign_bpe(folder, tmp_path):
     """A BPE file that is not open_clip's own travels with the folder, and the reader picks it up."""
     weights = convert.read(f"open_clip:{folder}")
     bpe = tmp_path / "my_merges.txt.gz"
-    with gzip.open(weights.spec["tokenizer"]["path"]) as f, gzip.open(bpe, "wb", compresslevel=1) as g:
+    with gzip.open(weights.spec.tokenizer.path) as f, gzip.open(bpe, "wb", compresslevel=1) as g:
         g.write(f.read())  # the same merges in other bytes
-    spec = copy.deepcopy(weights.spec)
-    spec["tokenizer"]["path"] = str(bpe)
-    tokenizer, _ = build_from_spec(spec)
+    spec = weights.spec.replace(**{"tokenizer.path": str(bpe)})
+    tokenizer, _ = build_with_tokenizer(spec)
     out = oc.write(Weights(spec, weights.params, folder), tokenizer, str(tmp_path / "out"))
-    assert convert.read(f"open_clip:{out}").spec["tokenizer"]["path"] == os.path.join(out, bpe.name)
+    assert convert.read(f"open_clip:{out}").spec.tokenizer.path == os.path.join(out, bpe.name)
 
 
 def _edit(folder, tmp_path, cfg=None, state=None):
@@ -286,7 +286,7 @@ def test_activation_and_norm_settings_round_trip(tmp_path):
     towers = {tower: dict(cfg[tower], **tanh) for tower in ("vision_cfg", "text_cfg")}
     cfg = dict(cfg, quick_gelu=False, **towers)
     spec = oc._architecture(dict(model_cfg=cfg), "cfg.json")
-    assert (spec["model"]["activation"], spec["model"]["ln_eps"]) == ("gelu_tanh", 1e-6)
+    assert (spec.model.activation, spec.model.ln_eps) == ("gelu_tanh", 1e-6)
     params = {"image/pos_embedding": np.zeros((4, 4, 64)), "text/pos_embedding": np.zeros((77, 32))}
     params["text/token_embed/embedding"] = np.zeros((49408, 32))
     written = oc.model_config(spec, params)
@@ -306,18 +306,12 @@ def test_activation_and_norm_settings_round_trip(tmp_path):
 @pytest.mark.parametrize("folder", ["gelu"], indirect=True)
 def test_unexpressible_specs_are_one_line_errors(folder, tmp_path):
     weights = convert.read(f"open_clip:{folder}")
-    tokenizer, _ = build_from_spec(weights.spec)
+    tokenizer, _ = build_with_tokenizer(weights.spec)
     for key, value in [("image.pool", "map"), ("image.patch_bias", True), ("image.adapter_dim", 8),
                        ("image.proj_bias", True), ("activation", "relu")]:  # fmt: skip
-        spec = copy.deepcopy(weights.spec)
-        *path, last = key.split(".")
-        target = spec["model"]
-        for part in path:
-            target = target[part]
-        target[last] = value
+        spec = weights.spec.replace(**{f"model.{key}": value})
         with pytest.raises(ValueError, match=rf"model\.{key}={value!r}"):
             oc.write(Weights(spec, weights.params, folder), tokenizer, str(tmp_path / "out"))
-    spec = copy.deepcopy(weights.spec)
-    spec["tokenizer"].update(type="bytes", path="")
+    spec = weights.spec.replace(**{"tokenizer.type": "bytes", "tokenizer.path": ""})
     with pytest.raises(ValueError, match=r"tokenizer\.type='bytes'"):
         oc.write(Weights(spec, weights.params, folder), tokenizer, str(tmp_path / "out"))

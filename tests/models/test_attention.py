@@ -13,9 +13,9 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cloc_jax import aot
 from cloc_jax.config import AXIS_RULES
 from cloc_jax.models.attention import RESIDUALS, attend, pick_kernel
+from cloc_jax.train import aot
 
 
 def reference(q, k, v, dout, *, causal=False, segments=None, bias=None):

@@ -3,14 +3,18 @@ import jax
 import numpy as np
 import pytest
 
-from cloc_jax.models.cloc import build_model
-from cloc_jax.train import dummy_batch, model_inputs
+from cloc_jax.models.build import build, example_batch, model_inputs
+from cloc_jax.models.spec import from_config
 from tests.conftest import tiny_config
 
 
+def dummy_batch(config, n):
+    return example_batch(from_config(config), n, config.data.max_regions)
+
+
 def _init(config):
-    model = build_model(config.model, config.image_size, 384, config.tokenizer.context_length)
-    return model, model.init(jax.random.key(0), **model_inputs(config, dummy_batch(config, 2)))
+    model = build(from_config(config).replace(**{"model.text.vocab_size": 384}))
+    return model, model.init(jax.random.key(0), **model_inputs(model, dummy_batch(config, 2)))
 
 
 def test_every_parameter_carries_logical_axis_names(config):
@@ -27,7 +31,7 @@ def test_outputs_are_unit_embeddings_with_temperature(loss, has_bias):
     config = tiny_config(**{"model.loss": loss})
     model, variables = _init(config)
     batch = dummy_batch(config, 2)
-    out = model.apply(variables, **model_inputs(config, {**batch, "tokens": batch["tokens"].at[:, 0].set(1)}))
+    out = model.apply(variables, **model_inputs(model, {**batch, "tokens": batch["tokens"].at[:, 0].set(1)}))
     assert out["zimg"].shape == out["ztxt"].shape == (2, config.model.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(out["zimg"], axis=-1), 1.0, rtol=1e-5)
     assert out["grid"].shape == (2, 4, 4, 128)
@@ -50,8 +54,8 @@ def test_scan_and_unrolled_layers_compute_the_same_function():
     batch = dummy_batch(scanned, 2)
     batch["image"] = jax.random.normal(jax.random.key(3), batch["image"].shape)
     batch["tokens"] = batch["tokens"].at[:, :3].set(7)
-    a = model_s.apply(variables, **model_inputs(scanned, batch))
-    b = model_u.apply({"params": params}, **model_inputs(scanned, batch))
+    a = model_s.apply(variables, **model_inputs(model_s, batch))
+    b = model_u.apply({"params": params}, **model_inputs(model_s, batch))
     np.testing.assert_allclose(a["zimg"], b["zimg"], atol=1e-5)
     np.testing.assert_allclose(a["ztxt"], b["ztxt"], atol=1e-5)
 
@@ -67,7 +71,7 @@ def test_bfloat16_activations_keep_float32_parameters_and_embeddings():
     model, variables = _init(config)
     assert {x.dtype for x in jax.tree.leaves(nn.unbox(variables["params"]))} == {np.dtype("float32")}
     batch = dummy_batch(config, 2)
-    out = model.apply(variables, **model_inputs(config, {**batch, "tokens": batch["tokens"].at[:, 0].set(1)}))
+    out = model.apply(variables, **model_inputs(model, {**batch, "tokens": batch["tokens"].at[:, 0].set(1)}))
     assert out["zimg"].dtype == out["ztxt"].dtype == np.float32
     assert out["grid"].dtype == jax.numpy.bfloat16
 
@@ -75,14 +79,15 @@ def test_bfloat16_activations_keep_float32_parameters_and_embeddings():
 def test_packed_region_texts_give_the_same_outputs(config):
     """tokenizer.region_pack_length changes the text tower's layout in training, not what it computes."""
     model, variables = _init(config)
-    packed = build_model(config.model, config.image_size, 384, config.tokenizer.context_length, 20)
+    spec = from_config(config).replace(**{"model.text.vocab_size": 384, "tokenizer.region_pack_length": 20})
+    packed = build(spec)
     batch = dummy_batch(config, 2)
     m = batch["region_tokens"].shape[1]
     lengths = np.array([[3, 0, 5, 2][:m], [6, 4, 0, 1][:m]])  # 10 and 11 tokens: they fit in 20
     region_tokens = np.zeros(batch["region_tokens"].shape, np.int32)
     for b, i in np.ndindex(lengths.shape):
         region_tokens[b, i, : lengths[b, i]] = np.arange(lengths[b, i]) + 5
-    inputs = model_inputs(config, {**batch, "region_tokens": region_tokens})
+    inputs = model_inputs(model, {**batch, "region_tokens": region_tokens})
     out, out_packed = model.apply(variables, **inputs), packed.apply(variables, **inputs)
     nonempty = lengths > 0
     np.testing.assert_allclose(out_packed["zregion_text"][nonempty], out["zregion_text"][nonempty], atol=2e-5)

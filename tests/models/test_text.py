@@ -2,11 +2,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cloc_jax.models.build import tower_settings
+from cloc_jax.models.spec import ModelSpec, TextSpec
 from cloc_jax.models.text import TextTower, pack_texts
 
 
 def _model():
-    return TextTower(vocab_size=300, width=32, depth=2, heads=2, mlp_dim=64, context_length=8, out_dim=16)
+    text = TextSpec(width=32, depth=2, heads=2, mlp_dim=64, vocab_size=300)
+    return TextTower(text, tower_settings(ModelSpec(embed_dim=16)), context_length=8)
 
 
 def test_shapes_and_causal_features_ignore_what_follows():

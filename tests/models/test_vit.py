@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cloc_jax.models.vit import POOLS, VARIANTS, ViT, resize_posemb, vit_size
+from cloc_jax.models.vit import POOLS, VARIANTS, resize_posemb, vit_size
+from tests.conftest import make_vit
 
 
 def shapes(model, images):
@@ -16,7 +17,7 @@ def shapes(model, images):
 def test_every_variant_returns_embedding_and_grid(name, patch):
     size = vit_size(f"{name}/{patch}")
     side = patch * 4
-    model = ViT(variant=f"{name}/{patch}", posemb_grid=4, out_dim=64)
+    model = make_vit(variant=f"{name}/{patch}", posemb_grid=4, out_dim=64)
     emb, grid, _ = shapes(model, jnp.zeros((2, side, side, 3)))
     assert emb.shape == (2, 64)
     assert grid.shape == (2, 4, 4, size.width)
@@ -33,7 +34,7 @@ def test_pools_share_the_grid_without_prefix_tokens(pool):
     """The grid is the encoder's output without the class token, and each pool is its head on the encoder's
     output, against float64 NumPy: cls projects ln_post(class token), gap the mean of ln_post(grid tokens),
     map the MAP head's probe attending over ln_post(grid tokens)."""
-    model = ViT(variant="mu/8", pool=pool, posemb_grid=4, out_dim=16)
+    model = make_vit(variant="mu/8", pool=pool, posemb_grid=4, out_dim=16)
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     variables = model.init(jax.random.key(0), images)
     (emb, grid, _), state = model.apply(
@@ -59,7 +60,7 @@ def test_pools_share_the_grid_without_prefix_tokens(pool):
 
 
 def test_any_resolution_uses_interpolated_position_embeddings():
-    model = ViT(variant="mu/8", posemb_grid=4, out_dim=16)
+    model = make_vit(variant="mu/8", posemb_grid=4, out_dim=16)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     _, grid, _ = model.apply(variables, jnp.zeros((1, 56, 40, 3)))
     assert grid.shape == (1, 7, 5, 128)
@@ -132,7 +133,7 @@ def _map_head(tokens, weights, p):
 def test_box_pooling_is_the_image_head_applied_to_the_covered_tokens(pool):
     """A CLIP-only model's region goes through the head its image embedding goes through: the MAP head
     attending only inside the box (tokens weighted by coverage), or the mean of the normed tokens."""
-    model = ViT(variant="mu/8", pool=pool, posemb_grid=4, out_dim=16)
+    model = make_vit(variant="mu/8", pool=pool, posemb_grid=4, out_dim=16)
     images = jax.random.normal(jax.random.key(2), (1, 32, 32, 3))
     variables = model.init(jax.random.key(0), images)
     # Box 1: exactly token cell (row 1, col 2); box 2: cells (0, 0) and (0, 1) in equal parts; box 3: all.
