@@ -12,18 +12,21 @@ from cloc_jax import sharding
 from cloc_jax.data import pipeline
 from cloc_jax.models.spec import Spec
 
-# Logical axis -> mesh axes. The first rule whose mesh axes are still free wins, so activations
-# [batch, length, embed] shard batch over data x fsdp and leave embed whole, while parameters
-# [embed, mlp] shard embed over fsdp (ZeRO-3 style) and mlp over tensor.
+# Logical axis -> mesh axes, activations and parameters named apart (as MaxText does): activations
+# [batch, length, embed] split the batch over data x fsdp and keep embed whole; parameters [embed, mlp] split
+# embed over fsdp (ZeRO-3 style) and mlp over tensor.
 AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("activation_batch", sharding.BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("kv", None),
     ("joint", None),
-    ("length", None),
     ("layers", None),
 )
 

@@ -11,6 +11,7 @@ launcher applies this only when JAX runs on the CPU.
 
 import ctypes
 import ctypes.util
+import os
 
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -27,3 +28,12 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
+
+
+def order_collectives() -> None:
+    """XLA:CPU's concurrency-optimised scheduler can order the collectives of a multi-axis mesh differently on
+    different simulated devices and deadlock them; this turns it off (the flag only touches the CPU backend).
+    Call before JAX creates its backends (the first computation or device query)."""
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    )

@@ -9,19 +9,18 @@ the reason; with several processes (launched as for training) every host evaluat
 """
 
 import json
-import os
 import sys
-
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cloc_jax import distributed, evals, sharding
+from cloc_jax import cpu, distributed, evals, sharding
 from cloc_jax.evals import benchmarks
 from cloc_jax.weights import load
+
+cpu.order_collectives()  # before JAX makes its backends
 
 _MODEL = flags.DEFINE_string("model", None, "export dir, training workdir, hf:DIR, open_clip:DIR, big_vision:FILE")
 _SUITE = flags.DEFINE_enum("suite", "paper", list(benchmarks.SUITES), "which benchmarks to run")

@@ -9,10 +9,6 @@ import json
 import os
 import sys
 
-# The CPU backend's concurrency-optimised scheduler can deadlock the collectives of multi-axis meshes
-# on simulated devices; the flag only touches the CPU backend. It must be set before jax starts.
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,6 +17,8 @@ from cloc_jax import cpu, distributed, tokenizers
 from cloc_jax.data import pipeline
 from cloc_jax.guards import RunError
 from cloc_jax.train import aot, train_and_evaluate
+
+cpu.order_collectives()  # before JAX makes its backends (imported above, started at the first computation)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file, optionally FILE:key=value,...", lock_config=True

@@ -109,7 +109,7 @@ def test_export_then_load_gives_the_trained_model(trained, tmp_path):
     ckpt = Checkpoints(workdir)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), model.params)
     params = ckpt.restore_params(6, shapes)
-    again = model.model.apply({"params": params}, images, method=type(model.model).encode_image)[0]
+    again = model.model.apply({"params": params}, images, method=type(model.model).encode_image)
     np.testing.assert_allclose(zi, np.asarray(again), atol=1e-6)
     assert not np.allclose(zi[0], zi[1])
     # A training workdir loads as it stands (its newest checkpoint), as `python -m cloc_jax.evaluate` takes it.

@@ -158,6 +158,8 @@ class Preprocess(grain.transforms.RandomMap):
         return image, boxes, keep, flip
 
     def _process(self, record: dict, rng: np.random.Generator | None) -> dict | None:
+        """One record -> one row, or None (skipped and counted). `rng` is None in evaluation. The steps draw from
+        `rng` in a fixed order (expressions, geometry, caption, regions), so a seed gives the same rows."""
         try:
             image = transforms.decode_image(record["image"], self.image_size)
         except transforms.BadImage as error:
@@ -171,7 +173,6 @@ class Preprocess(grain.transforms.RandomMap):
             referring = [e[0] if e else "" for e in expressions]
         else:
             referring = [e[int(rng.integers(len(e)))] if e else "" for e in expressions]
-        labels = np.asarray(_fit(record["region_labels"], n, -1), np.int32)
         captions = [c.strip() for c in record["captions"] if isinstance(c, str) and c.strip()]
         texts = captions + region_texts + referring
         self.stats.add("repaired/text", sum("\ufffd" in t for t in texts))
@@ -184,17 +185,38 @@ class Preprocess(grain.transforms.RandomMap):
         self.stats.add("dropped/boxes", int((~keep).sum()))
         self.stats.add("dropped/boxes_outside_crop", int((keep & ~visible).sum()))
         self.stats.add("dropped/boxes_without_text", int((keep & visible & ~usable).sum()))
-        kept = np.flatnonzero(usable)
         written = captions  # evaluation scores only the captions the data has
-        if not captions and len(kept):  # detection-style data: describe the image by its regions
-            captions = ["a photo of " + ", ".join(dict.fromkeys(region_texts[i] for i in kept))]
+        caption = self._caption(captions, [region_texts[i] for i in np.flatnonzero(usable)], rng)
+        if caption is None:
+            return None
+        kept, chosen_tokens, ref_tokens = self._sample_regions(usable, region_texts, referring, rng)
+        labels = np.asarray(_fit(record["region_labels"], n, -1), np.int32)
+        out = self._row(record, image, caption, boxes[kept], labels[kept], chosen_tokens, ref_tokens)
+        if rng is None:
+            out.update(self._every_caption(written))
+            pairs = [(i, e) for i in np.flatnonzero(usable) for e in expressions[i] or [region_texts[i]]]
+            out.update(self._every_expression(boxes, pairs))
+        return out
+
+    def _caption(self, captions: list[str], region_texts: list[str], rng) -> str | None:
+        """The caption a row trains on (sampled; evaluation: the first). An image without one is described by
+        its usable regions' texts (detection-style data); in training an image with neither is skipped (None),
+        in evaluation it keeps an empty caption (an image with a class and no text still counts for zero-shot)."""
+        if not captions and region_texts:
+            captions = ["a photo of " + ", ".join(dict.fromkeys(region_texts))]
             self.stats.add("repaired/caption_from_regions")
         elif not captions and rng is not None:  # nothing to learn from
             self.stats.add("skipped/no_text")
             return None
-        elif not captions:  # evaluation: an image with a class and no text is still an image (zero-shot)
+        elif not captions:
             captions = [""]
-        caption = captions[int(rng.integers(len(captions)))] if rng is not None else captions[0]
+        return captions[int(rng.integers(len(captions)))] if rng is not None else captions[0]
+
+    def _sample_regions(self, usable: np.ndarray, region_texts: list, referring: list, rng) -> tuple:
+        """(indices of the kept boxes, their texts [N, L'], their referring expressions [N, L']): training samples
+        up to M usable regions, and describes some by their referring expression (`referring_prob`); packed
+        training drops the texts that would not fit (counted); evaluation keeps the first M (the rest counted)."""
+        kept = np.flatnonzero(usable)
         if rng is not None and len(kept) > self.max_regions:
             kept = np.sort(rng.choice(kept, self.max_regions, replace=False))
         if rng is None:
@@ -209,11 +231,15 @@ class Preprocess(grain.transforms.RandomMap):
             fit = fits_in_row(chosen_tokens, self.region_pack_length)
             self.stats.add("dropped/regions_over_pack_length", int((~fit).sum()))
             kept, chosen_tokens, ref_tokens = kept[fit], chosen_tokens[fit], ref_tokens[fit]
-        m, num = self.max_regions, len(kept)
+        return kept, chosen_tokens, ref_tokens
+
+    def _row(self, record: dict, image, caption: str, boxes, labels, region_tokens, referring_tokens) -> dict:
+        """The fixed-shape row: regions padded to M with a mask; with tags, the record's multi-hot image tags."""
+        m, num = self.max_regions, len(boxes)
         padded_boxes = np.zeros((m, 4), np.float32)
-        padded_boxes[:num] = boxes[kept]
+        padded_boxes[:num] = boxes
         padded_labels = np.full((m,), -1, np.int32)
-        padded_labels[:num] = labels[kept]
+        padded_labels[:num] = labels
         out = dict(
             index=np.int64(record["index"]),
             image=image.astype(np.float32) / 127.5 - 1.0,
@@ -222,18 +248,14 @@ class Preprocess(grain.transforms.RandomMap):
             boxes=padded_boxes,
             region_mask=np.arange(m) < num,
             region_labels=padded_labels,
-            region_tokens=self._pad_regions(chosen_tokens),
-            referring_tokens=self._pad_regions(ref_tokens),
+            region_tokens=self._pad_regions(region_tokens),
+            referring_tokens=self._pad_regions(referring_tokens),
         )
         if self.num_tags:
             out["image_tags"] = np.zeros(self.num_tags, np.float32)
             tags = np.asarray(record["tags"], np.int64)
             out["image_tags"][tags[(tags >= 0) & (tags < self.num_tags)]] = 1.0
             out["image_tags_valid"] = np.bool_(record["has_tags"])  # False: tags unknown, not absent
-        if rng is None:
-            out.update(self._every_caption(written))
-            pairs = [(i, e) for i in np.flatnonzero(usable) for e in expressions[i] or [region_texts[i]]]
-            out.update(self._every_expression(boxes, pairs))
         return out
 
     def _every_caption(self, captions: list[str]) -> dict:

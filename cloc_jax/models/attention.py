@@ -30,9 +30,11 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import AxisType, PartitionSpec
 
+from cloc_jax.sharding import BATCH_AXES
+
 KERNELS = ("xla", "cudnn", "splash")
 # Mesh axes of the splash shard_map when no flax logical axis rules are active (as cloc_jax.config.AXIS_RULES).
-DEFAULT_RULES = (("batch", ("data", "fsdp")), ("heads", "tensor"))
+DEFAULT_RULES = (("activation_batch", BATCH_AXES), ("activation_heads", "tensor"))
 # checkpoint_name of splash's output and logsumexp (its backward's residuals): a remat policy that saves
 # this name keeps the forward kernel from running again in the backward pass.
 RESIDUALS = "attention_residuals"
@@ -144,7 +146,7 @@ def _mesh_axes(mesh, free: set, batch: int, heads: int):
     keeping only free axes of this mesh; a dim they do not divide is replicated (12 heads on tensor=8)."""
     rules = nn.get_logical_axis_rules() or DEFAULT_RULES
     out = []
-    for dim, axes in zip((batch, heads), nn.logical_to_mesh_axes(("batch", "heads"), rules)):
+    for dim, axes in zip((batch, heads), nn.logical_to_mesh_axes(("activation_batch", "activation_heads"), rules)):
         names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
         names = tuple(a for a in names if a in free)
         size = math.prod(mesh.shape[a] for a in names)

@@ -22,6 +22,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_KERNELS = ("auto", *KERNELS)
+TOKEN_AXES = ("activation_batch", "activation_length", "activation_embed")  # logical axes of [B, T, D] tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +179,7 @@ class Mlp(nn.Module):
             bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)),
             name="fc1",
         )(x)
-        x = constrain(activation_fn(self.activation)(x), ("batch", "length", "mlp"))
+        x = constrain(activation_fn(self.activation)(x), ("activation_batch", "activation_length", "activation_mlp"))
         return nn.Dense(
             width,
             dtype=self.dtype,
@@ -196,14 +197,14 @@ class Block(nn.Module):
 
     heads: int
     mlp_dim: int
+    activation: str  # the tower's shared settings (TowerSettings): no defaults here
+    ln_eps: float
+    dtype: Dtype
+    attention: str
     causal: bool = False
     adapter_dim: int = 0  # > 0: Convpass adapters beside attention and MLP (needs adapter_grid)
     adapter_grid: tuple[int, int] | None = None
     adapter_scale: float = 0.1
-    activation: str = "gelu_tanh"
-    ln_eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -214,13 +215,13 @@ class Block(nn.Module):
                 return 0.0
             return self.adapter_scale * Convpass(self.adapter_dim, self.adapter_grid, self.dtype, name=name)(y)
 
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, TOKEN_AXES)
         y = layer_norm("ln1", self.dtype, self.ln_eps)(x)
         attn = Attention(self.heads, self.causal, self.dtype, self.attention, name="attn")
         x = x + attn(y, y, bias, segment_ids) + adapter("adapter_attn", y)
         y = layer_norm("ln2", self.dtype, self.ln_eps)(x)
         x = x + Mlp(self.mlp_dim, self.dtype, self.activation, name="mlp")(y) + adapter("adapter_mlp", y)
-        return constrain(x, ("batch", "length", "embed")), None
+        return constrain(x, TOKEN_AXES), None
 
 
 class Blocks(nn.Module):
@@ -233,15 +234,15 @@ class Blocks(nn.Module):
     depth: int
     heads: int
     mlp_dim: int
+    scan: bool  # the tower's shared settings (TowerSettings): no defaults here
+    remat: str
+    activation: str
+    ln_eps: float
+    dtype: Dtype
+    attention: str
     causal: bool = False
-    scan: bool = True
-    remat: str = "none"
     adapter_dim: int = 0
     adapter_grid: tuple[int, int] | None = None
-    activation: str = "gelu_tanh"
-    ln_eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    attention: str = "auto"
 
     @nn.compact
     def __call__(

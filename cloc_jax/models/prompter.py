@@ -19,7 +19,7 @@ from cloc_jax.models.layers import Dtype, Mlp, constrain, layer_norm, logical
 # Prompts [B, M, P, D] stay split over the batch like the image tokens they read: without the hint XLA's
 # partitioner follows the FSDP-sharded weights, replicates the batch and all-reduces [B, M, P, 4D] activations
 # (2 GiB per device per step for L/14 at batch 32,768 on 1,024 chips).
-PROMPT_AXES = ("batch", None, None, "embed")
+PROMPT_AXES = ("activation_batch", None, None, "activation_embed")
 
 
 def sincos(points: jax.Array, dim: int, temperature: float = 10_000.0) -> jax.Array:

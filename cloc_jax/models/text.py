@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cloc_jax.models.layers import Blocks, TowerSettings, constrain, layer_norm, logical
+from cloc_jax.models.layers import TOKEN_AXES, Blocks, TowerSettings, constrain, layer_norm, logical
 from cloc_jax.models.spec import TextSpec
 
 Packing = tuple[jax.Array, jax.Array, jax.Array]
@@ -82,7 +82,7 @@ class TextTower(nn.Module):
             segments, positions, eot = packing
             posemb = posemb[positions]
             segment_ids = (segments, segments)  # a token sees its own text only (kernels take ids, not a bias)
-        x = constrain(x + posemb.astype(self.tower.dtype), ("batch", "length", "embed"))
+        x = constrain(x + posemb.astype(self.tower.dtype), TOKEN_AXES)
         x = Blocks(
             self.spec.depth,
             self.spec.heads,

@@ -13,7 +13,17 @@ import numpy as np
 
 from cloc_jax.boxes import cell_coverage
 from cloc_jax.models.clustering import cluster, num_clusters, unfold
-from cloc_jax.models.layers import Attention, Blocks, Dtype, Mlp, TowerSettings, constrain, layer_norm, logical
+from cloc_jax.models.layers import (
+    TOKEN_AXES,
+    Attention,
+    Blocks,
+    Dtype,
+    Mlp,
+    TowerSettings,
+    constrain,
+    layer_norm,
+    logical,
+)
 from cloc_jax.models.region_pool import roi_align
 from cloc_jax.models.spec import ImageSpec
 
@@ -232,7 +242,7 @@ class ViT(nn.Module):
             num_prefix = 1
         if self.spec.ln_pre:
             x = layer_norm("ln_pre", self.tower.dtype, self.tower.ln_eps)(x)
-        return constrain(x, ("batch", "length", "embed")), (h, w), num_prefix
+        return constrain(x, TOKEN_AXES), (h, w), num_prefix
 
     def _projection(self):
         """The pooled features -> the joint space [.., out_dim] (the identity for a tower without projection)."""
