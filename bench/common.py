@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cloc_jax import cpu, sharding, tokenizers
+from cloc_jax import cpu, sharding
 from cloc_jax.data import pipeline
 from cloc_jax.train import aot, build, init_state, make_train_step
 
@@ -36,18 +36,13 @@ def matmul_peak_flops(n: int = 4096, repeats: int = 5) -> float:
     return 2 * n**3 / median_seconds(lambda: mm(a), repeats)
 
 
-def tag_vocabulary_of(config):
-    """The config's tag vocabulary [T, L'] (None without tag losses), read from its training data."""
-    return pipeline.tag_vocabulary(config, tokenizers.from_spec(config.tokenizer))
-
-
 def step_flops(config) -> float:
     """FLOPs of one step from XLA's cost analysis, compiled with layers unrolled (a scanned stack is
     counted once) for this machine's devices."""
     unrolled = config.copy_and_resolve_references()
     unrolled.model.scan = False
     unrolled.model.remat = "none"
-    return float(aot.compile_on(unrolled, jax.devices(), tag_vocabulary_of(unrolled))[0].cost_analysis()["flops"])
+    return float(aot.compile_on(unrolled, jax.devices(), pipeline.tag_vocabulary(unrolled))[0].cost_analysis()["flops"])
 
 
 def sized_and_meshed(config, batch: int, cpu_layout: bool):
@@ -82,7 +77,7 @@ def step_runner(config, batch, mesh):
 
     with under_mesh():
         state, _ = init_state(config, model, tx, mesh)
-        step = jax.jit(make_train_step(config, model, tx, tag_vocabulary_of(config)), donate_argnums=0)
+        step = jax.jit(make_train_step(config, model, tx, pipeline.tag_vocabulary(config)), donate_argnums=0)
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
     holder = [state]

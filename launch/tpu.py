@@ -13,7 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cloc_jax import cpu, distributed, tokenizers
+from cloc_jax import cpu, distributed
 from cloc_jax.data import pipeline
 from cloc_jax.guards import RunError
 from cloc_jax.train import aot, train_and_evaluate
@@ -49,7 +49,7 @@ def main(argv):
     config = _CONFIG.value
     if _AOT_TOPOLOGY.value:
         devices = aot.topology_devices(_AOT_TOPOLOGY.value, config.mesh.slices)  # --config.mesh.slices=N: N slices
-        tags = pipeline.tag_vocabulary(config, tokenizers.from_spec(config.tokenizer))  # UMG's: read from the data
+        tags = pipeline.tag_vocabulary(config)  # UMG's tag vocabulary, read from the data (None otherwise)
         report = aot.compile_for(config, devices, estimate=_AOT_ESTIMATE.value, tags=tags)
         print(aot.format_report(f"{_AOT_TOPOLOGY.value} x {config.mesh.slices} slice(s)", report), flush=True)
         print(json.dumps(report), flush=True)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from cloc_jax import sharding, tokenizers
+from cloc_jax import sharding
 from cloc_jax.config import load_config_file
 from cloc_jax.data import pipeline
 from cloc_jax.train import aot
@@ -79,7 +79,7 @@ def test_analytic_flops_match_xla_on_an_unrolled_step(name, overrides):
     count: 74% of XLA's for umg_tiny) or charging packed texts as M rows (136%) fails. XLA's count of
     the lowered step is within 0.3% of the compiled one's, at a tenth of the time."""
     config = tiny_config(name, **{"model.scan": False, "mesh.data": 1, **overrides})
-    tags = pipeline.tag_vocabulary(config, tokenizers.from_spec(config.tokenizer))
+    tags = pipeline.tag_vocabulary(config)
     xla = aot.lower_step(config, jax.devices()[:1], tags)[0].cost_analysis()["flops"]
     analytic = aot.model_flops(config, 0 if tags is None else len(tags)) * config.batch_size
     assert 0.95 * xla < analytic <= xla, (analytic / xla, analytic, xla)
@@ -120,5 +120,6 @@ def test_a_step_with_a_tag_vocabulary_lowers_for_a_topology():
     """UMG-CLIP's tag vocabulary is a constant of the step: a host array, not one placed on a device (abstract
     TPU devices hold no data)."""
     config = tiny_config("umg_tiny", **{"mesh.data": 4})
-    lowered, mesh = aot.lower_step(config, aot.topology_devices("v5e:2x2"))  # raised AttributeError before
+    tags = pipeline.tag_vocabulary(config)
+    lowered, mesh = aot.lower_step(config, aot.topology_devices("v5e:2x2"), tags)  # raised AttributeError before
     assert dict(mesh.shape)["data"] == 4 and "func.func public @main" in lowered.as_text()

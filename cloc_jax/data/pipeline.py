@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cloc_jax import tokenizers
 from cloc_jax.boxes import repair
 from cloc_jax.data import sources, transforms
 from cloc_jax.data.records import empty_record
@@ -285,12 +286,14 @@ def tags_enabled(config: ml_collections.ConfigDict) -> bool:
     return config.tags.image_weight > 0 or config.tags.region_weight > 0
 
 
-def tag_vocabulary(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> np.ndarray | None:
+def tag_vocabulary(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> np.ndarray | None:
     """UMG-CLIP's tag vocabulary, the training source's class names, as region-length tokens [T, L'] (None
-    without tag losses): a constant of the training step that only the data knows, read here once and passed in."""
+    without tag losses: then neither the data nor the tokenizer is read): a constant of the training step that
+    only the data knows, read here once and passed in. Without `tokenizer`, the config's is made."""
     if not tags_enabled(config):
         return None
     names = make_source(config.data, "train", config.image_size).class_names
+    tokenizer = tokenizer or tokenizers.from_spec(config.tokenizer)
     return tokenize(tokenizer, list(names), config.tokenizer.region_context_length)
 
 
