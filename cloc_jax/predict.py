@@ -110,7 +110,7 @@ def probabilities(encoder: Encoder, cosines: np.ndarray) -> np.ndarray:
     label's own sigmoid (SigLIP)."""
     scale, bias = encoder.logit_params()
     logits = scale * cosines + bias
-    if encoder.model.loss == "sigmoid":
+    if encoder.spec.model.loss == "sigmoid":
         return 1 / (1 + np.exp(-logits))
     e = np.exp(logits - logits.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)

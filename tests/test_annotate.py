@@ -99,7 +99,7 @@ class FakeEncoder:
     """Grounds every query to the canvas box [0, 0, 1, 0.5]; region and text embeddings agree."""
 
     image_size = 32
-    model = type("M", (), {"prompter": object()})()
+    can_ground = True
 
     def ground(self, images, texts):
         return np.broadcast_to(np.array([0, 0, 1, 0.5], np.float32), (len(images), len(texts[0]), 4)).copy()

@@ -137,7 +137,7 @@ def test_clip_only_model_pools_regions_from_tokens_and_cannot_ground(tmp_path):
     model = load(export(str(tmp_path / "run"), str(tmp_path / "export")))
     images = np.zeros((1, 32, 32, 3), np.float32)
     assert model.encode_regions(images, np.array([[[0, 0, 0.5, 0.5]]], np.float32)).shape == (1, 1, 128)
-    with pytest.raises(ValueError, match="ground needs the Prompter's box head"):
+    with pytest.raises(ValueError, match="ground needs a box head"):
         model.ground(images, [["a red circle"]])
 
 

@@ -117,7 +117,7 @@ def test_one_lamb_step_scanned_equals_unrolled():
     config.model.image.adapter_dim = 4
     _, model, _ = build(config)
     init = jax.jit(lambda rng: flax.linen.unbox(init_params(model, from_config(config), rng)))
-    flat = _flat(init(jax.random.key(0))["params"])
+    flat = _flat(init(jax.random.key(0)))
     rng = np.random.default_rng(0)
     grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in flat.items()} for _ in range(2)]
     tx = _lamb(lr=1e-2, weight_decay=0.1)

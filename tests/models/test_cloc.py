@@ -79,11 +79,11 @@ def test_bfloat16_activations_keep_float32_parameters_and_embeddings():
 def test_packed_region_texts_give_the_same_outputs(config):
     """tokenizer.region_pack_length changes the text tower's layout in training, not what it computes."""
     model, variables = _init(config)
-    spec = from_config(config).replace(**{"model.text.vocab_size": 384, "tokenizer.region_pack_length": 20})
+    spec = from_config(config).replace(**{"model.text.vocab_size": 384, "tokenizer.region_pack_length": 24})
     packed = build(spec)
     batch = dummy_batch(config, 2)
     m = batch["region_tokens"].shape[1]
-    lengths = np.array([[3, 0, 5, 2][:m], [6, 4, 0, 1][:m]])  # 10 and 11 tokens: they fit in 20
+    lengths = np.array([[3, 0, 5, 2][:m], [6, 4, 0, 1][:m]])  # 10 and 11 tokens: they fit in 24
     region_tokens = np.zeros(batch["region_tokens"].shape, np.int32)
     for b, i in np.ndindex(lengths.shape):
         region_tokens[b, i, : lengths[b, i]] = np.arange(lengths[b, i]) + 5
