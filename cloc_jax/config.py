@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     spec = Spec().to_config()
     c.model = spec["model"]
     c.tokenizer = spec["tokenizer"]
+    c.preprocess = spec["preprocess"]  # how evaluation decodes and resizes images (CLOC's letterbox)
     # L = L_CLIP + weight * (images with regions / batch) * (L_region + grounding_weight * L_grounding)
     c.region_loss = dict(
         weight=1.0,

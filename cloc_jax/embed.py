@@ -9,7 +9,10 @@ share (every process_count-th record) on its own devices, in batches, and writes
     images   ids [n] (record index in the source), embeddings [n, E]
     texts    ids [t], caption [t] (its position among the record's captions), embeddings [t, E]
     regions  ids [r], region [r] (position among the record's usable boxes), boxes [r, 4] (xyxy normalised
-             to the square the model saw: long side resized, padded right and bottom), embeddings [r, E]
+             to the square the model saw: `preprocess.region_rule`, every box kept), embeddings [r, E]
+
+Images are embedded as the model's own library preprocesses them (`spec.preprocess`), regions in a geometry
+that keeps every box (a second pass over the shard when the two differ).
 
 A shard is written to a temporary name and renamed when complete, so a killed run leaves only whole
 shards; the rerun skips them and writes the same files an uninterrupted run would. `stats-pNNN.json`
@@ -26,7 +29,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from cloc_jax import distributed, evals, sharding
-from cloc_jax.data import pipeline, sources
+from cloc_jax.data import pipeline, preprocess, sources
 from cloc_jax.evals.runner import EvalRunner
 from cloc_jax.weights import load
 
@@ -97,21 +100,26 @@ def embed(
     todo = [k for k in range(len(shards)) if not all(os.path.exists(_shard_path(out, w, k)) for w in what)]
     mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices())  # this host's devices, data-parallel
     runner = EvalRunner(encoder, mesh, batch_size, across_hosts=False)
-    needs = frozenset({"image"} | ({"regions"} if "regions" in what else set()))
+    rule = encoder.spec.preprocess
+    plan = {rule: [w for w in what if w != "regions"]}  # geometry -> what its pass writes
+    plan.setdefault(preprocess.region_rule(rule), []).extend(w for w in what if w == "regions")
+    plan = {geometry: kinds for geometry, kinds in plan.items() if kinds}
     stats = pipeline.DataStats()
-    total = sum(-(-len(shards[k]) // batch_size) for k in todo)
+    total = len(plan) * sum(-(-len(shards[k]) // batch_size) for k in todo)
     bar = tqdm(total=total, desc=f"embed {data[-40:]}", mininterval=1 if sys.stderr.isatty() else 60)
     for k in todo:
-        _, batches = pipeline.eval_batches(
-            config, Subset(source, shards[k]), encoder.tokenizer, batch_size, max_regions,
-            config.data.eval_max_captions, stats, share=False,
-        )  # fmt: skip
         parts = {w: [] for w in what}
-        for batch in batches:
-            result = runner.outputs(batch, needs)
-            for w in what:
-                parts[w].append(_rows(batch, result, w))
-            bar.update()
+        for i, (geometry, kinds) in enumerate(plan.items()):
+            needs = frozenset({"image"} | ({"regions"} if "regions" in kinds else set()))
+            _, batches = pipeline.eval_batches(
+                config, Subset(source, shards[k]), encoder.tokenizer, batch_size, max_regions,
+                config.data.eval_max_captions, stats if i == 0 else None, share=False, rule=geometry,
+            )  # fmt: skip
+            for batch in batches:
+                result = runner.outputs(batch, needs)
+                for w in kinds:
+                    parts[w].append(_rows(batch, result, w))
+                bar.update()
         for w in what:
             arrays = {key: np.concatenate([p[key] for p in parts[w]]) for key in parts[w][0]}
             if w == "texts":

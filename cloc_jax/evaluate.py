@@ -62,15 +62,18 @@ def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -
             skipped.extend(dict(benchmark=name, reason=reason) for name in entries)
             continue
         try:
-            results, stats = evals.evaluate_source(config, runner, source, entries, desc=spec[-40:])
+            results, passes = evals.evaluate_source(config, runner, source, entries, desc=spec[-40:])
         except evals.NoUsableData as error:  # e.g. a wrong image folder: every image missing
             skipped.extend(dict(benchmark=name, reason=str(error)) for name in entries)
             continue
         for key, value in results.items():
             name, metric = key.split("/", 1)
+            facts = passes[name]
+            skipped_images = sum(v for k, v in facts["data_stats"].items() if k.startswith("data/skipped/"))
             records.append(
-                dict(benchmark=name, metric=metric, value=value, model=model, data=spec, images=len(source))
-                | dict(protocol=protocol(entries[name]), data_stats=stats)
+                dict(benchmark=name, metric=metric, value=value, model=model, data=spec, images=facts["images"])
+                | dict(skipped_images=skipped_images, data_stats=facts["data_stats"])
+                | dict(protocol=dict(protocol(entries[name]), geometry=facts["geometry"]))
             )
     return records, skipped
 

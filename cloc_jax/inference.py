@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cloc_jax.data import preprocess
 from cloc_jax.models.cloc import Model
 from cloc_jax.models.spec import Spec
 from cloc_jax.tokenizers import Tokenizer, tokenize
@@ -36,6 +37,17 @@ class Encoder:
         self._ground = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, method=Model.ground))
         self._logit_params = jax.jit(lambda p: model.apply({"params": p}, method=Model.logit_params))
         self._features = {}  # hidden-state depth -> jitted truncated tower
+
+    def load_images(self, files) -> np.ndarray:
+        """Image files (paths or encoded bytes) -> [B, S, S, 3] in [-1, 1] by the model's own preprocessing
+        (`spec.preprocess`: the pixels its library would give it; EXIF orientation applied), for `encode_image`."""
+        rule, out = self.spec.preprocess, []
+        for file in files:
+            if isinstance(file, str):
+                with open(file, "rb") as f:
+                    file = f.read()
+            out.append(preprocess.model_input(preprocess.decode(file, rule.alpha), rule, self.image_size)[0])
+        return np.stack(out).astype(np.float32) / 127.5 - 1.0
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
         return tokenize(self.tokenizer, list(texts), self.context_length)

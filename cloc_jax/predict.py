@@ -18,40 +18,29 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, ImageDraw
 
-from cloc_jax.data import transforms
+from cloc_jax.data import preprocess
+from cloc_jax.data.transforms import BadImage
 from cloc_jax.inference import Encoder
 from cloc_jax.weights import load
 
 HEATMAP_GRID = 16  # cells per side of the similarity map (each cell's region embedding against the text)
 
 
-class Geometry:
-    """The long-side resize + pad the model sees (evaluation's), and its inverse for boxes."""
-
-    def __init__(self, height: int, width: int, size: int):
-        scale = size / max(height, width)
-        self.height, self.width, self.size = height, width, size
-        self.nh, self.nw = max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
-
-    def to_model(self, boxes: np.ndarray) -> np.ndarray:
-        """[N, 4] normalised to the image -> normalised to the padded square."""
-        return boxes * np.array([self.nw, self.nh, self.nw, self.nh], np.float32) / self.size
-
-    def to_image(self, boxes: np.ndarray) -> np.ndarray:
-        """[N, 4] normalised to the padded square -> normalised to the image, clipped to it."""
-        return np.clip(boxes * self.size / np.array([self.nw, self.nh, self.nw, self.nh], np.float32), 0, 1)
-
-
-def read_image(path: str) -> np.ndarray:
-    """A file -> uint8 [H, W, 3]; a missing or unreadable file is a one-line error."""
+def read_image(path: str, alpha: str = "grey") -> np.ndarray:
+    """A file -> upright uint8 [H, W, 3] (`data.preprocess.decode`); a missing or unreadable file is one line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--image={path}: no such file")
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return transforms.decode_image(data, 4096)
-    except transforms.BadImage as error:
+        return preprocess.decode(data, alpha)
+    except BadImage as error:
         raise ValueError(f"--image={path}: not a readable image ({error.reason})") from None
+
+
+def _inputs(encoder: Encoder, image: np.ndarray, rule) -> tuple[np.ndarray, preprocess.Geometry]:
+    pixels, geometry = preprocess.model_input(image, rule, encoder.image_size)
+    return pixels[None].astype(np.float32) / 127.5 - 1.0, geometry
 
 
 def parse_labels(arg: str) -> list[str]:
@@ -130,13 +119,13 @@ def predict(
     labels}], "ground": [{phrase, box, score}], "heatmaps": {text: [g, g]}, "notes": [...]}. Labels are the prompt
     ensembles of `templates`; their scores the model's `probabilities`; a grounded box's score is the cosine
     between its region embedding and the phrase."""
-    geometry = Geometry(*image.shape[:2], encoder.image_size)
-    pixels, _ = transforms.resize_pad(image, np.zeros((0, 4), np.float32), encoder.image_size)
-    x = pixels[None].astype(np.float32) / 127.5 - 1.0
+    rule = encoder.spec.preprocess
+    x, geometry = _inputs(encoder, image, preprocess.region_rule(rule))  # regions: every box and pixel kept
     out = dict(image=[], boxes=[], ground=[], heatmaps={}, notes=[])
     z_labels = encoder.encode_classes(list(labels), templates) if labels else None
-    if labels:
-        out["image"] = _ranked(probabilities(encoder, encoder.encode_image(x)[0] @ z_labels.T), list(labels), top_k)
+    if labels:  # the image as a whole: the model's own preprocessing
+        whole = x if preprocess.region_rule(rule) == rule else _inputs(encoder, image, rule)[0]
+        out["image"] = _ranked(probabilities(encoder, encoder.encode_image(whole)[0] @ z_labels.T), list(labels), top_k)
     if boxes is not None and len(boxes):
         regions = encoder.encode_regions(x, geometry.to_model(boxes)[None])[0]
         if not encoder.can_ground:
@@ -159,7 +148,7 @@ def predict(
     return out
 
 
-def similarity_maps(encoder: Encoder, x: np.ndarray, geometry: Geometry, texts: list[str]) -> dict:
+def similarity_maps(encoder: Encoder, x: np.ndarray, geometry: preprocess.Geometry, texts: list[str]) -> dict:
     """Each text's cosine with the region embedding of every cell of a HEATMAP_GRID square grid over the
     image -> {text: [g, g]} (rows top to bottom)."""
     g = HEATMAP_GRID

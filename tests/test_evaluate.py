@@ -115,9 +115,10 @@ def test_imagenet_through_tfds_mock_data_against_a_numpy_reference(exports, tmp_
         "imagenet_sketch",
     }
     top1 = records["imagenet", "top1"]
-    assert top1["images"] == 24 and top1["protocol"] == dict(
-        type="zeroshot", templates=80, classes="imagenet", present_only=False
-    )
+    assert top1["images"] == 24 and top1["skipped_images"] == 0
+    assert top1["protocol"] == dict(
+        type="zeroshot", templates=80, classes="imagenet", present_only=False, geometry="letterbox 32 (bicubic)"
+    )  # the export's spec: a model trained here records CLOC's letterbox
     assert records["imagenet_a", "top1"]["protocol"]["present_only"] is True
     # The reference: the single-device encoder, the 1,000 names x 80 templates, NumPy argsort.
     encoder = load(exports["cloc_tiny"])
@@ -156,7 +157,7 @@ def test_refcoco_and_lvis_through_tfds_mock_data(exports, tmp_path):
         _run_main(f"--model={exports['clip_tiny']}", "--suite=regions", "--batch_size=16", f"--out={out}")
     records, skipped = _records(out)
     assert records["lvis_regions", "macc"]["protocol"] == dict(
-        type="region_classification", templates=1, classes="the data's own"
+        type="region_classification", templates=1, classes="the data's own", geometry="letterbox 32 (bicubic)"
     )
     assert skipped["coco_regions"]["reason"].startswith("no data: pass --data.coco_regions=coco:")
     assert skipped["grit_regions"]["reason"].startswith("no data: pass --data.grit_regions=coco:")

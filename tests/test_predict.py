@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from cloc_jax import load
-from cloc_jax.data import transforms
+from cloc_jax.data import preprocess, transforms
 from cloc_jax.data.scenes import Scenes
-from cloc_jax.predict import Geometry, parse_boxes, parse_labels, parse_templates, predict
+from cloc_jax.models.spec import PreprocessSpec
+from cloc_jax.predict import parse_boxes, parse_labels, parse_templates, predict
 from tests.conftest import ROOT
 
 
@@ -54,8 +55,8 @@ def test_labels_with_templates_are_prompt_ensembles(exports):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-def test_geometry_is_the_evaluation_resize_pad_and_inverts():
-    geometry = Geometry(60, 48, 32)
+def test_the_letterbox_geometry_is_the_training_resize_pad_and_inverts():
+    _, geometry = preprocess.model_input(np.zeros((60, 48, 3), np.uint8), PreprocessSpec(), 32)
     boxes = np.array([[0.1, 0.2, 0.5, 0.9], [0, 0, 1, 1]], np.float32)
     _, expected = transforms.resize_pad(np.zeros((60, 48, 3), np.uint8), boxes, 32)
     np.testing.assert_allclose(geometry.to_model(boxes), expected, atol=1e-6)
@@ -65,6 +66,10 @@ def test_geometry_is_the_evaluation_resize_pad_and_inverts():
 def _model_input(encoder, image):
     pixels, _ = transforms.resize_pad(image, np.zeros((0, 4), np.float32), encoder.image_size)
     return pixels[None].astype(np.float32) / 127.5 - 1
+
+
+def _geometry(encoder, image):
+    return preprocess.model_input(image, encoder.spec.preprocess, encoder.image_size)[1]
 
 
 def test_predictions_are_the_encoders_numbers(exports, image):
@@ -78,12 +83,12 @@ def test_predictions_are_the_encoders_numbers(exports, image):
     assert [r["label"] for r in result["image"]] == [labels[i] for i in np.argsort(-p)[:2]]
     assert result["image"][0]["score"] == pytest.approx(p.max(), rel=1e-5)
     scale, _ = encoder.logit_params()
-    regions = encoder.encode_regions(x, Geometry(60, 48, encoder.image_size).to_model(boxes)[None])[0]
+    regions = encoder.encode_regions(x, _geometry(encoder, image).to_model(boxes)[None])[0]
     q = np.exp(scale * regions @ encoder.encode_text(labels).T)
     q /= q.sum(1, keepdims=True)
     for item, row in zip(result["boxes"], q):
         assert item["labels"][0] == dict(label=labels[int(row.argmax())], score=pytest.approx(row.max(), rel=1e-5))
-    grounded = Geometry(60, 48, encoder.image_size).to_image(encoder.ground(x, [["the red circle"]])[0])
+    grounded = _geometry(encoder, image).to_image(encoder.ground(x, [["the red circle"]])[0])
     np.testing.assert_allclose(result["ground"][0]["box"], grounded[0], atol=1e-6)
     assert result["heatmaps"]["the red circle"].shape == (16, 16) and not result["notes"]
 

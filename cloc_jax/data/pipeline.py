@@ -17,8 +17,9 @@ import numpy as np
 
 from cloc_jax import tokenizers
 from cloc_jax.boxes import repair
-from cloc_jax.data import sources, transforms
+from cloc_jax.data import preprocess, sources, transforms
 from cloc_jax.data.records import empty_record
+from cloc_jax.models.spec import PreprocessSpec
 from cloc_jax.tokenizers import Tokenizer, tokenize
 
 SPLITS = ("train", "heldout")
@@ -108,8 +109,10 @@ class Preprocess(grain.transforms.RandomMap):
         augment: ml_collections.ConfigDict | None = None,
         stats: DataStats | None = None,
         max_captions: int = 1,
+        rule: PreprocessSpec | None = None,
     ):
         self.tokenizer, self.image_size, self.max_regions = tokenizer, image_size, max_regions
+        self.rule = rule or PreprocessSpec()  # evaluation's decode and geometry (`data/preprocess.py`)
         self.max_captions = max_captions  # evaluation: captions kept per image
         self.referring_prob, self.augment, self.stats = referring_prob, augment, stats or DataStats()
         if augment is not None:
@@ -145,7 +148,10 @@ class Preprocess(grain.transforms.RandomMap):
     def _geometry(self, image: np.ndarray, boxes: np.ndarray, texts: list, rng) -> tuple:
         """(image [S, S, 3] uint8, boxes, keep [N], flipped)."""
         aug = self.augment if rng is not None else None  # evaluation: deterministic
-        if aug is not None and aug.resize == "crop":
+        if rng is None:  # evaluation: the rule's geometry; boxes follow (a crop may cut some off: dropped)
+            image, geometry = preprocess.model_input(image, self.rule, self.image_size)
+            boxes, keep = transforms.clip_boxes(geometry.to_model(boxes), 0.0)
+        elif aug is not None and aug.resize == "crop":
             image, boxes = transforms.random_resized_crop(image, boxes, self.image_size, rng, tuple(aug.crop_scale))
             boxes, keep = transforms.clip_boxes(boxes, aug.min_visible)
         else:
@@ -162,7 +168,10 @@ class Preprocess(grain.transforms.RandomMap):
         """One record -> one row, or None (skipped and counted). `rng` is None in evaluation. The steps draw from
         `rng` in a fixed order (expressions, geometry, caption, regions), so a seed gives the same rows."""
         try:
-            image = transforms.decode_image(record["image"], self.image_size)
+            if rng is None:  # evaluation: upright, decoded in full, colours as the model's library converts them
+                image = preprocess.decode(record["image"], self.rule.alpha)
+            else:  # training: JPEGs decoded at a reduced scale where that still covers the input (faster)
+                image = transforms.decode_image(record["image"], self.image_size)
         except transforms.BadImage as error:
             self.stats.add(f"skipped/{error.reason}")
             return None
@@ -360,14 +369,15 @@ def eval_batches(
     max_captions: int,
     stats: DataStats | None = None,
     share: bool = True,
+    rule: PreprocessSpec | None = None,
 ) -> tuple[int, Iterator[dict]]:
     """This host's share of `source` (every process_count-th record; with `share=False` all of `source`,
     which the caller chose for this host), every usable record once, in order, decoded by
     `data.num_threads` workers -> (number of batches, batches of `per_host` rows). With `share` the count
     is the same on every host (all run the same collectives): short hosts end in all-padding batches, and
-    `valid` marks real rows."""
+    `valid` marks real rows. `rule`: how images are decoded and resized (`data/preprocess.py`)."""
     prep = Preprocess(
-        tokenizer, config.tokenizer, config.image_size, max_regions, stats=stats, max_captions=max_captions
+        tokenizer, config.tokenizer, config.image_size, max_regions, stats=stats, max_captions=max_captions, rule=rule
     )
     hosts = jax.process_count() if share else 1
     count = -(-len(source) // hosts)

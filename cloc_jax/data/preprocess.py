@@ -3,9 +3,10 @@
 `evaluate`, `predict`, `embed` and `Encoder.load_images` all come through here, so a checkpoint sees the pixels its
 own library would give it (`models.spec.PreprocessSpec`, read from the checkpoint's processor files):
 - decoding applies the EXIF orientation (a phone photo tagged "rotate 90" is upright), decodes JPEGs in full
-  (no DCT-scaled draft), and converts colour modes as the reference processors do: palette and grayscale to RGB,
-  CMYK by PIL's conversion, transparency composited over the rule's background (transformers: white; CLOC: grey)
-  or dropped (open_clip and big_vision keep the stored colours). 16-bit images are scaled by 1/257 (65535 -> 255):
+  (a DCT-scaled draft only for a JPEG over MAX_PIXELS, which could not load otherwise), and converts colour
+  modes as the reference processors do: palette and grayscale to RGB, CMYK by PIL's conversion, transparency
+  composited over the rule's background (transformers: white; CLOC: grey) or dropped (open_clip and big_vision
+  keep the stored colours). 16-bit images are scaled by 1/257 (65535 -> 255):
   a deliberate difference, where PIL's own conversion clips them at 255 (mostly white).
 - resizing: "letterbox" (long side -> S, zero padding right and bottom: CLOC's, which keeps every box and pixel),
   "center_crop" (short side -> S / crop_fraction, then the centre S x S: CLIP, open_clip), "squash" (both sides ->
@@ -20,7 +21,7 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-from cloc_jax.data.transforms import MAX_PIXELS, BadImage
+from cloc_jax.data.transforms import MAX_PIXELS, BadImage, decode_image
 from cloc_jax.models.spec import PreprocessSpec
 
 RESIZE_RULES = ("letterbox", "center_crop", "squash")
@@ -59,6 +60,10 @@ def open_image(data: bytes) -> Image.Image:
         raise BadImage("missing_image")
     try:
         image = Image.open(io.BytesIO(data))
+        if image.size[0] * image.size[1] > MAX_PIXELS and image.format == "JPEG":  # only DCT-scaled can it load
+            w, h = image.size
+            scale = next((s for s in (2, 4, 8) if (w // s) * (h // s) <= MAX_PIXELS), 8)
+            image.draft("RGB", (w // scale, h // scale))
         if image.size[0] * image.size[1] > MAX_PIXELS:
             raise BadImage("too_large")
         image.load()
@@ -86,8 +91,10 @@ def to_rgb(image: Image.Image, alpha: str = "grey") -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def decode(data: bytes, alpha: str = "grey") -> np.ndarray:
-    """Encoded bytes -> upright uint8 [H, W, 3]."""
+def decode(data, alpha: str = "grey") -> np.ndarray:
+    """Encoded bytes (or an array, as some sources hold images) -> upright uint8 [H, W, 3]."""
+    if isinstance(data, np.ndarray):
+        return decode_image(data, 0)
     return to_rgb(open_image(data), alpha)
 
 
@@ -150,7 +157,7 @@ def model_input(image: np.ndarray, rule: PreprocessSpec, size: int) -> tuple[np.
     short = math.floor(size / rule.crop_fraction + 1e-6)  # timm's scale size: floor(S / crop_pct)
     nh, nw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
     resized = _resize(image, nh, nw, rule)  # both sides >= S: crop_fraction <= 1
-    offset = (lambda d: d // 2) if rule.crop_offset == "floor" else (lambda d: int(round(d / 2.0)))
+    offset = (lambda d: d // 2) if rule.crop_offset == "floor" else (lambda d: round(d / 2.0))
     top, left = offset(nh - size), offset(nw - size)
     geometry = Geometry(h, w, size, (nw / w, nh / h), (left, top))
     return resized[top : top + size, left : left + size], geometry

@@ -15,11 +15,12 @@ import ml_collections
 from tqdm import tqdm
 
 from cloc_jax import sharding
-from cloc_jax.data import pipeline, sources
+from cloc_jax.data import pipeline, preprocess, sources
 from cloc_jax.evals import benchmarks, regions
 from cloc_jax.evals.retrieval import Retrieval
 from cloc_jax.evals.runner import EvalRunner
 from cloc_jax.evals.zeroshot import ZeroShot
+from cloc_jax.models.spec import PreprocessSpec
 
 
 class NoUsableData(ValueError):
@@ -51,10 +52,12 @@ def eval_config(spec, batch_size: int, num_threads: int) -> ml_collections.Confi
     """What evaluation reads, for a model's spec (`models.spec.Spec`): its image size and tokenizer, the batch,
     a data-parallel mesh and the evaluation data options. A training run passes its own config, which has them."""
     data = dict(pipeline.EVAL_DATA_DEFAULTS, num_threads=num_threads)
+    parts = spec.to_config()
     return ml_collections.ConfigDict(
         dict(
             image_size=spec.image_size,
-            tokenizer=spec.to_config()["tokenizer"],
+            tokenizer=parts["tokenizer"],
+            preprocess=parts["preprocess"],
             eval_batch_size=batch_size,
             mesh=sharding.DATA_PARALLEL,
             data=data,
@@ -79,16 +82,40 @@ def runnable(cfg, encoder) -> bool:
     return cfg.type != "grounding" or encoder.can_ground
 
 
+# Image-level evaluations take the model's own preprocessing (its published protocol: CLIP's centre crop, SigLIP's
+# squash); the others keep every box and pixel (`preprocess.region_rule`).
+IMAGE_LEVEL = ("zeroshot", "retrieval")
+
+
+def geometry(cfg, rule: PreprocessSpec) -> PreprocessSpec:
+    return rule if cfg.type in IMAGE_LEVEL else preprocess.region_rule(rule)
+
+
 def evaluate_source(config, runner: EvalRunner, source, entries: dict, desc: str = "eval"):
-    """One pass over `source` for every entry {name: cfg} on it -> ({"<prefix>/<metric>": value}, data
-    stats of the pass)."""
+    """Every entry {name: cfg} on `source`, one pass per geometry -> ({"<prefix>/<metric>": value}, {name: its
+    pass: "geometry" (as records state it), "images" scored, "data_stats"}). `config.preprocess` is the model's
+    rule."""
+    rule = PreprocessSpec(**config.preprocess.to_dict())
+    groups: dict[PreprocessSpec, dict] = {}
+    for name, cfg in entries.items():
+        groups.setdefault(geometry(cfg, rule), {})[name] = cfg
+    results, passes = {}, {}
+    for pass_rule, group in groups.items():
+        found, facts = _one_pass(config, runner, source, group, pass_rule, desc)
+        results.update(found)
+        passes.update({name: facts for name in group})
+    return results, passes
+
+
+def _one_pass(config, runner: EvalRunner, source, entries: dict, rule: PreprocessSpec, desc: str):
+    """One pass over `source` in one geometry for the entries on it -> (metrics, facts of the pass)."""
     evaluators = {name: build(cfg, source.class_names) for name, cfg in entries.items()}
     needs = frozenset().union(*(e.needs for e in evaluators.values()))
     regions_cap = max(cfg.max_regions or config.data.eval_max_regions for cfg in entries.values())
     captions_cap = max(cfg.max_captions or config.data.eval_max_captions for cfg in entries.values())
     stats = pipeline.DataStats()
     num_batches, batches = pipeline.eval_batches(
-        config, source, runner.encoder.tokenizer, runner.per_host, regions_cap, captions_cap, stats
+        config, source, runner.encoder.tokenizer, runner.per_host, regions_cap, captions_cap, stats, rule=rule
     )
     quiet = jax.process_index() != 0
     usable = 0
@@ -105,7 +132,8 @@ def evaluate_source(config, runner: EvalRunner, source, entries: dict, desc: str
     for name, evaluator in evaluators.items():
         prefix = entries[name].prefix or name
         results.update({f"{prefix}/{k}": v for k, v in evaluator.result(runner)})
-    return results, stats.snapshot()
+    facts = dict(geometry=preprocess.protocol(rule, config.image_size), images=usable, data_stats=stats.snapshot())
+    return results, facts
 
 
 def runner_for(config: ml_collections.ConfigDict, encoder, mesh) -> EvalRunner:

@@ -97,10 +97,25 @@ class TokenizerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image file becomes the model's [S, S, 3] input when it is evaluated, embedded or asked a question
+    (`data/preprocess.py`): the checkpoint family's own rule, so numbers compare with the published ones. Models
+    trained here record CLOC's letterbox (training's own geometry is `config.data.augment`)."""
+
+    resize: str = "letterbox"  # "letterbox" (long side, pad), "center_crop" (short side, centre), "squash"
+    crop_fraction: float = 1.0  # center_crop: the short side goes to S / crop_fraction (timm's crop_pct)
+    crop_offset: str = "floor"  # center_crop's (H - S) / 2: "floor" (transformers) or "round" (torchvision)
+    interpolation: str = "bicubic"  # PIL's filter: "bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"
+    antialias: bool = True  # False: tf.image.resize's point-sampled bilinear (big_vision)
+    alpha: str = "grey"  # transparency composited over "grey" (128) or "white" (transformers), or "drop"ped
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
     model: ModelSpec = ModelSpec()
     image_size: int = 224
     tokenizer: TokenizerSpec = TokenizerSpec()
+    preprocess: PreprocessSpec = PreprocessSpec()
 
     def to_json(self) -> dict:
         """JSON-normalised nested dict (tuples become lists): what files hold."""
@@ -133,13 +148,26 @@ def _build(cls, values: dict, where: str):
 
 
 def from_dict(spec: dict | Spec) -> Spec:
-    """A nested dict (a file's JSON, a config's model part) -> Spec; a Spec passes through."""
-    return spec if isinstance(spec, Spec) else _build(Spec, dict(spec), "")
+    """A nested dict (a file's JSON, a config's model part) -> Spec; a Spec passes through. A file written before
+    specs held their preprocessing gets its family's rule where the family shows (`family_preprocess`)."""
+    if isinstance(spec, Spec):
+        return spec
+    spec = dict(spec)
+    if "preprocess" not in spec:
+        spec["preprocess"] = family_preprocess(spec)
+    return _build(Spec, spec, "")
 
 
 def from_config(config) -> Spec:
     """A training config's model part -> Spec."""
-    return from_dict(dict(model=config.model.to_dict(), image_size=config.image_size, tokenizer=config.tokenizer))
+    return from_dict(
+        dict(
+            model=config.model.to_dict(),
+            image_size=config.image_size,
+            tokenizer=config.tokenizer,
+            preprocess=config.preprocess,
+        )
+    )
 
 
 def flat(tree: dict) -> dict:
@@ -148,7 +176,8 @@ def flat(tree: dict) -> dict:
 
 # Keys that change only how a model runs (memory, speed, batch layout), not its parameters or what they
 # compute: a run resumes with other values (with the mesh, which is not in the spec at all).
-LAYOUT_KEYS = ("model.remat", "model.dtype", "model.attention", "tokenizer.region_pack_length")
+_PREPROCESS_KEYS = tuple(f"preprocess.{f.name}" for f in dataclasses.fields(PreprocessSpec))
+LAYOUT_KEYS = ("model.remat", "model.dtype", "model.attention", "tokenizer.region_pack_length", *_PREPROCESS_KEYS)
 
 # Keys that belong to how a run trains, not to what the weights mean: a run started from a checkpoint keeps
 # its own (a CLOC run adds its region heads to an imported CLIP; it may scan, remat or cast differently).
@@ -167,6 +196,7 @@ TRAINING_KEYS = (
     "model.image.adapter_dim",
     "tokenizer.region_context_length",
     "tokenizer.region_pack_length",
+    *_PREPROCESS_KEYS,  # a run records its own evaluation geometry (CLOC's letterbox), whatever it started from
 )
 
 
@@ -228,6 +258,7 @@ FAMILIES = {
         text=_CLIP_TEXT,
         model=dict(_IMPORTED, loss="softmax"),
         tokenizer=dict(type="hf", lowercase=False, pad_id=0),
+        preprocess=dict(resize="center_crop", interpolation="bicubic", crop_offset="floor", alpha="white"),
     ),
     # transformers' SiglipModel (SigLIP, SigLIP 2 without NaFlex): no ln_pre, no image projection
     "hf_siglip": dict(
@@ -235,6 +266,7 @@ FAMILIES = {
         text=_SIGLIP_TEXT,
         model=dict(_IMPORTED, loss="sigmoid"),
         tokenizer=dict(type="hf", lowercase=False),
+        preprocess=dict(resize="squash", interpolation="bicubic", alpha="white"),  # the class default; files say
     ),
     # open_clip's VisionTransformer + TextTransformer (OpenAI and LAION ViT models)
     "open_clip": dict(
@@ -242,6 +274,8 @@ FAMILIES = {
         text=_CLIP_TEXT,
         model=dict(_IMPORTED),
         tokenizer=dict(type="open_clip", lowercase=False, pad_id=0),
+        # torchvision on PIL images: Resize(S) + CenterCrop(S), its offset rounded; convert("RGB") drops alpha
+        preprocess=dict(resize="center_crop", interpolation="bicubic", crop_offset="round", alpha="drop"),
     ),
     # big_vision's SigLIP (.npz): MAP head, [-1, 1] pixels as they are, scipy zoom for position embeddings
     "big_vision_siglip": dict(
@@ -250,11 +284,15 @@ FAMILIES = {
         text=_SIGLIP_TEXT,
         model=dict(_IMPORTED, loss="sigmoid", activation="gelu_tanh", ln_eps=1e-6),
         tokenizer=dict(),
+        # pp "decode|resize(S)": tf.image.resize bilinear without antialiasing; decode_jpeg(channels=3)
+        preprocess=dict(resize="squash", interpolation="bilinear", antialias=False, alpha="drop"),
     ),
 }  # fmt: skip
 
 
-def family_spec(family: str, image: dict, text: dict, model: dict, tokenizer: dict, image_size: int) -> Spec:
+def family_spec(
+    family: str, image: dict, text: dict, model: dict, tokenizer: dict, image_size: int, preprocess: dict | None = None
+) -> Spec:
     """A spec of an imported checkpoint: the family's fixed keys plus what the converter read from the file
     (which wins where both say). The region text context never exceeds the checkpoint's context."""
     preset = FAMILIES[family]
@@ -265,5 +303,23 @@ def family_spec(family: str, image: dict, text: dict, model: dict, tokenizer: di
             model=dict(preset["model"], **model, image={**preset["image"], **image}, text={**preset["text"], **text}),
             image_size=image_size,
             tokenizer=tok,
+            preprocess={**preset["preprocess"], **(preprocess or {})},
         )
     )
+
+
+def family_preprocess(spec: dict) -> dict:
+    """The evaluation preprocessing of a spec file written before specs held it: its family's rule when the
+    importer's marks show the family (variant "hf/P" with the loss telling CLIP from SigLIP, "open_clip/P",
+    big_vision's "zoom" position-embedding resize), else CLOC's letterbox, which is what cloc_jax applied to every
+    model then (so a model trained here keeps its numbers, and an imported one gets its library's pixels)."""
+    model = spec.get("model", {})
+    image = model.get("image", {})
+    variant, loss = image.get("variant", ""), model.get("loss", "softmax")
+    if variant.startswith("hf/"):
+        return dict(FAMILIES["hf_clip" if loss == "softmax" else "hf_siglip"]["preprocess"])
+    if variant.startswith("open_clip/"):
+        return dict(FAMILIES["open_clip"]["preprocess"])
+    if image.get("posemb_resize") == "zoom":
+        return dict(FAMILIES["big_vision_siglip"]["preprocess"])
+    return {}

@@ -8,6 +8,7 @@ travel: region heads (Prompter, box head) have no place in those classes.
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -19,6 +20,8 @@ from cloc_jax.weights.layout import Weights, conv, linear, same_in_both_towers
 # transformers' hidden_act -> ours; "gelu_new" and "gelu_pytorch_tanh" are both the tanh approximation.
 ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 HF_ACTIVATION = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+# transformers' `resample` (PIL's enum) <-> our interpolation names
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _NAMES = dict(
     ln1="layer_norm1", ln2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2", q="self_attn.q_proj", k="self_attn.k_proj",
     v="self_attn.v_proj", out="self_attn.out_proj",
@@ -103,8 +106,47 @@ def read(directory: str) -> Weights:
     if not clip:
         tokenizer["pad_id"] = text.get("pad_token_id", 1)  # SigLIP pads with its EOS and reads the padding
     model = dict(embed_dim=embed_dim, activation=activation, ln_eps=ln_eps)
-    spec = family_spec(f"hf_{family}", image, txt, model, tokenizer, image_size=side)
+    spec = family_spec(f"hf_{family}", image, txt, model, tokenizer, side, _preprocess(processor, source))
     return Weights(spec, _params(state, family, image, txt, source), source)
+
+
+def _preprocess(processor: dict, source: str) -> dict:
+    """preprocessor_config.json -> the spec's preprocess fields it sets (the family's preset fills the rest):
+    a short-side resize + centre crop (its crop fraction = crop / short side) or a resize to height x width, and
+    the resampling filter."""
+    out = {}
+    if "resample" in processor:
+        if processor["resample"] not in RESAMPLE:
+            raise ValueError(f"{source}: preprocessor resample={processor['resample']!r} is no PIL filter")
+        out["interpolation"] = RESAMPLE[processor["resample"]]
+    size, crop = processor.get("size") or {}, processor.get("crop_size")
+    if isinstance(size, dict) and "shortest_edge" in size and processor.get("do_center_crop", True) and crop:
+        side = crop["height"] if isinstance(crop, dict) else int(crop)
+        out.update(resize="center_crop", crop_fraction=side / size["shortest_edge"])
+    elif isinstance(size, dict) and "height" in size:
+        out["resize"] = "squash"
+    return out
+
+
+def _processor(spec: Spec, family: str, side: int, mean: list, std: list):
+    """The spec's preprocessing as the family's transformers image processor. A rule the class cannot express
+    (a letterbox; a squash for CLIP, a crop for SigLIP) is written as the family's own rule, and said."""
+    import sys
+
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    rule = spec.preprocess
+    resample = {name: key for key, name in RESAMPLE.items()}[rule.interpolation]
+    wanted = "center_crop" if family == "clip" else "squash"
+    if rule.resize != wanted or not rule.antialias:
+        print(f"note: preprocess.resize={rule.resize!r} has no transformers {family} processor; wrote {wanted}",
+              file=sys.stderr)  # fmt: skip
+    common = dict(image_mean=mean, image_std=std, resample=resample)
+    if family == "siglip":
+        return SiglipImageProcessor(size={"height": side, "width": side}, **common)
+    fraction = rule.crop_fraction if rule.resize == "center_crop" else 1.0
+    short = math.floor(side / fraction + 1e-6)
+    return CLIPImageProcessor(size={"shortest_edge": short}, crop_size={"height": side, "width": side}, **common)
 
 
 def _params(state: dict, family: str, image: dict, text: dict, source: str) -> dict[str, np.ndarray]:
@@ -251,7 +293,7 @@ def family_of(spec: Spec) -> str:
 def write(weights: Weights, tokenizer, out: str) -> str:
     """An export (spec + unrolled parameters, its tokenizer object) -> a transformers folder."""
     from safetensors.numpy import save_file
-    from transformers import CLIPConfig, CLIPImageProcessor, SiglipConfig, SiglipImageProcessor
+    from transformers import CLIPConfig, SiglipConfig
 
     from cloc_jax.models.vit import vit_size
     from cloc_jax.tokenizers import _Transformers
@@ -296,13 +338,10 @@ def write(weights: Weights, tokenizer, out: str) -> str:
     mean, std = list(im["pixel_mean"]), list(im["pixel_std"])
     if family == "clip":
         config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=m["embed_dim"])
-        processor = CLIPImageProcessor(
-            size={"shortest_edge": side}, crop_size={"height": side, "width": side}, image_mean=mean, image_std=std
-        )
     else:
         text_config["projection_size"] = p["text/proj/kernel"].shape[1]
         config = SiglipConfig(text_config=text_config, vision_config=vision_config)
-        processor = SiglipImageProcessor(size={"height": side, "width": side}, image_mean=mean, image_std=std)
+    processor = _processor(weights.spec, family, side, mean, std)
     config.architectures = ["CLIPModel" if family == "clip" else "SiglipModel"]
     os.makedirs(out, exist_ok=True)
     config.save_pretrained(out)

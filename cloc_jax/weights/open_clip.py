@@ -53,6 +53,8 @@ _IGNORED = {
                  "hf_pooler_type"},
 }  # fmt: skip
 TEXT_POOLS = {"argmax": "eot", "last": "last"}  # argmax = the EOT id (the highest) = our last non-padding token
+# preprocess_cfg.resize_mode <-> our resize rules ("longest" pads centred where our letterbox pads right/bottom)
+RESIZE_MODES = {"shortest": "center_crop", "squash": "squash", "longest": "letterbox"}
 
 
 def _check_keys(cfg: dict, where: str, source: str) -> None:
@@ -153,7 +155,15 @@ def _architecture(config: dict, source: str) -> Spec:
         ln_eps=ln_eps,
     )
     context, clean = int(text.get("context_length", 77)), (text.get("tokenizer_kwargs") or {}).get("clean", "lower")
-    return family_spec("open_clip", image, txt, model, dict(clean=clean, context_length=context), image_size=side)
+    rule = {}
+    if preprocess.get("resize_mode", "shortest") not in RESIZE_MODES:
+        raise ValueError(f"{source}: preprocess_cfg.resize_mode={preprocess['resize_mode']!r}; cloc_jax reads "
+                         f"{sorted(RESIZE_MODES)}")  # fmt: skip
+    rule["resize"] = RESIZE_MODES[preprocess.get("resize_mode", "shortest")]
+    if preprocess.get("interpolation", "bicubic") != "random":  # "random" is a training setting
+        rule["interpolation"] = preprocess.get("interpolation", "bicubic")
+    tokenizer = dict(clean=clean, context_length=context)
+    return family_spec("open_clip", image, txt, model, tokenizer, image_size=side, preprocess=rule)
 
 
 def default_bpe() -> str | None:
@@ -379,7 +389,11 @@ def write(weights: Weights, tokenizer, out: str) -> str:
     if not isinstance(tokenizer, OpenClipTokenizer):
         raise ValueError(f"tokenizer.type={spec['tokenizer']['type']!r} has no open_clip equivalent (needs open_clip)")
     im = spec["model"]["image"]
+    rule = weights.spec.preprocess
     preprocess = dict(size=cfg["vision_cfg"]["image_size"], mean=list(im["pixel_mean"]), std=list(im["pixel_std"]))
+    preprocess.update(
+        interpolation=rule.interpolation, resize_mode={v: k for k, v in RESIZE_MODES.items()}[rule.resize]
+    )
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, CONFIG), "w") as f:
         json.dump(dict(model_cfg=cfg, preprocess_cfg=preprocess), f, indent=2)
