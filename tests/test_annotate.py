@@ -9,7 +9,7 @@ import pytest
 from cloc_jax.annotate import beam, detectors, label, phrases
 from cloc_jax.annotate.detectors import Detection
 from cloc_jax.boxes import iou_and_giou
-from cloc_jax.data import records, transforms
+from cloc_jax.data import preprocess, records
 from cloc_jax.data.scenes import CLASS_NAMES, COLOURS
 from tests.data import fixtures
 
@@ -86,7 +86,7 @@ def test_stability_keeps_boxes_that_come_back_under_jitter_and_drops_random_ones
 
 def test_label_images_thresholds_and_names_regions_by_their_phrase():
     recs = fixtures.scene_records(6)
-    images = [transforms.decode_image(r["image"], 64) for r in recs]
+    images = [preprocess.decode(r["image"], draft=64) for r in recs]
     out = label.label_images(ColourOracle(), images, [r["captions"] for r in recs], label.LabelConfig())
     for r, regions in zip(recs, out):
         assert sorted(t for _, t, _ in regions) == sorted(r["region_texts"])  # no decoys, every object

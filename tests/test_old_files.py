@@ -10,6 +10,7 @@ import pytest
 
 import cloc_jax
 from cloc_jax.data import scenes
+from cloc_jax.models.spec import PreprocessSpec
 from tests.conftest import ROOT, tiny_config
 
 V0 = os.path.join(ROOT, "tests", "fixtures", "v0")
@@ -43,7 +44,9 @@ def workdir_copy(tmp_path) -> str:
 @pytest.mark.parametrize("name", ["cloc", "clip", "umg"])
 def test_an_old_export_loads_and_embeds_as_it_did(name):
     expected = dict(np.load(os.path.join(V0, f"{name}_expected.npz")))
-    got = embeddings(cloc_jax.load(os.path.join(V0, f"{name}_export")))
+    model = cloc_jax.load(os.path.join(V0, f"{name}_export"))
+    assert model.spec.preprocess == PreprocessSpec()  # no preprocess key then: CLOC's letterbox, as applied then
+    got = embeddings(model)
     assert sorted(got) == sorted(expected)
     for key, value in expected.items():
         np.testing.assert_allclose(got[key], value, atol=2e-5, err_msg=key)

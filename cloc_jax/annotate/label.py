@@ -17,7 +17,7 @@ import numpy as np
 from cloc_jax.annotate.detectors import Detection
 from cloc_jax.annotate.phrases import MAX_QUERIES, extract_phrases
 from cloc_jax.boxes import iou_and_giou, referring_expressions
-from cloc_jax.data import transforms
+from cloc_jax.data import preprocess, transforms
 
 DECODE_SIZE = 1024  # JPEGs decode at the smallest scale still this large (detectors resize anyway)
 
@@ -99,7 +99,7 @@ def relabel(records: list[dict], detector, cfg: LabelConfig, class_names=()) -> 
     usable, images, counts = [], [], dict(images=0, skipped=0, regions=0)
     for record in records:
         try:
-            images.append(transforms.decode_image(record["image"], DECODE_SIZE))
+            images.append(preprocess.decode(record["image"], draft=DECODE_SIZE))
             usable.append(record)
         except transforms.BadImage:
             counts["skipped"] += 1  # kept out of the output: the training pipeline would skip it anyway

@@ -168,10 +168,9 @@ class Preprocess(grain.transforms.RandomMap):
         """One record -> one row, or None (skipped and counted). `rng` is None in evaluation. The steps draw from
         `rng` in a fixed order (expressions, geometry, caption, regions), so a seed gives the same rows."""
         try:
-            if rng is None:  # evaluation: upright, decoded in full, colours as the model's library converts them
-                image = preprocess.decode(record["image"], self.rule.alpha)
-            else:  # training: JPEGs decoded at a reduced scale where that still covers the input (faster)
-                image = transforms.decode_image(record["image"], self.image_size)
+            # evaluation decodes JPEGs in full; training at a reduced scale that still covers the input (faster)
+            draft = self.image_size if rng is not None else 0
+            image = preprocess.decode(record["image"], self.rule.alpha, draft)
         except transforms.BadImage as error:
             self.stats.add(f"skipped/{error.reason}")
             return None

@@ -21,7 +21,7 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-from cloc_jax.data.transforms import MAX_PIXELS, BadImage, decode_image
+from cloc_jax.data.transforms import MAX_PIXELS, BadImage
 from cloc_jax.models.spec import PreprocessSpec
 
 RESIZE_RULES = ("letterbox", "center_crop", "squash")
@@ -53,15 +53,20 @@ def check(rule: PreprocessSpec) -> None:
         raise ValueError("preprocess.antialias=False is tf.image.resize's bilinear squash: set those too")
 
 
-def open_image(data: bytes) -> Image.Image:
+def open_image(data: bytes, draft: int = 0) -> Image.Image:
     """Encoded bytes -> a decoded PIL image, upright (EXIF orientation applied). BadImage("missing_image" |
-    "corrupt_image" | "too_large") for what cannot be used."""
+    "corrupt_image" | "too_large") for what cannot be used. `draft` > 0 (training's speed): a JPEG decodes at the
+    smallest power-of-two scale still >= draft a side (DCT scaling), so a 20,000 px photo costs what a 2,500 px
+    one does; without it a JPEG decodes in full unless it is over MAX_PIXELS (then at the largest scale that
+    fits); other formats over MAX_PIXELS are refused before their pixels are decoded."""
     if not data:
         raise BadImage("missing_image")
     try:
         image = Image.open(io.BytesIO(data))
-        if image.size[0] * image.size[1] > MAX_PIXELS and image.format == "JPEG":  # only DCT-scaled can it load
-            w, h = image.size
+        w, h = image.size
+        if image.format == "JPEG" and draft:
+            image.draft("RGB", (draft, draft))
+        elif image.format == "JPEG" and w * h > MAX_PIXELS:
             scale = next((s for s in (2, 4, 8) if (w // s) * (h // s) <= MAX_PIXELS), 8)
             image.draft("RGB", (w // scale, h // scale))
         if image.size[0] * image.size[1] > MAX_PIXELS:
@@ -72,6 +77,21 @@ def open_image(data: bytes) -> Image.Image:
         raise
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
         raise BadImage("corrupt_image") from error
+
+
+def pixels_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Decoded pixels of any dtype -> uint8: floats in [0, 1] are scaled by 255, other values in [0, 255]
+    rounded. NaN or inf pixels, or values outside [0, 255], raise BadImage (a cast would make them black)."""
+    if array.dtype == np.uint8:
+        return array
+    values = np.asarray(array, np.float64)
+    if not np.isfinite(values).all():
+        raise BadImage("nonfinite_pixels")
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise BadImage("pixels_out_of_range")
+    if np.issubdtype(array.dtype, np.floating) and (not values.size or values.max() <= 1.0):
+        values = values * 255.0
+    return np.round(values).astype(np.uint8)
 
 
 def to_rgb(image: Image.Image, alpha: str = "grey") -> np.ndarray:
@@ -91,11 +111,15 @@ def to_rgb(image: Image.Image, alpha: str = "grey") -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def decode(data, alpha: str = "grey") -> np.ndarray:
-    """Encoded bytes (or an array, as some sources hold images) -> upright uint8 [H, W, 3]."""
+def decode(data, alpha: str = "grey", draft: int = 0) -> np.ndarray:
+    """Encoded bytes (or an array, as some sources hold images) -> upright uint8 [H, W, 3] (`open_image`,
+    `to_rgb`). Raises BadImage (the reasons above, "nonfinite_pixels", "pixels_out_of_range")."""
     if isinstance(data, np.ndarray):
-        return decode_image(data, 0)
-    return to_rgb(open_image(data), alpha)
+        array = data if data.ndim == 3 else data[..., None]
+        if array.shape[-1] == 1:
+            array = np.repeat(array, 3, axis=-1)
+        return np.ascontiguousarray(pixels_to_uint8(array[..., :3]))
+    return to_rgb(open_image(data, draft), alpha)
 
 
 class Geometry:

@@ -14,7 +14,7 @@ from PIL import Image
 from cloc_jax.boxes import MIN_SIDE
 
 MAX_PIXELS = 16_000**2 // 2  # larger images are skipped unless JPEG can decode them downscaled
-# PIL refuses > 179 MP at open; decode_image applies MAX_PIXELS itself, after JPEG's downscaled draft.
+# PIL refuses > 179 MP at open; data/preprocess.py applies MAX_PIXELS itself, after JPEG's downscaled draft.
 Image.MAX_IMAGE_PIXELS = None
 RESIZES = ("pad", "crop")  # long-side resize + pad (CLOC), random resized crop (CLIP)
 FLIP_TEXTS = ("swap", "skip")  # on flip: swap left/right in texts, or do not flip images that mention them
@@ -33,67 +33,6 @@ def encode_image(image: np.ndarray, fmt: str = "PNG") -> bytes:
     out = io.BytesIO()
     Image.fromarray(image).save(out, format=fmt)
     return out.getvalue()
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Grayscale, CMYK, palette, 16-bit and alpha images -> RGB (alpha composited over mid-grey)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, np.float64)
-        if not np.isfinite(array).all():  # a float TIFF can hold NaN or inf
-            raise BadImage("nonfinite_pixels")
-        hi = max(array.max(), 1.0)
-        image = Image.fromarray((array / hi * 255).astype(np.uint8))
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (128, 128, 128, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-def pixels_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Decoded pixels of any dtype -> uint8: floats in [0, 1] are scaled by 255, other values in [0, 255]
-    rounded. NaN or inf pixels, or values outside [0, 255], raise BadImage (a cast would make them black)."""
-    if array.dtype == np.uint8:
-        return array
-    values = np.asarray(array, np.float64)
-    if not np.isfinite(values).all():
-        raise BadImage("nonfinite_pixels")
-    if values.size and (values.min() < 0 or values.max() > 255):
-        raise BadImage("pixels_out_of_range")
-    if np.issubdtype(array.dtype, np.floating) and (not values.size or values.max() <= 1.0):
-        values = values * 255.0
-    return np.round(values).astype(np.uint8)
-
-
-def decode_image(data, target_size: int) -> np.ndarray:
-    """Encoded bytes or an array -> uint8 [H, W, 3].
-
-    Raises BadImage("missing_image" | "corrupt_image" | "too_large" | "nonfinite_pixels" |
-    "pixels_out_of_range").
-
-    JPEGs are decoded at the smallest power-of-two scale still >= target_size (`draft`), so a
-    20,000 px photo costs what a 2,500 px one does; other formats over MAX_PIXELS are skipped
-    before their pixels are decoded."""
-    if isinstance(data, np.ndarray):
-        array = data if data.ndim == 3 else data[..., None]
-        if array.shape[-1] == 1:
-            array = np.repeat(array, 3, axis=-1)
-        return np.ascontiguousarray(pixels_to_uint8(array[..., :3]))
-    if not data:
-        raise BadImage("missing_image")
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.format == "JPEG":
-            image.draft("RGB", (target_size, target_size))
-        if image.size[0] * image.size[1] > MAX_PIXELS:
-            raise BadImage("too_large")
-        image.load()
-        return np.asarray(_to_rgb(image))
-    except BadImage:
-        raise
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
-        raise BadImage("corrupt_image") from error
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

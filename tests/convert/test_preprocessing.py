@@ -135,6 +135,20 @@ def test_processor_settings_survive_import_and_export(tmp_path):
     )
 
 
+def test_open_clip_preprocess_cfg_survives_import_and_export(tmp_path):
+    """A squash with bilinear resampling in preprocess_cfg is read into the spec and written back."""
+    from tests.convert.test_open_clip import TOWERS, _save
+
+    cfg = dict(embed_dim=16, quick_gelu=True, **TOWERS)
+    folder = _save(tmp_path / "oc", cfg, {"interpolation": "bilinear", "resize_mode": "squash"})
+    rule = cloc_jax.load(f"open_clip:{folder}").spec.preprocess
+    assert (rule.resize, rule.interpolation) == ("squash", "bilinear")
+    out = convert(convert(f"open_clip:{folder}", str(tmp_path / "export")), str(tmp_path / "back"), to="open_clip")
+    with open(os.path.join(out, "open_clip_config.json")) as f:
+        written = json.load(f)["preprocess_cfg"]
+    assert (written["resize_mode"], written["interpolation"]) == ("squash", "bilinear")
+
+
 def test_files_written_before_specs_held_preprocessing():
     """No `preprocess` key: a model trained here keeps CLOC's letterbox (what every model got then); an import
     whose family shows in its spec gets that family's rule."""

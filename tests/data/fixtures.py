@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from cloc_jax.data import records, transforms
+from cloc_jax.data import preprocess, records, transforms
 from cloc_jax.data.scenes import CLASS_NAMES, Scenes
 
 
@@ -35,7 +35,7 @@ def write_coco(directory: str, recs: list[dict], region_captions: bool = False, 
     os.makedirs(os.path.join(directory, "images"), exist_ok=True)
     images, captions, instances, refs = [], [], [], []
     for r in recs:
-        h, w = transforms.decode_image(r["image"], 0).shape[:2]
+        h, w = preprocess.decode(r["image"]).shape[:2]
         name = f"{r['index']:06d}.png"
         with open(os.path.join(directory, "images", name), "wb") as f:
             f.write(r["image"])
@@ -100,7 +100,7 @@ def write_webdataset(
     for s, shard in enumerate(shards):
         with tarfile.open(os.path.join(directory, f"shard-{s:04d}.tar"), "w") as tar:
             for r in shard:
-                h, w = transforms.decode_image(r["image"], 0).shape[:2]
+                h, w = preprocess.decode(r["image"]).shape[:2]
                 scale = np.array([w, h, w, h]) if pixel_boxes else np.ones(4)
                 meta = dict(
                     captions=r["captions"],

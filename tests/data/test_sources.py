@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cloc_jax.data import pipeline, records, sources, transforms
+from cloc_jax.data import pipeline, preprocess, records, sources
 from cloc_jax.data.records import deserialize, serialize
 from cloc_jax.data.scenes import CLASS_NAMES
 from cloc_jax.tokenizers import ByteTokenizer
@@ -45,7 +45,7 @@ def test_each_file_source_reads_back_what_was_written(recs, specs, kind):
     for want in recs:
         record = got[want["captions"][0]]
         np.testing.assert_array_equal(
-            transforms.decode_image(record["image"], 48), transforms.decode_image(want["image"], 48)
+            preprocess.decode(record["image"], draft=48), preprocess.decode(want["image"], draft=48)
         )
         np.testing.assert_allclose(record["boxes"], want["boxes"], atol=1e-6)
         # COCO-format refs hold every sentence of a box
@@ -199,7 +199,7 @@ def test_karpathy_splits_hold_every_sentence_of_their_images(tmp_path, recs):
         record = test[i]
         assert record["captions"] == fixtures.five_captions(want)
         np.testing.assert_array_equal(
-            transforms.decode_image(record["image"], 48), transforms.decode_image(want["image"], 48)
+            preprocess.decode(record["image"], draft=48), preprocess.decode(want["image"], draft=48)
         )
     assert len(sources.from_spec(spec.replace(":test@", ":train@"), 48)) == N - len(test)
     with pytest.raises(ValueError, match="karpathy split='tset'"):

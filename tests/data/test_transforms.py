@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cloc_jax.data import transforms
+from cloc_jax.data import preprocess, transforms
 from tests.data import fixtures
 
 SIZE = 64
@@ -88,13 +88,13 @@ def test_left_and_right_swap_in_texts():
 def test_every_colour_mode_decodes_to_rgb(mode):
     image = Image.new("RGB", (7, 5), (200, 30, 60)).convert(mode)
     fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
-    out = transforms.decode_image(fixtures.encoded(image, fmt), 224)
+    out = preprocess.decode(fixtures.encoded(image, fmt), draft=224)
     assert out.shape == (5, 7, 3) and out.dtype == np.uint8
 
 
 def test_alpha_is_composited_over_grey():
     image = Image.new("RGBA", (2, 2), (255, 0, 0, 0))  # fully transparent red
-    np.testing.assert_array_equal(transforms.decode_image(fixtures.encoded(image, "PNG"), 224), 128)
+    np.testing.assert_array_equal(preprocess.decode(fixtures.encoded(image, "PNG"), draft=224), 128)
 
 
 def test_broken_and_extreme_images():
@@ -106,11 +106,11 @@ def test_broken_and_extreme_images():
         (fixtures.huge_png_header(), "too_large"),  # 20,000 x 20,000 PNG: refused before decoding
     ]:
         with pytest.raises(transforms.BadImage) as error:
-            transforms.decode_image(data, 224)
+            preprocess.decode(data, draft=224)
         assert error.value.reason == reason
-    assert transforms.decode_image(fixtures.encoded(Image.new("RGB", (1, 1)), "PNG"), 224).shape == (1, 1, 3)
+    assert preprocess.decode(fixtures.encoded(Image.new("RGB", (1, 1)), "PNG"), draft=224).shape == (1, 1, 3)
     huge = fixtures.encoded(Image.new("L", (20_000, 20_000), 90), "JPEG")  # decoded at 1/8 scale
-    assert transforms.decode_image(huge, 224).shape == (2500, 2500, 3)
+    assert preprocess.decode(huge, draft=224).shape == (2500, 2500, 3)
 
 
 def test_one_pixel_image_resizes_to_the_full_canvas():
