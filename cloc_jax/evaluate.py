@@ -51,7 +51,8 @@ def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -
             example = benchmarks.DATA_EXAMPLES.get(name, "SPEC")
             skipped.append(dict(benchmark=name, reason=f"no data: pass --data.{name}={example}"))
         elif not evals.runnable(cfg, encoder):
-            skipped.append(dict(benchmark=name, reason=f"{cfg.type} needs the Prompter's box head"))
+            reason = f"{cfg.type} needs a grounding head; this model's region head is {encoder.model.head.description}"
+            skipped.append(dict(benchmark=name, reason=reason))
         else:
             groups.setdefault(cfg.data, {})[name] = cfg
     for spec, entries in groups.items():

@@ -162,7 +162,8 @@ def _linear_weights(size_in: int, size_out: int) -> np.ndarray:
 
 def _point_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     rows, cols = _linear_weights(image.shape[0], height), _linear_weights(image.shape[1], width)
-    out = np.einsum("ih,jw,hwc->ijc", rows, cols, image.astype(np.float64))
+    out = np.tensordot(rows, image.astype(np.float64), axes=(1, 0))  # [height, W, 3]
+    out = np.tensordot(cols, out, axes=(1, 1)).transpose(1, 0, 2)  # [height, width, 3]
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 

@@ -70,16 +70,16 @@ class EvalRunner:
         unknown = set(needs) - set(OUTPUTS)
         if unknown:
             raise ValueError(f"evaluation outputs {sorted(unknown)}; choose from {OUTPUTS}")
-        device = frozenset(needs - {"crops"})
-        if device not in self._forwards:
+        on_device = frozenset(needs - {"crops"})
+        if on_device not in self._forwards:
             model = self.encoder.model
-            self._forwards[device] = jax.jit(
+            self._forwards[on_device] = jax.jit(
                 lambda p, images, boxes, ground_tokens: model.apply(
-                    {"params": p}, images, boxes, ground_tokens, device, method=Model.evaluate
+                    {"params": p}, images, boxes, ground_tokens, on_device, method=Model.evaluate
                 )
             )
         inputs = dict(images=batch["image"], boxes=batch["boxes"], ground_tokens=batch["ground_tokens"])
-        out = self._run(self._forwards[device], inputs)
+        out = self._run(self._forwards[on_device], inputs)
         if "crops" in needs:
             out["crops"] = self._crops(batch["image"], batch["boxes"])
         return out

@@ -14,6 +14,8 @@ import os
 import numpy as np
 
 from cloc_jax.models.spec import FAMILIES, Spec, family_spec
+from cloc_jax.models.vit import vit_size
+from cloc_jax.tokenizers import _Transformers
 from cloc_jax.weights import layout
 from cloc_jax.weights.layout import Weights, conv, linear, same_in_both_towers
 
@@ -294,9 +296,6 @@ def write(weights: Weights, tokenizer, out: str) -> str:
     """An export (spec + unrolled parameters, its tokenizer object) -> a transformers folder."""
     from safetensors.numpy import save_file
     from transformers import CLIPConfig, SiglipConfig
-
-    from cloc_jax.models.vit import vit_size
-    from cloc_jax.tokenizers import _Transformers
 
     family = family_of(weights.spec)
     spec = weights.spec.to_json()

@@ -18,6 +18,8 @@ import shutil
 import numpy as np
 
 from cloc_jax.models.spec import FAMILIES, Spec, family_spec
+from cloc_jax.models.vit import vit_size
+from cloc_jax.tokenizers import OpenClipTokenizer
 from cloc_jax.weights import layout
 from cloc_jax.weights.layout import Weights, conv, linear, same_in_both_towers
 
@@ -324,8 +326,6 @@ def _ratio(width: int, mlp_dim: int) -> float:
 def model_config(spec: Spec, params: dict) -> dict:
     """Spec -> open_clip's model_cfg, or a one-line error naming the first setting open_clip's ViT CLIP (with
     its SimpleTokenizer) cannot express."""
-    from cloc_jax.models.vit import vit_size
-
     fields = spec.to_json()
     m, tok = fields["model"], fields["tokenizer"]
     im, tx = m["image"], m["text"]
@@ -381,8 +381,6 @@ def write(weights: Weights, tokenizer, out: str) -> str:
     than open_clip's own is copied in (our reader prefers it; open_clip's get_tokenizer needs
     tokenizer_kwargs bpe_path for it)."""
     from safetensors.numpy import save_file
-
-    from cloc_jax.tokenizers import OpenClipTokenizer
 
     cfg = model_config(weights.spec, weights.in_layout(scan=False))
     spec, p = weights.spec.to_json(), weights.in_layout(scan=False)
