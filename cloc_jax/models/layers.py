@@ -1,7 +1,8 @@
 """Transformer building blocks shared by the image and text towers.
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `layers`) and key
-activations carry (`batch`, `length`, `embed`), so sharding is decided by the config's axis rules.
+activations carry their own (`activation_batch`, `activation_length`, `activation_embed`, ...), so sharding is
+decided by the config's axis rules.
 """
 
 import dataclasses
