@@ -120,11 +120,12 @@ def predict(
     ensembles of `templates`; their scores the model's `probabilities`; a grounded box's score is the cosine
     between its region embedding and the phrase."""
     rule = encoder.spec.preprocess
-    x, geometry = _inputs(encoder, image, preprocess.region_rule(rule))  # regions: every box and pixel kept
+    regions_rule = preprocess.region_rule(rule)  # regions: every box and pixel kept
+    x, geometry = _inputs(encoder, image, regions_rule)
     out = dict(image=[], boxes=[], ground=[], heatmaps={}, notes=[])
     z_labels = encoder.encode_classes(list(labels), templates) if labels else None
     if labels:  # the image as a whole: the model's own preprocessing
-        whole = x if preprocess.region_rule(rule) == rule else _inputs(encoder, image, rule)[0]
+        whole = x if regions_rule == rule else _inputs(encoder, image, rule)[0]
         out["image"] = _ranked(probabilities(encoder, encoder.encode_image(whole)[0] @ z_labels.T), list(labels), top_k)
     if boxes is not None and len(boxes):
         regions = encoder.encode_regions(x, geometry.to_model(boxes)[None])[0]

@@ -21,6 +21,7 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
+from cloc_jax.data import transforms
 from cloc_jax.data.transforms import MAX_PIXELS, BadImage
 from cloc_jax.models.spec import PreprocessSpec
 
@@ -145,7 +146,7 @@ def _resize(image: np.ndarray, height: int, width: int, rule: PreprocessSpec) ->
     if image.shape[:2] == (height, width):
         return image
     if rule.antialias:
-        return np.asarray(Image.fromarray(image).resize((width, height), INTERPOLATIONS[rule.interpolation]))
+        return transforms.resize(image, height, width, INTERPOLATIONS[rule.interpolation])
     return _point_bilinear(image, height, width)
 
 
@@ -173,11 +174,9 @@ def model_input(image: np.ndarray, rule: PreprocessSpec, size: int) -> tuple[np.
     h, w = image.shape[:2]
     if rule.resize == "squash":
         return _resize(image, size, size, rule), Geometry(h, w, size, (size / w, size / h))
-    if rule.resize == "letterbox":
-        scale = size / max(h, w)
-        nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
-        out = np.zeros((size, size, 3), np.uint8)
-        out[:nh, :nw] = _resize(image, nh, nw, rule)
+    if rule.resize == "letterbox":  # (check: letterboxing always antialiases)
+        out, _ = transforms.resize_pad(image, np.zeros((0, 4), np.float32), size, INTERPOLATIONS[rule.interpolation])
+        nh, nw = transforms.letterbox_size(h, w, size)
         return out, Geometry(h, w, size, (nw / w, nh / h))
     short = math.floor(size / rule.crop_fraction + 1e-6)  # timm's scale size: floor(S / crop_pct)
     nh, nw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))

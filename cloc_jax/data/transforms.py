@@ -35,19 +35,26 @@ def encode_image(image: np.ndarray, fmt: str = "PNG") -> bytes:
     return out.getvalue()
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize(image: np.ndarray, height: int, width: int, resample=Image.BICUBIC) -> np.ndarray:
+    """uint8 [H, W, 3] -> [height, width, 3] by PIL's (antialiasing) filter `resample`."""
     if image.shape[:2] == (height, width):
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
+    return np.asarray(Image.fromarray(image).resize((width, height), resample))
 
 
-def resize_pad(image: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def letterbox_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) of an image whose long side is resized to `size`, each side at least 1 pixel."""
+    scale = size / max(height, width)
+    return max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
+
+
+def resize_pad(
+    image: np.ndarray, boxes: np.ndarray, size: int, resample=Image.BICUBIC
+) -> tuple[np.ndarray, np.ndarray]:
     """Long side -> `size`, then zero padding right and bottom to [size, size, 3]; boxes follow."""
-    h, w = image.shape[:2]
-    scale = size / max(h, w)
-    nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+    nh, nw = letterbox_size(*image.shape[:2], size)
     out = np.zeros((size, size, 3), np.uint8)
-    out[:nh, :nw] = _resize(image, nh, nw)
+    out[:nh, :nw] = resize(image, nh, nw, resample)
     return out, boxes * np.array([nw, nh, nw, nh], np.float32) / size
 
 
@@ -72,7 +79,7 @@ def random_resized_crop(
     else:
         ch, cw = h, w
     y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    crop = _resize(image[y0 : y0 + ch, x0 : x0 + cw], size, size)
+    crop = resize(image[y0 : y0 + ch, x0 : x0 + cw], size, size)
     offset = np.array([x0 / w, y0 / h, x0 / w, y0 / h], np.float32)
     stretch = np.array([w / cw, h / ch, w / cw, h / ch], np.float32)
     return crop, (boxes - offset) * stretch

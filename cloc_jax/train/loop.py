@@ -14,7 +14,7 @@ from cloc_jax.data import pipeline
 from cloc_jax.inference import Encoder
 from cloc_jax.metrics import MetricWriter
 from cloc_jax.models.build import example_batch
-from cloc_jax.models.spec import from_config
+from cloc_jax.models.spec import Spec, from_config
 from cloc_jax.train.state import TrainState, abstract_state, adopt_architecture, build, init_from, init_state
 from cloc_jax.train.step import compile_step
 
@@ -50,10 +50,10 @@ def pretrained_weights(config: ml_collections.ConfigDict, ckpt: Checkpoints):
     return pretrained
 
 
-def initial_state(config, model, tx, mesh, ckpt: Checkpoints, pretrained, data_iter) -> TrainState:
-    """The newest readable checkpoint of this run (advancing `data_iter` to its position), else a fresh
-    state, initialised from `pretrained` weights if given."""
-    latest, state = ckpt.restore_newest(abstract_state(config, model, tx, mesh)[1], data_iter, from_config(config))
+def initial_state(config, model, tx, mesh, ckpt: Checkpoints, spec: Spec, pretrained, data_iter) -> TrainState:
+    """The newest readable checkpoint of this run of `spec`'s model (advancing `data_iter` to its position), else
+    a fresh state, initialised from `pretrained` weights if given."""
+    latest, state = ckpt.restore_newest(abstract_state(config, model, tx, mesh)[1], data_iter, spec)
     if latest is not None:
         print(f"Resumed from {ckpt.directory} at step {latest}")
         return state
@@ -103,6 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every)
     pretrained = pretrained_weights(config, ckpt)
     tokenizer, model, tx = build(config)
+    spec = from_config(config)  # after init_from set the architecture
     if config.eval_every and config.evals and not config.data.heldout:
         print("No evaluation during training: data.heldout is unset", flush=True)
     pipeline.check_split_set(config.data, "train")  # what to pass comes before what cannot fit
@@ -114,10 +115,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preemption = guards.Preemption(ckpt.manager)
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
-            state = initial_state(config, model, tx, mesh, ckpt, pretrained, data_iter)
-            encoder = Encoder(model, state.params, tokenizer, from_config(config), config.axis_rules)
+            state = initial_state(config, model, tx, mesh, ckpt, spec, pretrained, data_iter)
+            encoder = Encoder(model, state.params, tokenizer, spec, config.axis_rules)
             runner = evals.runner_for(config, encoder, mesh) if config.eval_every and config.evals else None
-            loop = _Loop(config, model, tx, tags, ckpt, writer, preemption, data_iter, data_stats, runner)
+            loop = _Loop(config, spec, model, tx, tags, ckpt, writer, preemption, data_iter, data_stats, runner)
             return loop.run(state, mesh)
     finally:
         preemption.close()
@@ -129,11 +130,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 class _Loop:
     """The steps of one `train_and_evaluate` call, each part of a step its own method."""
 
-    def __init__(self, config, model, tx, tags, ckpt, writer, preemption, data_iter, data_stats, runner):
-        self.config, self.model, self.tx, self.tags = config, model, tx, tags
+    def __init__(self, config, spec, model, tx, tags, ckpt, writer, preemption, data_iter, data_stats, runner):
+        self.config, self.spec, self.model, self.tx, self.tags = config, spec, model, tx, tags
         self.ckpt, self.writer, self.preemption, self.runner = ckpt, writer, preemption, runner
         self.data_iter, self.data_stats = data_iter, data_stats
-        self.spec = from_config(config)
 
     def run(self, state: TrainState, mesh) -> dict[str, float]:
         config, ckpt = self.config, self.ckpt

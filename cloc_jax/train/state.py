@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from cloc_jax import sharding
+from cloc_jax.config import set_dotted
 from cloc_jax.models.build import build_with_tokenizer, init_params
 from cloc_jax.models.cloc import Model
 from cloc_jax.models.spec import architecture_overrides, from_config
@@ -63,12 +64,7 @@ def init_state(config, model: Model, tx: optax.GradientTransformation, mesh) -> 
 def adopt_architecture(config: ml_collections.ConfigDict, pretrained_spec, source: str) -> None:
     """Sets `config`'s architecture keys (model and tokenizer, not image_size) to those of the checkpoint it
     starts from (`spec.architecture_overrides`: a key the config sets otherwise is a one-line error)."""
-    for key, value in architecture_overrides(from_config(config), pretrained_spec, source).items():
-        *path, last = key.split(".")
-        target = config
-        for part in path:
-            target = target[part]
-        target[last] = value
+    set_dotted(config, architecture_overrides(from_config(config), pretrained_spec, source))
 
 
 def init_from(state: TrainState, pretrained: Weights, scan: bool) -> TrainState:

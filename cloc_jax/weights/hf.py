@@ -10,6 +10,7 @@ travel: region heads (Prompter, box head) have no place in those classes.
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -133,8 +134,6 @@ def _preprocess(processor: dict, source: str) -> dict:
 def _processor(spec: Spec, family: str, side: int, mean: list, std: list):
     """The spec's preprocessing as the family's transformers image processor. A rule the class cannot express
     (a letterbox; a squash for CLIP, a crop for SigLIP) is written as the family's own rule, and said."""
-    import sys
-
     from transformers import CLIPImageProcessor, SiglipImageProcessor
 
     rule = spec.preprocess
@@ -185,20 +184,16 @@ def _params(state: dict, family: str, image: dict, text: dict, source: str) -> d
         get(f"{v}.post_layernorm.weight"),
         get(f"{v}.post_layernorm.bias"),
     )
-    for i in range(image["depth"]):
-        out.update(
-            layout.block_from_torch(get, f"image/encoder/block_{i}", image["heads"], _names(f"{v}.encoder.layers.{i}"))
-        )
     out["text/token_embed/embedding"] = get(f"{t}.embeddings.token_embedding.weight")
     out["text/pos_embedding"] = get(f"{t}.embeddings.position_embedding.weight")
     out["text/ln_final/scale"], out["text/ln_final/bias"] = (
         get(f"{t}.final_layer_norm.weight"),
         get(f"{t}.final_layer_norm.bias"),
     )
-    for i in range(text["depth"]):
-        out.update(
-            layout.block_from_torch(get, f"text/encoder/block_{i}", text["heads"], _names(f"{t}.encoder.layers.{i}"))
-        )
+    for tower, prefix, sizes in (("image", v, image), ("text", t, text)):
+        for i in range(sizes["depth"]):
+            names = _names(f"{prefix}.encoder.layers.{i}")
+            out.update(layout.block_from_torch(get, f"{tower}/encoder/block_{i}", sizes["heads"], names))
     if extra := sorted(k for k in state if k not in used and "position_ids" not in k):  # (a buffer, not a weight)
         raise ValueError(f"{source}: unexpected parameter {extra[0]} for a {family} model")
     return out

@@ -62,30 +62,18 @@ def stacked(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def flat_shapes(abstract: dict, scanned: bool) -> dict[str, tuple[int, ...]]:
-    """Nested parameter shapes (`build.abstract_params`, in the model's own layout) -> {flat key: shape} in the
-    layout `scanned` says."""
+    """Nested parameter shapes (`build.abstract_params` of the spec's model) -> {flat key: shape}; for unrolled
+    weights (importers read one block at a time) a scanned model's stacks [depth, ...] count as depth blocks."""
     flat = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(abstract, sep="/").items()}
-    if scanned == any(_STACK.match(k) for k in flat) or not any(_STACK.match(k) or _BLOCK.match(k) for k in flat):
+    if scanned:
         return flat
-    if not scanned:  # the model scans: each stack [depth, ...] is depth blocks
-        out = {}
-        for key, shape in flat.items():
-            match = _STACK.match(key)
-            if match:
-                out.update({f"{match[1]}/block_{i}/{match[2]}": shape[1:] for i in range(shape[0])})
-            else:
-                out[key] = shape
-        return out
-    depth = {}  # the model is unrolled: blocks stack into [depth, ...]
-    for key in flat:
-        if match := _BLOCK.match(key):
-            depth[f"{match[1]}/blocks/{match[3]}"] = max(
-                depth.get(f"{match[1]}/blocks/{match[3]}", 0), int(match[2]) + 1
-            )
-    out = {k: shape for k, shape in flat.items() if not _BLOCK.match(k)}
-    for key in depth:
+    out = {}
+    for key, shape in flat.items():
         match = _STACK.match(key)
-        out[key] = (depth[key], *flat[f"{match[1]}/block_0/{match[2]}"])
+        if match:
+            out.update({f"{match[1]}/block_{i}/{match[2]}": shape[1:] for i in range(shape[0])})
+        else:
+            out[key] = shape
     return out
 
 
