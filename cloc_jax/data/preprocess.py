@@ -73,7 +73,8 @@ def open_image(data: bytes, draft: int = 0) -> Image.Image:
         if image.size[0] * image.size[1] > MAX_PIXELS:
             raise BadImage("too_large")
         image.load()
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # (not in place, it copies every image, rotated or not)
+        return image
     except BadImage:
         raise
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
