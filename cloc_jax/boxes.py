@@ -80,3 +80,10 @@ def cell_coverage(boxes, h: int, w: int):
     cover_y = jnp.clip(jnp.minimum(boxes[..., 3:4], ys0 + 1 / h) - jnp.maximum(boxes[..., 1:2], ys0), 0, None)
     cover = (cover_y[..., :, None] * cover_x[..., None, :]).reshape(*boxes.shape[:-1], h * w)
     return cover / jnp.maximum(cover.sum(-1, keepdims=True), 1e-9)
+
+
+def cell_boxes(h: int, w: int) -> np.ndarray:
+    """float32 [h * w, 4]: the cells of an h x w grid over the unit square as xyxy boxes, row by row (a token's
+    patch, for dense outputs: `models.heads.RegionHead.dense`)."""
+    ys, xs = np.meshgrid(np.arange(h) / h, np.arange(w) / w, indexing="ij")
+    return np.stack([xs, ys, xs + 1 / w, ys + 1 / h], -1).reshape(h * w, 4).astype(np.float32)

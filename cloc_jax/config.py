@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
         # (CLIP; boxes keeping < min_visible of their area are dropped). A flip swaps left/right in the
         # texts ("swap") or is not done to images whose texts say left/right ("skip").
         augment=dict(resize="pad", crop_scale=(0.9, 1.0), min_visible=0.3, flip=0.0, flip_texts="swap"),
+        masks=False,  # training rows carry region masks and a label map aligned with the image (dense losses)
         **pipeline.EVAL_DATA_DEFAULTS,  # seed, decoding threads, prefetch, regions and captions kept in evaluation
     )
     # LAMB is the default. The CLOC paper's AdamW is one flag away:

@@ -129,8 +129,9 @@ class Geometry:
 
     def __init__(self, height: int, width: int, size: int, scale_xy: tuple[float, float], offset_xy=(0.0, 0.0)):
         self.height, self.width, self.size = height, width, size
-        self._scale = np.array([*scale_xy, *scale_xy], np.float32)  # input pixels per image pixel / S
-        self._offset = np.array([*offset_xy, *offset_xy], np.float32)  # input pixels of the image's corner / S
+        self.scale_xy, self.offset_xy = tuple(map(float, scale_xy)), tuple(map(float, offset_xy))
+        self._scale = np.array([*scale_xy, *scale_xy], np.float32)  # input pixels per image pixel
+        self._offset = np.array([*offset_xy, *offset_xy], np.float32)  # input pixel where the image's corner lands
 
     def to_model(self, boxes: np.ndarray) -> np.ndarray:
         """[N, 4] normalised to the image -> normalised to the model's input (may leave it under a crop)."""
@@ -141,6 +142,26 @@ class Geometry:
         """[N, 4] normalised to the model's input -> normalised to the image, clipped to it."""
         image_px = np.array([self.width, self.height, self.width, self.height], np.float32)
         return np.clip((boxes * self.size + self._offset) / self._scale / image_px, 0, 1)
+
+    def as_array(self) -> np.ndarray:
+        """float64 [4]: (scale x, scale y, offset x, offset y), how a batch row carries its geometry."""
+        return np.array([*self.scale_xy, *self.offset_xy], np.float64)
+
+    def source_pixels(self, count: int, axis: int) -> np.ndarray:
+        """int [count]: for each input pixel along x (axis 1) or y (axis 0), the image pixel whose area holds its
+        centre; -1 where the input shows no image (a letterbox's padding). PIL's nearest-neighbour rule."""
+        scale, offset, extent = self.scale_xy[1 - axis], self.offset_xy[1 - axis], (self.height, self.width)[axis]
+        index = np.floor((np.arange(count) + 0.5 + offset) / scale).astype(np.int64)
+        return np.where((index >= 0) & (index < extent), index, -1)
+
+    def warp(self, labels: np.ndarray, fill) -> np.ndarray:
+        """Per-pixel labels of the image [H, W, ...] (masks, a label map) -> [S, S, ...], pixel-aligned with the
+        model's input: each input pixel takes the label of the image pixel under its centre, `fill` on padding."""
+        rows, cols = self.source_pixels(self.size, 0), self.source_pixels(self.size, 1)
+        out = labels[np.maximum(rows, 0)][:, np.maximum(cols, 0)]
+        outside = (rows < 0)[:, None] | (cols < 0)[None, :]
+        out[outside] = fill
+        return out
 
 
 def _resize(image: np.ndarray, height: int, width: int, rule: PreprocessSpec) -> np.ndarray:

@@ -12,10 +12,14 @@ A record (a dict) is what the pipeline's `Preprocess` reads, whatever the source
     tags          int32 [T]            image-level tags, indices into `class_names`
     has_tags      bool                 whether the source annotates tags: if not, `tags` is unknown, not empty
     label         int                  image class (index into `class_names`), -1 when unknown
+    masks         [] | RLE list (N) | bool [N, H, W] | {"panoptic": PNG, "ids": [N]}   instance masks per box
+    crowd         bool [N]             COCO's iscrowd: the box covers a crowd of its class
+    semantic      b"" | PNG bytes | int [H, W]   class per pixel (`data/masks.py`: forms, IGNORE)
 
 On disk each record is one msgpack map with the same keys (boxes as a list of 4-lists, the image
-always encoded), in ArrayRecord shards (random access, which grain needs for global shuffling and
-resumable iterators). A shard set's class vocabulary sits beside it in `<dir>/class_names.json`.
+always encoded, masks as COCO RLE and the label map as a 16-bit PNG), in ArrayRecord shards (random
+access, which grain needs for global shuffling and resumable iterators). A shard set's class vocabulary
+sits beside it in `<dir>/class_names.json`.
 """
 
 import glob
@@ -26,6 +30,8 @@ import grain
 import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
+
+from cloc_jax.data import masks as pixel_masks
 
 CLASS_NAMES_FILE = "class_names.json"
 
@@ -43,7 +49,26 @@ def empty_record(index: int, image) -> dict:
         tags=np.zeros((0,), np.int32),
         has_tags=False,
         label=-1,
+        masks=[],
+        crowd=np.zeros((0,), bool),
+        semantic=b"",
     )
+
+
+def _masks_on_disk(masks):
+    """A record's masks in their msgpack form: arrays become RLE; RLE counts and panoptic PNGs stay bytes."""
+    if isinstance(masks, np.ndarray):
+        masks = pixel_masks.to_rle(masks)
+    if isinstance(masks, dict):
+        return dict(panoptic=masks["panoptic"], ids=[int(i) for i in masks["ids"]])
+    return [dict(size=[int(v) for v in m["size"]], counts=m["counts"]) for m in masks]
+
+
+def _masks_from_disk(raw):
+    """The msgpack form (raw keys: bytes) back to a record's masks."""
+    if isinstance(raw, dict):
+        return dict(panoptic=raw.get(b"panoptic", b""), ids=list(raw.get(b"ids", [])))
+    return [dict(size=list(m[b"size"]), counts=m[b"counts"]) for m in raw or []]
 
 
 def serialize(record: dict) -> bytes:
@@ -61,8 +86,17 @@ def serialize(record: dict) -> bytes:
             tags=np.asarray(record["tags"], np.int64).tolist(),
             has_tags=bool(record["has_tags"]),
             label=int(record["label"]),
+            masks=_masks_on_disk(record.get("masks", [])),
+            crowd=np.asarray(record.get("crowd", []), bool).tolist(),
+            semantic=_semantic_on_disk(record.get("semantic", b"")),
         )
     )
+
+
+def _semantic_on_disk(semantic) -> bytes:
+    if isinstance(semantic, np.ndarray):
+        return pixel_masks.encode_semantic(semantic)
+    return bytes(semantic or b"")
 
 
 def deserialize(data: bytes, index: int) -> dict:
@@ -88,6 +122,9 @@ def deserialize(data: bytes, index: int) -> dict:
         tags=np.asarray(get("tags", []), np.int32),
         has_tags=bool(get("has_tags", b"tags" in raw)),  # shards from before the flag: tagged if they store tags
         label=int(get("label", -1)),
+        masks=_masks_from_disk(get("masks", [])),
+        crowd=np.asarray(get("crowd", []), bool),
+        semantic=get("semantic", b""),
     )
 
 

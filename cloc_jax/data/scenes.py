@@ -1,8 +1,9 @@
 """The embedded dataset: procedurally generated scenes of coloured shapes, deterministic by seed.
 
-Each scene has an image caption, one box and region caption per object, and a referring expression per
-object. Some colour-shape combinations never appear in the train split, so held-out evaluation tests
-composition, not memory. It needs no download and renders an image in well under a millisecond.
+Each scene has an image caption, one box, region caption, exact mask and referring expression per object, and
+a label map (each pixel its object's class, or "background"). Some colour-shape combinations never appear in the
+train split, so held-out evaluation tests composition, not memory. It needs no download and renders an image in
+well under a millisecond.
 """
 
 import os
@@ -23,6 +24,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 CLASS_NAMES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # label = index into this tuple
+BACKGROUND = len(CLASS_NAMES)  # the label maps' class of pixels outside every shape
 # One combination per shape is never seen in training; every colour and shape still is.
 HELDOUT_COMBOS = frozenset({"red circle", "green square", "blue triangle", "yellow diamond", "purple cross"})
 SIZES = {"small": (0.08, 0.12), "large": (0.15, 0.21)}  # half-extent as a fraction of the image side
@@ -57,6 +59,7 @@ class Scenes:
     """A grain random-access source: `len()` and `[index] -> dict` of numpy arrays and strings."""
 
     class_names = CLASS_NAMES
+    segmentation_classes = (*CLASS_NAMES, "background")  # what the label maps index (`BACKGROUND`)
 
     def __init__(self, split: str = "train", size: int = 100_000, image_size: int = 64, seed: int = 0):
         if split not in SPLITS:
@@ -75,7 +78,7 @@ class Scenes:
         yy, xx = np.mgrid[0:side, 0:side] + 0.5
         num = int(rng.integers(1, MAX_OBJECTS + 1))
         labels = rng.choice(self.combos, size=num, replace=False)
-        boxes, kept, sizes = [], [], []
+        boxes, kept, sizes, masks = [], [], [], []
         for label in labels:
             size = "large" if rng.random() < 0.5 else "small"
             r = rng.uniform(*SIZES[size])
@@ -92,9 +95,14 @@ class Scenes:
             boxes.append(box)
             kept.append(int(label))
             sizes.append(size)
+            masks.append(mask)
         boxes = np.stack(boxes)
         order = np.argsort(boxes[:, 0])  # left to right, so the caption reads like the picture
         boxes, kept, sizes = boxes[order], [kept[i] for i in order], [sizes[i] for i in order]
+        masks = np.stack(masks)[order]
+        semantic = np.full((side, side), BACKGROUND, np.int32)
+        for mask, label in zip(masks, kept):  # (shapes never overlap: their boxes do not)
+            semantic[mask] = label
         region_texts = [f"{s} {CLASS_NAMES[c]}" for s, c in zip(sizes, kept)]
         caption = ", ".join(f"a {t}" for t in region_texts[:-1])
         caption = f"{caption} and a {region_texts[-1]}" if caption else f"a {region_texts[-1]}"
@@ -111,4 +119,7 @@ class Scenes:
             has_tags=True,
             referring=referring,
             label=np.int32(kept[int(np.argmax(areas))]),  # the largest object names the image
+            masks=masks,
+            crowd=np.zeros(len(kept), bool),
+            semantic=semantic,
         )

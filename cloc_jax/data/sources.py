@@ -129,6 +129,12 @@ class Mixture:
         return dict(self.dataset[index], index=index)
 
 
+def segmentation_classes(source) -> tuple[str, ...]:
+    """The classes a source's label maps index: its `segmentation_classes` where they differ from `class_names` (the
+    scenes' background), else its class names."""
+    return tuple(getattr(source, "segmentation_classes", source.class_names))
+
+
 def from_spec(spec: str, image_size: int, scenes_size: int = 1024, seed: int = 0):
     """A source from its spec string (module docstring); a bad spec is a one-line error."""
     spec = spec.strip()

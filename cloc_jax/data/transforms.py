@@ -65,9 +65,10 @@ def random_resized_crop(
     rng: np.random.Generator,
     scale: tuple[float, float] = (0.9, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
     """CLIP's crop: an area fraction in `scale`, aspect ratio in `ratio` (log-uniform), resized to
-    [size, size]. Boxes are re-expressed in the crop (they may now stick out: see `clip_boxes`)."""
+    [size, size]. Boxes are re-expressed in the crop (they may now stick out: see `clip_boxes`).
+    -> (crop, boxes, the window (x0, y0, width, height) in image pixels)."""
     h, w = image.shape[:2]
     ch, cw = h, w
     for _ in range(10):
@@ -82,7 +83,7 @@ def random_resized_crop(
     crop = resize(image[y0 : y0 + ch, x0 : x0 + cw], size, size)
     offset = np.array([x0 / w, y0 / h, x0 / w, y0 / h], np.float32)
     stretch = np.array([w / cw, h / ch, w / cw, h / ch], np.float32)
-    return crop, (boxes - offset) * stretch
+    return crop, (boxes - offset) * stretch, (x0, y0, cw, ch)
 
 
 def clip_boxes(boxes: np.ndarray, min_visible: float) -> tuple[np.ndarray, np.ndarray]:

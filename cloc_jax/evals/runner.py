@@ -15,11 +15,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cloc_jax import sharding
+from cloc_jax.data.rows import HOST_FIELDS
 from cloc_jax.evals.regions import crop_and_resize
 from cloc_jax.inference import Encoder, class_embeddings
 from cloc_jax.models.cloc import Model
 
-OUTPUTS = ("image", "regions", "ground", "crops")
+OUTPUTS = ("image", "regions", "ground", "crops", "dense")
+# Outputs each host keeps for its own rows (not gathered): dense [B, h, w, E] would be large on every host.
+LOCAL_OUTPUTS = ("dense",)
 TEXT_ROWS = 1024  # at most this many texts per host and call (ImageNet's 80,000 prompts: 79 calls on one host)
 
 
@@ -56,17 +59,29 @@ class EvalRunner:
         self._classes = {}  # (class names, templates) -> [C, E]
 
     def _run(self, fn, local: dict) -> dict:
+        """fn(params, **this host's rows) -> its outputs from every host (the LOCAL_OUTPUTS: this host's only)."""
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.encoder.axis_rules):
             out = fn(self.params, **sharding.global_batch(local, self.mesh))
-        return multihost_utils.process_allgather(out, tiled=True) if self.across_hosts else jax.device_get(out)
+        if not self.across_hosts:
+            return jax.device_get(out)
+        if not isinstance(out, dict):
+            return multihost_utils.process_allgather(out, tiled=True)
+        spec = sharding.batch_sharding(self.mesh).spec
+        own = {
+            k: multihost_utils.global_array_to_host_local_array(out.pop(k), self.mesh, spec)
+            for k in LOCAL_OUTPUTS
+            if k in out
+        }
+        return {**multihost_utils.process_allgather(out, tiled=True), **jax.tree.map(np.asarray, own)}
 
     def gather(self, batch: dict) -> dict:
-        """A per-host batch's fields but the image -> every host's rows, in process order."""
-        fields = {k: v for k, v in batch.items() if k != "image"}
+        """A per-host batch's fields but the image and the host fields -> every host's rows, in process order."""
+        fields = {k: v for k, v in batch.items() if k != "image" and k not in HOST_FIELDS}
         return multihost_utils.process_allgather(fields, tiled=True) if self.across_hosts else fields
 
     def outputs(self, batch: dict, needs: frozenset) -> dict:
-        """One per-host batch -> {output: every host's rows} for the `needs` (a subset of OUTPUTS)."""
+        """One per-host batch -> {output: every host's rows (LOCAL_OUTPUTS: this host's)} for the `needs` (a subset
+        of OUTPUTS)."""
         unknown = set(needs) - set(OUTPUTS)
         if unknown:
             raise ValueError(f"evaluation outputs {sorted(unknown)}; choose from {OUTPUTS}")
@@ -110,6 +125,12 @@ class EvalRunner:
             self._run(self._text, dict(tokens=padded[i + rank * rows :][:rows])) for i in range(0, len(padded), chunk)
         ]
         return np.concatenate(out)[:n]
+
+    def sum_over_hosts(self, array: np.ndarray) -> np.ndarray:
+        """An array of statistics of this host's rows -> its sum over every host (the same on each)."""
+        if not self.across_hosts or jax.process_count() == 1:
+            return array
+        return np.asarray(multihost_utils.process_allgather(array)).sum(0)
 
     def classes(self, class_names, templates) -> np.ndarray:
         """[C, E] unit vectors, each class the normalised mean of its prompts over templates (encoded once

@@ -75,8 +75,12 @@ class Model(nn.Module):
         """[B, H, W, 3] + texts [B, M, L'] -> boxes [B, M, 4] (xyxy, [0, 1]); an error without a grounding head."""
         return self.head.ground(self, images, tokens)
 
+    def dense(self, images: jax.Array) -> jax.Array:
+        """[B, H, W, 3] -> unit embeddings [B, h, w, E] of every token's cell of the h x w grid, by the region head."""
+        return self.head.dense(self, images)
+
     def evaluate(self, images: jax.Array, boxes: jax.Array, ground_tokens: jax.Array, needs: frozenset) -> dict:
-        """What an evaluation pass needs ("image", "regions", "ground") from one image forward."""
+        """What an evaluation pass needs ("image", "regions", "ground", "dense") from one image forward."""
         return self.head.evaluate(self, images, boxes, ground_tokens, needs)
 
     def logit_params(self) -> tuple[jax.Array, jax.Array | None]:

@@ -2,7 +2,9 @@
 
 A model's head is chosen by `spec.model.region_extractor`, a key of `HEADS`; training, inference, evaluation
 and export ask the head (`trains`, `can_ground`, `batch_fields`, ...), never the string. Each method takes the
-bound `Model` (`models/cloc.py`) and shares one image forward between the image embedding and every box:
+bound `Model` (`models/cloc.py`) and shares one image forward between the image embedding and every box.
+Dense outputs are the head's region embeddings of every token's own cell (`dense`), so each head reads pixels
+the way it reads boxes, and an imported CLIP gets its head's box pooling per patch (MaskCLIP's reading):
 - "prompter" (CLOC): the Prompter reads the ViT's token grid; box prompts give regions, text prompts boxes.
 - "roi_align" (UMG-CLIP): RoIAlign on the token grid inside the ViT, then its final norm and projection.
 - "none" (CLIP-only): no region training; at inference the image's own head pools inside each box.
@@ -14,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cloc_jax.boxes import cell_boxes
 from cloc_jax.models.layers import Dtype
 from cloc_jax.models.prompter import Prompter
 
@@ -56,12 +59,24 @@ class RegionHead:
         """images [B, H, W, 3] + texts [B, M, L'] -> boxes [B, M, 4] (xyxy in [0, 1])."""
         raise ValueError(f"this model's region head ({self.description}) cannot ground texts: it has no box head")
 
+    def dense(self, model, images: jax.Array) -> jax.Array:
+        """images [B, H, W, 3] -> unit embeddings [B, h, w, E] of the h x w token grid's cells, in the joint space."""
+        (h, w), cells = _cells(model, images)
+        return self.regions(model, images, cells).reshape(images.shape[0], h, w, -1)
+
     def evaluate(self, model, images, boxes, ground_tokens, needs: frozenset) -> dict:
-        """One image forward -> {"image": [B, E], "regions": [B, M, E], "ground": [B, M, 4]} as `needs` asks."""
-        zimg, _, regions = self.image_forward(model, images, boxes if "regions" in needs else None)
+        """One image forward -> {"image": [B, E], "regions": [B, M, E], "ground": [B, M, 4], "dense": [B, h, w, E]}
+        as `needs` asks (the boxes and the grid's cells pooled together)."""
+        queries = [boxes] if "regions" in needs else []
+        if "dense" in needs:
+            (h, w), cells = _cells(model, images)
+            queries.append(cells)
+        zimg, _, regions = self.image_forward(model, images, jnp.concatenate(queries, 1) if queries else None)
         out = dict(image=zimg)
         if "regions" in needs:
-            out["regions"] = normalize(regions.astype(jnp.float32))
+            out["regions"] = normalize(regions[:, : boxes.shape[1]].astype(jnp.float32))
+        if "dense" in needs:
+            out["dense"] = normalize(regions[:, -h * w :].astype(jnp.float32)).reshape(images.shape[0], h, w, -1)
         return out
 
 
@@ -96,6 +111,9 @@ class PrompterHead(RegionHead):
             out["regions"] = self._regions(model, memory, grid.shape[1:3], boxes)
         if "ground" in needs:
             out["ground"] = self._ground(model, memory, grid.shape[1:3], model.encode_texts(ground_tokens))
+        if "dense" in needs:
+            (h, w), cells = _cells(model, images)
+            out["dense"] = self._regions(model, memory, (h, w), cells).reshape(images.shape[0], h, w, -1)
         return out
 
     @staticmethod
@@ -109,6 +127,13 @@ class PrompterHead(RegionHead):
         """Prompter memory + text embeddings [B, M, E] -> boxes [B, M, 4]."""
         pooled, attention = model.prompter.pool(memory, model.prompter.text_prompts(text_embeddings), grid_shape)
         return model.prompter.box_head(pooled, attention, grid_shape)
+
+
+def _cells(model, images: jax.Array) -> tuple[tuple[int, int], jax.Array]:
+    """The token grid (h, w) of `images` [B, H, W, 3] and its cells as boxes [B, h * w, 4]."""
+    patch = model.image.size().patch
+    h, w = images.shape[1] // patch, images.shape[2] // patch
+    return (h, w), jnp.broadcast_to(jnp.asarray(cell_boxes(h, w)), (images.shape[0], h * w, 4))
 
 
 HEADS = {

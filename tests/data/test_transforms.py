@@ -54,7 +54,7 @@ def test_resize_pad_moves_boxes_with_the_content(case):
 @given(image_with_box(), st.integers(0, 2**31), st.floats(0.1, 1.0))
 def test_random_resized_crop_keeps_boxes_inside_and_on_their_content(case, seed, low):
     image, boxes = case
-    out, moved = transforms.random_resized_crop(image, boxes, SIZE, np.random.default_rng(seed), (low, 1.0))
+    out, moved, _ = transforms.random_resized_crop(image, boxes, SIZE, np.random.default_rng(seed), (low, 1.0))
     clipped, keep = transforms.clip_boxes(moved, min_visible=0.3)
     assert out.shape == (SIZE, SIZE, 3)
     assert (clipped >= 0).all() and (clipped <= 1).all()
