@@ -43,7 +43,7 @@ PASSES = {
 def eval_images_per_s(config, runner, names) -> float:
     data = f"scenes:heldout:{_IMAGES.value}"
     entries = {n: ml_collections.ConfigDict(dict(benchmarks.BENCHMARKS[n], data=data)) for n in names}
-    entries = {n: cfg for n, cfg in entries.items() if evals.runnable(cfg, runner.encoder)}
+    entries = {n: cfg for n, cfg in entries.items() if not evals.not_runnable(cfg, runner.encoder)}
     source = sources.from_spec(data, config.image_size)
     evals.evaluate_source(config, runner, source, entries)  # compiles
     runner.set_params(runner.params)  # class prompts are encoded again in the timed pass

@@ -23,7 +23,7 @@ from cloc_jax.weights import load
 cpu.order_collectives()  # before JAX makes its backends
 
 _MODEL = flags.DEFINE_string("model", None, "export dir, training workdir, hf:DIR, open_clip:DIR, big_vision:FILE")
-_SUITE = flags.DEFINE_enum("suite", "paper", list(benchmarks.SUITES), "which benchmarks to run")
+_SUITE = flags.DEFINE_string("suite", "paper", f"suites or benchmarks, comma-separated: {', '.join(benchmarks.SUITES)}")
 _OUT = flags.DEFINE_string("out", None, "write one JSON record per benchmark and metric here")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "images per evaluation batch (all hosts together)")
 _THREADS = flags.DEFINE_integer("num_threads", 4, "decoding threads per host")
@@ -34,7 +34,19 @@ _DATA = config_flags.DEFINE_config_dict(
 
 def protocol(cfg: ml_collections.ConfigDict) -> dict:
     out = dict(type=cfg.type, templates=len(cfg.templates), classes=cfg.classes or "the data's own")
+    if cfg.type == "semantic_segmentation":
+        out["scored"] = "whole image in the geometry below; cosines bilinear from the token grid to each label map"
     return {**out, "present_only": cfg.present_only} if cfg.type == "zeroshot" else out
+
+
+def benchmark_names(suite: str) -> list[str]:
+    """ "scenes,seg" or "ade150,voc" -> the benchmarks, in order, once each; an unknown name is one line."""
+    names = []
+    for part in (p.strip() for p in suite.split(",") if p.strip()):
+        if part not in benchmarks.SUITES and part not in benchmarks.BENCHMARKS:
+            raise ValueError(f"--suite={part!r}: not a suite ({', '.join(benchmarks.SUITES)}) or a benchmark")
+        names += benchmarks.SUITES.get(part, (part,))
+    return list(dict.fromkeys(names))
 
 
 def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -> tuple[list[dict], list[dict]]:
@@ -45,14 +57,13 @@ def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -
     sharding.check_batch_size(batch_size, mesh)
     runner = evals.runner_for(config, encoder, mesh)
     records, skipped, groups = [], [], {}
-    for name in benchmarks.SUITES[suite]:
+    for name in benchmark_names(suite):
         cfg = ml_collections.ConfigDict(dict(benchmarks.BENCHMARKS[name], data=data[name]))
         if not cfg.data:
             example = benchmarks.DATA_EXAMPLES.get(name, "SPEC")
             skipped.append(dict(benchmark=name, reason=f"no data: pass --data.{name}={example}"))
-        elif not evals.runnable(cfg, encoder):
-            reason = f"{cfg.type} needs a grounding head; this model's region head is {encoder.model.head.description}"
-            skipped.append(dict(benchmark=name, reason=reason))
+        elif evals.not_runnable(cfg, encoder):
+            skipped.append(dict(benchmark=name, reason=evals.not_runnable(cfg, encoder)))
         else:
             groups.setdefault(cfg.data, {})[name] = cfg
     for spec, entries in groups.items():
@@ -81,7 +92,8 @@ def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -
 
 def format_table(records: list[dict], skipped: list[dict], suite: str) -> str:
     lines = [f"{'benchmark':<24} {'metric':<10} {'%':>7}"]
-    lines += [f"{r['benchmark']:<24} {r['metric']:<10} {100 * r['value']:7.2f}" for r in records]
+    shown = [r for r in records if not r["metric"].startswith("iou/")]  # per-class IoU: in --out's records only
+    lines += [f"{r['benchmark']:<24} {r['metric']:<10} {100 * r['value']:7.2f}" for r in shown]
     if suite == "paper":
         found = {f"{r['benchmark']}/{r['metric']}": r["value"] for r in records}
         lines += ["", "CLOC Table 2 columns (zero-shot, %):"]

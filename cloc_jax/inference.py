@@ -19,6 +19,14 @@ def class_embeddings(encode_text, class_names, templates) -> np.ndarray:
     return z / np.linalg.norm(z, axis=-1, keepdims=True)
 
 
+def _to_pixels(dense: jax.Array, size: tuple[int, int], pixels: bool) -> jax.Array:
+    """[B, h, w, E] -> itself, or bilinearly resized to [B, *size, E] and renormalised."""
+    if not pixels:
+        return dense
+    up = jax.image.resize(dense, (dense.shape[0], *size, dense.shape[-1]), "bilinear")
+    return up / jnp.linalg.norm(up, axis=-1, keepdims=True).clip(1e-6)
+
+
 class Encoder:
     """Jitted `encode_image` / `encode_text` for a model and its parameters.
 
@@ -35,6 +43,10 @@ class Encoder:
         self._text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=Model.encode_text))
         self._regions = jax.jit(lambda p, x, b: model.apply({"params": p}, x, b, method=Model.encode_regions))
         self._ground = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, method=Model.ground))
+        self._dense = jax.jit(
+            lambda p, x, pixels: _to_pixels(model.apply({"params": p}, x, method=Model.dense), x.shape[1:3], pixels),
+            static_argnums=2,
+        )
         self._logit_params = jax.jit(lambda p: model.apply({"params": p}, method=Model.logit_params))
         self._features = {}  # hidden-state depth -> jitted truncated tower
 
@@ -99,6 +111,13 @@ class Encoder:
         (the Prompter, RoIAlign, or a CLIP-only model's own head pooling inside each box)."""
         with nn.logical_axis_rules(self.axis_rules):
             return np.asarray(self._regions(self.params, jnp.asarray(images), jnp.asarray(boxes, jnp.float32)))
+
+    def dense(self, images, pixels: bool = False) -> np.ndarray:
+        """[B, S, S, 3] -> unit embeddings in the joint space of every token's cell [B, h, w, E] (h = S / patch), by
+        the region head; `pixels`: bilinearly upsampled to every input pixel [B, S, S, E] (renormalised), on device.
+        Compare with `encode_text` / `encode_classes` for open-vocabulary segmentation."""
+        with nn.logical_axis_rules(self.axis_rules):
+            return np.asarray(self._dense(self.params, jnp.asarray(images), pixels))
 
     @property
     def can_ground(self) -> bool:

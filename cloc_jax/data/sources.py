@@ -8,6 +8,8 @@ A source is named by a spec string, so a command line can point anywhere:
     coco:ANN.json[,ANN.json...]@IMAGE_DIR        COCO-format captions/instances/LVIS/RefCOCO files
     karpathy:dataset_coco.json:test@IMAGE_DIR    Karpathy's caption splits (COCO 5k, Flickr30k 1k test)
     webdataset:/data/{00000..00099}.tar         WebDataset tars: an image + a JSON per key
+    semseg:ade150:/data/ADEChallengeData2016    a semantic-segmentation benchmark in its layout (segmentation.py)
+    coco_panoptic:PANOPTIC.json@IMAGE_DIR       COCO panoptic segments and PNGs (masks, crowds, label maps)
     0.7*array_record:/a/*.array_record + 0.3*scenes   a weighted mixture of any of the above
 """
 
@@ -17,7 +19,7 @@ import re
 import grain
 import numpy as np
 
-from cloc_jax.data import coco, karpathy, webdataset
+from cloc_jax.data import coco, karpathy, segmentation, webdataset
 from cloc_jax.data.records import ArrayRecordSource, empty_record
 from cloc_jax.data.scenes import Scenes
 
@@ -173,5 +175,17 @@ def from_spec(spec: str, image_size: int, scenes_size: int = 1024, seed: int = 0
         return karpathy.KarpathySource(path, split, image_dir)
     if kind == "webdataset":
         return webdataset.WebDatasetSource(rest)
-    kinds = "scenes, array_record, tfds, coco, karpathy, webdataset"
+    if kind == "semseg":
+        layout, colon, root = rest.partition(":")
+        if not colon or not root:
+            raise ValueError(
+                f"data source {spec!r}: expected semseg:LAYOUT:ROOT, LAYOUT one of {sorted(segmentation.LAYOUTS)}"
+            )
+        return segmentation.SemanticFolder(layout, root)
+    if kind == "coco_panoptic":
+        path, *dirs = rest.split("@")
+        if len(dirs) not in (1, 2):
+            raise ValueError(f"data source {spec!r}: expected coco_panoptic:PANOPTIC.json@IMAGE_DIR[@PNG_DIR]")
+        return segmentation.PanopticSource(path, *dirs)
+    kinds = "scenes, array_record, tfds, coco, karpathy, webdataset, semseg, coco_panoptic"
     raise ValueError(f"data source {spec!r}: unknown kind {kind!r} ({kinds})")

@@ -19,6 +19,7 @@ from cloc_jax.data import pipeline, preprocess, sources
 from cloc_jax.evals import benchmarks, regions
 from cloc_jax.evals.retrieval import Retrieval
 from cloc_jax.evals.runner import EvalRunner
+from cloc_jax.evals.segmentation import SemanticSegmentation
 from cloc_jax.evals.zeroshot import ZeroShot
 from cloc_jax.models.spec import PreprocessSpec
 
@@ -27,7 +28,16 @@ class NoUsableData(ValueError):
     """An evaluation's data source held no record the pipeline could use."""
 
 
-TYPES = ("retrieval", "zeroshot", "region_classification", "region_crop", "region_retrieval", "grounding")
+TYPES = (
+    "retrieval",
+    "zeroshot",
+    "region_classification",
+    "region_crop",
+    "region_retrieval",
+    "grounding",
+    "semantic_segmentation",
+    "panoptic",
+)
 
 
 def build(cfg: ml_collections.ConfigDict, class_names):
@@ -44,8 +54,15 @@ def build(cfg: ml_collections.ConfigDict, class_names):
     templates = tuple(cfg.templates)
     if cfg.type == "zeroshot":
         return ZeroShot(names, templates, present_only=cfg.present_only)
+    if cfg.type == "semantic_segmentation":
+        return SemanticSegmentation(names, templates)
     kind = regions.RegionClassification if cfg.type == "region_classification" else regions.CropClassification
     return kind(names, templates)
+
+
+def _classes(cfg, source) -> tuple[str, ...]:
+    """The class names an entry's evaluator is built with: segmentation scores what the label maps index."""
+    return sources.segmentation_classes(source) if cfg.type == "semantic_segmentation" else source.class_names
 
 
 def eval_config(spec, batch_size: int, num_threads: int) -> ml_collections.ConfigDict:
@@ -77,9 +94,15 @@ def open_source(config: ml_collections.ConfigDict, cfg):
     return sources.from_spec(cfg.data, config.image_size, seed=config.data.seed)
 
 
-def runnable(cfg, encoder) -> bool:
-    """Grounding needs a region head with a box head (`can_ground`); every other evaluation runs on any model."""
-    return cfg.type != "grounding" or encoder.can_ground
+def not_runnable(cfg, encoder) -> str:
+    """Why the model cannot run this evaluation ("" when it can): grounding needs a box head (`can_ground`), panoptic
+    quality a model with panoptic output (a mask decoder); every other evaluation runs on any model."""
+    head = encoder.model.head.description
+    if cfg.type == "grounding" and not encoder.can_ground:
+        return f"grounding needs a grounding head; this model's region head is {head}"
+    if cfg.type == "panoptic":
+        return f"panoptic quality needs a model with panoptic output (a mask decoder); this model has {head}"
+    return ""
 
 
 # Image-level evaluations take the model's own preprocessing (its published protocol: CLIP's centre crop, SigLIP's
@@ -109,13 +132,22 @@ def evaluate_source(config, runner: EvalRunner, source, entries: dict, desc: str
 
 def _one_pass(config, runner: EvalRunner, source, entries: dict, rule: PreprocessSpec, desc: str):
     """One pass over `source` in one geometry for the entries on it -> (metrics, facts of the pass)."""
-    evaluators = {name: build(cfg, source.class_names) for name, cfg in entries.items()}
+    evaluators = {name: build(cfg, _classes(cfg, source)) for name, cfg in entries.items()}
     needs = frozenset().union(*(e.needs for e in evaluators.values()))
     regions_cap = max(cfg.max_regions or config.data.eval_max_regions for cfg in entries.values())
     captions_cap = max(cfg.max_captions or config.data.eval_max_captions for cfg in entries.values())
     stats = pipeline.DataStats()
+    label_maps = any(getattr(e, "local", False) for e in evaluators.values())
     num_batches, batches = pipeline.eval_batches(
-        config, source, runner.encoder.tokenizer, runner.per_host, regions_cap, captions_cap, stats, rule=rule
+        config,
+        source,
+        runner.encoder.tokenizer,
+        runner.per_host,
+        regions_cap,
+        captions_cap,
+        stats,
+        rule=rule,
+        label_maps=label_maps,
     )
     quiet = jax.process_index() != 0
     usable = 0
@@ -124,7 +156,10 @@ def _one_pass(config, runner: EvalRunner, source, entries: dict, rule: Preproces
         gathered = runner.gather(batch)
         usable += int(gathered["valid"].sum())
         for evaluator in evaluators.values():
-            evaluator.update(out, gathered)
+            if getattr(evaluator, "local", False):  # this host's rows, its statistics summed over hosts at the end
+                evaluator.update(out, batch, runner)
+            else:
+                evaluator.update(out, gathered)
     if not usable:
         counts = ", ".join(f"{k.removeprefix('data/')}: {v}" for k, v in stats.snapshot().items())
         raise NoUsableData(f"none of the {len(source)} records of {desc} is usable ({counts or 'no records'})")
@@ -146,7 +181,7 @@ def run_all(config: ml_collections.ConfigDict, runner: EvalRunner) -> dict[str, 
     per distinct data source; returns {"<prefix>/<metric>": value}, the same on every host."""
     groups: dict[str, dict] = {}
     for name, cfg in config.evals.items():
-        if data_spec(config, cfg) and runnable(cfg, runner.encoder):
+        if data_spec(config, cfg) and not not_runnable(cfg, runner.encoder):
             groups.setdefault(data_spec(config, cfg), {})[name] = cfg
     results = {}
     for spec, entries in groups.items():

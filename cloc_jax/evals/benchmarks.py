@@ -42,6 +42,11 @@ def _regions(data: str, max_regions: int) -> dict:
     return eval_entry("region_classification", data, templates=PHOTO_TEMPLATES, max_regions=max_regions)
 
 
+def _semantic(data: str = "") -> dict:
+    """Training-free semantic segmentation with OpenAI's 80 templates per class (MaskCLIP's prompts)."""
+    return eval_entry("semantic_segmentation", data, templates=imagenet_templates())
+
+
 UNC_SPLITS = (("val", "validation"), ("testA", "testA"), ("testB", "testB"))  # RefCOCO, RefCOCO+
 UMD_SPLITS = (("val", "validation"), ("test", "test"))  # RefCOCOg
 
@@ -70,6 +75,11 @@ BENCHMARKS = {
     **{f"refcoco_{name}": _refcoco("refcoco_unc", split) for name, split in UNC_SPLITS},
     **{f"refcoco+_{name}": _refcoco("refcocoplus_unc", split) for name, split in UNC_SPLITS},
     **{f"refcocog_{name}": _refcoco("refcocog_umd", split) for name, split in UMD_SPLITS},
+    # semantic segmentation mIoU (training-free from dense outputs; at each label map's own resolution)
+    **{name: _semantic() for name in ("ade150", "ade847", "pc59", "pc459", "voc", "cocostuff")},
+    # panoptic quality, for models with panoptic output
+    "coco_panoptic": eval_entry("panoptic", ""),
+    "ade_panoptic": eval_entry("panoptic", ""),
     # the embedded scenes' held-out split (size 1,024 unless scenes:heldout:N): what training evaluates
     "scenes_retrieval": eval_entry("retrieval", "scenes:heldout"),
     "scenes_zeroshot": eval_entry("zeroshot", "scenes:heldout", templates=SCENE_TEMPLATES),
@@ -77,6 +87,7 @@ BENCHMARKS = {
     "scenes_region_crop": eval_entry("region_crop", "scenes:heldout", templates=SCENE_TEMPLATES),
     "scenes_region_retrieval": eval_entry("region_retrieval", "scenes:heldout"),
     "scenes_grounding": eval_entry("grounding", "scenes:heldout"),
+    "scenes_segmentation": eval_entry("semantic_segmentation", "scenes:heldout", templates=("{}",)),
 }
 
 # Where the benchmarks without a tfds default find their data (tfds's coco and coco_captions builders
@@ -86,6 +97,15 @@ DATA_EXAMPLES = {
     "flickr30k_retrieval": "karpathy:/data/dataset_flickr30k.json:test@/data/flickr30k/images",
     "coco_regions": "coco:/data/coco/annotations/instances_val2017.json@/data/coco/val2017",
     "grit_regions": "coco:/data/grit/region_captions.json@/data/grit/images",
+    "ade150": "semseg:ade150:/data/ADEChallengeData2016",
+    "ade847": "semseg:ade847:/data/ADE20K_2021_17_01",
+    "pc59": "semseg:pc59:/data/VOCdevkit/VOC2010",
+    "pc459": "semseg:pc459:/data/VOCdevkit/VOC2010",
+    "voc": "semseg:voc:/data/VOCdevkit/VOC2012",
+    "cocostuff": "semseg:cocostuff:/data/coco",
+    "coco_panoptic": "coco_panoptic:/data/coco/annotations/panoptic_val2017.json@/data/coco/val2017",
+    "ade_panoptic": "coco_panoptic:/data/ade/ade20k_panoptic_val.json@/data/ade/images/validation  (ade: ADEChallenge"
+    "Data2016 with Mask2Former's prepare_ade20k_pan_seg.py output)",
 }
 
 # CLOC's Table 2 (zero-shot): the columns these benchmarks give, as (column, metric).
@@ -105,6 +125,7 @@ SUITES = {
     "regions": ("coco_regions", "lvis_regions", "grit_regions"),
     "refcoco": tuple(name for name in BENCHMARKS if name.startswith("refcoco")),
     "paper": tuple(dict.fromkeys(metric.split("/")[0] for _, metric in PAPER_COLUMNS)),
+    "seg": ("ade150", "ade847", "pc59", "pc459", "voc", "cocostuff", "coco_panoptic", "ade_panoptic"),
     "scenes": tuple(name for name in BENCHMARKS if name.startswith("scenes")),
     "all": tuple(name for name in BENCHMARKS if not name.startswith("scenes")),
 }
