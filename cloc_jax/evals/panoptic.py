@@ -23,14 +23,18 @@ def _areas(ids: np.ndarray) -> dict[int, int]:
 
 
 def image_stats(labels: np.ndarray, label_segments: dict, predicted: np.ndarray, predicted_segments: dict) -> dict:
-    """One image -> {category_id: [sum IoU, TP, FP, FN]}. `*_segments`: {segment id: {"category_id", "iscrowd"}};
-    a predicted id on the map that its segments do not list, or a predicted crowd, is a ValueError."""
-    unknown = set(_areas(predicted)) - set(predicted_segments) - {0}
+    """One image -> {category_id: [sum IoU, TP, FP, FN]}. `*_segments`: {segment id: {"category_id", "iscrowd",
+    "area" (labels: the file's, as the API reads it; else counted on the map)}}. A predicted id on the map that its
+    segments do not list, or a listed one not on the map, is a ValueError."""
+    predicted_area = _areas(predicted)
+    unknown = set(predicted_area) - set(predicted_segments) - {0}
     if unknown:
         raise ValueError(f"predicted panoptic map has segment ids {sorted(unknown)[:5]} its segments do not list")
-    if any(s.get("iscrowd", 0) for s in predicted_segments.values()):
-        raise ValueError("a predicted segment is marked iscrowd: predictions cannot be crowds")
-    label_area, predicted_area = _areas(labels), _areas(predicted)
+    absent = set(predicted_segments) - set(predicted_area)
+    if absent:
+        raise ValueError(f"predicted segments {sorted(absent)[:5]} are listed but not on the panoptic map")
+    label_area = _areas(labels)
+    label_area.update({i: s["area"] for i, s in label_segments.items() if "area" in s})
     pairs = labels.astype(np.int64) * (int(predicted.max(initial=0)) + 1) + predicted
     joint = {}
     for value, count in zip(*np.unique(pairs, return_counts=True)):
@@ -54,10 +58,10 @@ def image_stats(labels: np.ndarray, label_segments: dict, predicted: np.ndarray,
             matched_predictions.add(prediction)
     crowds = {s["category_id"]: i for i, s in label_segments.items() if s.get("iscrowd", 0)}
     for label, segment in label_segments.items():
-        if label in label_area and label not in matched_labels and not segment.get("iscrowd", 0):
+        if label not in matched_labels and not segment.get("iscrowd", 0):
             entry(segment["category_id"])[3] += 1
     for prediction, segment in predicted_segments.items():
-        if prediction not in predicted_area or prediction in matched_predictions:
+        if prediction in matched_predictions:
             continue
         category = segment["category_id"]
         ignored = joint.get((0, prediction), 0)
