@@ -4,6 +4,7 @@ Any mix of these files describes one image set (records are joined by image id):
 - captions (`captions_train2017.json`): `annotations[{image_id, caption}]`;
 - instances (`instances_*.json`) and LVIS (`lvis_v1_*.json`): `annotations[{id, image_id, bbox: [x, y,
   w, h] in pixels, category_id}]`, `categories[{id, name}]` (category names become `class_names`);
+- instance masks: `segmentation` as polygons or RLE (compressed or not, as crowds have them), `iscrowd`;
 - region captions: box annotations that also carry a `caption` (GRIT- or Visual Genome-style): the box's text;
 - RefCOCO refs (`refs(unc).p` pickle as released, or the same list as JSON): `[{ann_id, split, sentences:
   [{sent}]}]`, attaching every referring expression to an instance box. `refs(unc).p:testA` keeps one
@@ -20,6 +21,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from cloc_jax.data.masks import polygons_to_rle
 from cloc_jax.data.records import empty_record
 
 
@@ -42,7 +44,8 @@ class CocoSource:
         self.image_dir = image_dir
         images: dict[int, dict] = {}
         captions = defaultdict(list)
-        objects = defaultdict(list)  # image id -> [(annotation id, bbox, category id, caption)]
+        objects = defaultdict(list)  # image id -> [(annotation id, bbox, category id, caption, segmentation)]
+        crowd: set = set()  # annotation ids marked iscrowd
         categories: dict[int, str] = {}
         refs: dict[int, list[str]] = {}
         split_refs: set[int] | None = None  # annotation ids a refs split refers to (None: no split chosen)
@@ -67,8 +70,15 @@ class CocoSource:
             for ann in data.get("annotations", []):
                 if "bbox" in ann:
                     objects[ann["image_id"]].append(
-                        (ann.get("id"), ann["bbox"], ann.get("category_id"), ann.get("caption"))
+                        (
+                            ann.get("id"),
+                            ann["bbox"],
+                            ann.get("category_id"),
+                            ann.get("caption"),
+                            ann.get("segmentation"),
+                        )
                     )
+                    crowd.update([ann.get("id")] if ann.get("iscrowd") else [])
                 elif "caption" in ann:
                     captions[ann["image_id"]].append(ann["caption"])
         if split_refs is not None:  # one RefCOCO split: its referred boxes, in the images that hold them
@@ -80,7 +90,7 @@ class CocoSource:
         self.class_names = tuple(categories[i] for i in self.category_ids)
         self._label = {cid: i for i, cid in enumerate(self.category_ids)}
         self.ids = sorted(images)
-        self.images, self.captions, self.objects, self.refs = images, captions, objects, refs
+        self.images, self.captions, self.objects, self.refs, self.crowd = images, captions, objects, refs, crowd
         self.tagged = tagged
 
     def __len__(self) -> int:
@@ -101,8 +111,9 @@ class CocoSource:
         record = empty_record(index, data)
         w, h = float(meta.get("width", 0) or 0), float(meta.get("height", 0) or 0)
         boxes, labels, referring = [], [], []
-        texts = []
-        for ann_id, (x, y, bw, bh), category, caption in self.objects[image_id]:
+        texts, masks = [], []
+        for ann_id, (x, y, bw, bh), category, caption, segmentation in self.objects[image_id]:
+            masks.append(polygons_to_rle(segmentation, int(h), int(w)) if segmentation and w and h else None)
             boxes.append([x / w, y / h, (x + bw) / w, (y + bh) / h] if w and h else [np.nan] * 4)
             labels.append(self._label.get(category, -1))
             referring.append(self.refs.get(ann_id, []))
@@ -114,4 +125,7 @@ class CocoSource:
         record["referring"] = referring
         record["tags"] = np.unique([i for i in labels if i >= 0]).astype(np.int32)
         record["has_tags"] = image_id in self.tagged
+        record["crowd"] = np.array([o[0] in self.crowd for o in self.objects[image_id]], bool)
+        if masks and all(m is not None for m in masks):  # masks are all or none: one per box
+            record["masks"] = masks
         return record
