@@ -1,7 +1,9 @@
 """The papers' benchmarks for any model, from one command.
 
 python -m cloc_jax.evaluate --model=SRC --suite=paper [--data.imagenet=tfds:imagenet2012:validation ...]
-    [--out=results.json] [--batch_size=256]
+    [--out=results.json] [--batch_size=256] [--templates=simple]
+
+--suite takes suites and benchmarks, comma-separated (--suite=scenes,seg or --suite=ade150,voc).
 
 SRC: anything `cloc_jax.load` takes (an export, a training workdir, hf:DIR, open_clip:DIR, big_vision:FILE).
 Suites and benchmarks: cloc_jax/evals/benchmarks.py. A benchmark whose data is not there is skipped with
@@ -27,6 +29,13 @@ _SUITE = flags.DEFINE_string("suite", "paper", f"suites or benchmarks, comma-sep
 _OUT = flags.DEFINE_string("out", None, "write one JSON record per benchmark and metric here")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "images per evaluation batch (all hosts together)")
 _THREADS = flags.DEFINE_integer("num_threads", 4, "decoding threads per host")
+_TEMPLATES = flags.DEFINE_enum(
+    "templates",
+    None,
+    ["openai", "simple", "bare"],
+    "prompts of the benchmarks that use OpenAI's 80 ImageNet templates: openai (80, as published), simple (7) or "
+    "bare (the class name; fast)",
+)
 _DATA = config_flags.DEFINE_config_dict(
     "data", ml_collections.ConfigDict({name: cfg["data"] for name, cfg in benchmarks.BENCHMARKS.items()})
 )
@@ -49,8 +58,11 @@ def benchmark_names(suite: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -> tuple[list[dict], list[dict]]:
-    """-> (records: one per benchmark and metric, skipped: one per benchmark not run, with the reason)."""
+def run(
+    model: str, suite: str, data: dict, batch_size: int, num_threads: int, templates: str | None = None
+) -> tuple[list[dict], list[dict]]:
+    """-> (records: one per benchmark and metric, skipped: one per benchmark not run, with the reason). `templates`
+    replaces OpenAI's 80 ImageNet templates where a benchmark uses them ("simple", "bare")."""
     encoder = load(model)
     config = evals.eval_config(encoder.spec, batch_size, num_threads)
     mesh = sharding.make_mesh(config.mesh)
@@ -59,6 +71,8 @@ def run(model: str, suite: str, data: dict, batch_size: int, num_threads: int) -
     records, skipped, groups = [], [], {}
     for name in benchmark_names(suite):
         cfg = ml_collections.ConfigDict(dict(benchmarks.BENCHMARKS[name], data=data[name]))
+        if templates and tuple(cfg.templates) == benchmarks.imagenet_templates():
+            cfg.templates = ("{}",) if templates == "bare" else benchmarks.imagenet_templates(templates)
         if not cfg.data:
             example = benchmarks.DATA_EXAMPLES.get(name, "SPEC")
             skipped.append(dict(benchmark=name, reason=f"no data: pass --data.{name}={example}"))
@@ -111,7 +125,7 @@ def main(argv):
         raise app.UsageError("--model is required")
     distributed.initialize()
     try:
-        records, skipped = run(_MODEL.value, _SUITE.value, _DATA.value, _BATCH.value, _THREADS.value)
+        records, skipped = run(_MODEL.value, _SUITE.value, _DATA.value, _BATCH.value, _THREADS.value, _TEMPLATES.value)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if jax.process_index() == 0:

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from cloc_jax import load, sharding
+from cloc_jax.boxes import cell_boxes
 from cloc_jax.config import base_config
 from cloc_jax.data import pipeline, sources
+from cloc_jax.data.segmentation import LAYOUTS
 from cloc_jax.evals import eval_config
 from cloc_jax.evals.regions import crop_and_resize
 from cloc_jax.evals.runner import OUTPUTS, EvalRunner
@@ -48,6 +50,18 @@ def test_device_outputs_over_8_devices_equal_the_single_device_encoder(exports, 
     np.testing.assert_allclose(out["crops"][3], encoder.encode_image(crops)[:4], atol=2e-5)
     gathered = device.gather(batch)
     assert "image" not in gathered and (gathered["index"] == batch["index"]).all()
+    # dense outputs: the region head's embedding of every token's cell (4 x 4 tokens of 8 px on 32 px inputs)
+    cells = np.broadcast_to(cell_boxes(4, 4), (16, 16, 4))
+    expected = encoder.encode_regions(batch["image"], cells).reshape(16, 4, 4, -1)
+    np.testing.assert_allclose(out["dense"], expected, atol=2e-5)
+    np.testing.assert_allclose(encoder.dense(batch["image"][:2]), expected[:2], atol=2e-5)
+    up = encoder.dense(batch["image"][:2], pixels=True)
+    assert up.shape == (2, 32, 32, expected.shape[-1])
+    np.testing.assert_allclose(np.linalg.norm(up, axis=-1), 1, atol=1e-5)
+    # pixel 12's centre lies 1/16 of a cell past cell 1's centre in both directions: bilinear, then renormalised
+    w = np.array([15 / 16, 1 / 16])
+    mix = np.einsum("i,j,bijd->bd", w, w, expected[:2, 1:3, 1:3].astype(np.float64))
+    np.testing.assert_allclose(up[:, 12, 12], mix / np.linalg.norm(mix, axis=-1, keepdims=True), atol=2e-5)
 
 
 def test_texts_are_encoded_in_chunks_across_devices_and_class_prompts_once(exports, monkeypatch):
@@ -221,14 +235,63 @@ def _free_port() -> int:
 
 SCENES = [
     f"--data.scenes_{b}=scenes:heldout:40"
-    for b in ("retrieval", "zeroshot", "regions", "region_crop", "region_retrieval", "grounding")
+    for b in ("retrieval", "zeroshot", "regions", "region_crop", "region_retrieval", "grounding", "segmentation")
 ]
 
 
+def _seg_data(root) -> list[str]:
+    """--data flags of the seg suite: every semantic benchmark's layout and a COCO panoptic set, 5 scenes each."""
+    from tests.data import segmentation_fixtures as fixtures
+
+    recs = fixtures.scenes(5)
+    flags = [f"--data.{b}={fixtures.write_semseg(str(root / b), b, recs)}" for b in LAYOUTS]
+    return [*flags, f"--data.coco_panoptic={fixtures.write_panoptic(str(root / 'panoptic'), recs)}"]
+
+
+def test_semantic_segmentation_against_the_single_device_encoder_and_scipy(exports, tmp_path):
+    """ADE20K-150's layout: mIoU from `evaluate` equals the single-device Encoder's dense embeddings, cosines bilinear
+    at each label pixel (scipy), per-class counting in float64."""
+    from scipy import ndimage
+
+    from tests.data import segmentation_fixtures as fixtures
+
+    recs = fixtures.scenes(6)
+    spec = fixtures.write_semseg(str(tmp_path / "ade"), "ade150", recs)
+    from cloc_jax import evaluate
+
+    found, _ = evaluate.run(exports["umg_tiny"], "ade150", dict(ade150=spec), 8, 1, templates="bare")
+    records = {(r["benchmark"], r["metric"]): r for r in found}
+    encoder, source = load(exports["umg_tiny"]), sources.from_spec(spec, 32)
+    names = source.class_names
+    files = [os.path.join(source.image_dir, f"img_{i:05d}.jpg") for i in range(6)]
+    cosines = encoder.dense(encoder.load_images(files)) @ encoder.encode_classes(names).T  # [6, 4, 4, 150]
+    position = ((np.arange(40) + 0.5) * 32 / 40) / 8 - 0.5  # letterbox 40 -> 32: scale 0.8; 8 px cells
+    yy, xx = np.meshgrid(position, position, indexing="ij")
+    hits, union = np.zeros(150), np.zeros(150)
+    for grid, r in zip(cosines.astype(np.float64), recs):
+        labels = fixtures.benchmark_labels(r["semantic"], 150)
+        up = np.stack([ndimage.map_coordinates(grid[..., c], [yy, xx], order=1, mode="nearest") for c in range(150)])
+        predicted, scored = up.argmax(0), labels >= 0
+        for c in range(150):
+            hits[c] += np.sum((predicted == c) & (labels == c) & scored)
+            union[c] += np.sum(((predicted == c) | (labels == c)) & scored)
+    assert records["ade150", "miou"]["value"] == pytest.approx(np.mean(hits[union > 0] / union[union > 0]), abs=1e-9)
+    assert records["ade150", "miou"]["protocol"]["geometry"] == "letterbox 32 (bicubic)"
+
+
 def test_two_processes_give_the_one_process_metrics(exports, tmp_path):
-    """The scenes suite (every evaluator) on 1 process x 4 devices and on 2 processes x 2 devices: the same
-    batch of 16 per step, 4 rows per device, so the numbers must agree."""
-    args = [f"--model={exports['cloc_tiny']}", "--suite=scenes", "--batch_size=16", *SCENES]
+    """The scenes suite (every evaluator) and the seg suite on fixtures of every benchmark's layout, on 1 process x 4
+    devices and on 2 processes x 2 devices: the same batch of 16 per step, 4 rows per device, so the numbers must
+    agree (segmentation sums each host's confusion matrix)."""
+    seg = _seg_data(tmp_path)
+    args = [
+        f"--model={exports['cloc_tiny']}",
+        "--suite=scenes,seg",
+        "--templates=bare",
+        "--batch_size=16",
+        *SCENES,
+        *seg,
+    ]
     one = _cli(*args, f"--out={tmp_path / 'one.json'}", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert one.returncode == 0, one.stderr[-2000:]
     port, procs = _free_port(), []
@@ -253,9 +316,10 @@ def test_two_processes_give_the_one_process_metrics(exports, tmp_path):
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert not (tmp_path / "two_1.json").exists()  # process 0 writes the results
-    expected, _ = _records(tmp_path / "one.json")
+    expected, skipped = _records(tmp_path / "one.json")
     got, _ = _records(tmp_path / "two_0.json")
-    assert set(got) == set(expected) and len(got) == 17
+    assert set(got) == set(expected) and len({b for b, _ in got}) == 7 + 6  # the scenes suite, 6 semantic sets
+    assert "panoptic output" in skipped["coco_panoptic"]["reason"] and "no data" in skipped["ade_panoptic"]["reason"]
     for key in expected:
         assert got[key]["value"] == pytest.approx(expected[key]["value"], abs=1e-6), key
 
