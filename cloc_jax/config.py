@@ -118,6 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
         region_crop=eval_entry("region_crop", "heldout", prefix="region", templates=SCENE_TEMPLATES),
         region_retrieval=eval_entry("region_retrieval", "heldout", prefix="region"),
         grounding=eval_entry("grounding", "heldout"),
+        # training-free semantic segmentation (scenes: the shapes' classes and "background"), mIoU
+        segmentation=eval_entry("semantic_segmentation", "heldout", templates=("{}",)),
     )
     c.init_from = ""  # an exported model (python -m cloc_jax.export) to start from, e.g. for adapter tuning
     c.checkpoint_every = 1000
@@ -169,7 +171,7 @@ def paper_config(
         c.model.text.vocab_size = T5_VOCAB_SIZE
         c.tokenizer.update(type="sentencepiece", path="")
         c.data.update(train="", heldout="")
-        for name in ("zeroshot", "region", "region_crop"):
+        for name in ("zeroshot", "region", "region_crop", "segmentation"):
             c.evals[name].templates = PHOTO_TEMPLATES
     c.lock()
     return c
