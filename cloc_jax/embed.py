@@ -1,6 +1,6 @@
 """Embeddings of a whole data source on disk, in shards, resumable.
 
-python -m cloc_jax.embed --model=SRC --data=SPEC --out=DIR [--what=images,texts,regions] [--shard_size=4096]
+python -m cloc_jax.embed --model=SRC --data=SPEC --out=DIR [--what=images,texts,regions,dense] [--shard_size=4096]
 
 SRC: anything `cloc_jax.load` takes; SPEC: any data source spec (as in training). Each host embeds its
 share (every process_count-th record) on its own devices, in batches, and writes
@@ -10,9 +10,11 @@ share (every process_count-th record) on its own devices, in batches, and writes
     texts    ids [t], caption [t] (its position among the record's captions), embeddings [t, E]
     regions  ids [r], region [r] (position among the record's usable boxes), boxes [r, 4] (xyxy normalised
              to the square the model saw: `preprocess.region_rule`, every box kept), embeddings [r, E]
+    dense    ids [n], geometry [n, 4] (`preprocess.Geometry.as_array`: where the image lies in the input),
+             embeddings [n, h, w, E] float16 (every token's cell, `Encoder.dense`; only with --what=...,dense)
 
-Images are embedded as the model's own library preprocesses them (`spec.preprocess`), regions in a geometry
-that keeps every box (a second pass over the shard when the two differ).
+Images are embedded as the model's own library preprocesses them (`spec.preprocess`), regions and dense features
+in a geometry that keeps every box and pixel (a second pass over the shard when the two differ).
 
 A shard is written to a temporary name and renamed when complete, so a killed run leaves only whole
 shards; the rerun skips them and writes the same files an uninterrupted run would. `stats-pNNN.json`
@@ -33,7 +35,8 @@ from cloc_jax.data import pipeline, preprocess, sources
 from cloc_jax.evals.runner import EvalRunner
 from cloc_jax.weights import load
 
-WHAT = ("images", "texts", "regions")
+WHAT = ("images", "texts", "regions", "dense")
+PIXEL_LEVEL = ("regions", "dense")  # written from the pass in the geometry that keeps every box and pixel
 
 
 class Subset:
@@ -64,6 +67,12 @@ def _rows(batch: dict, out: dict, what: str) -> dict:
     valid = batch["valid"]
     if what == "images":
         return dict(ids=batch["index"][valid], embeddings=out["image"][valid])
+    if what == "dense":
+        return dict(
+            ids=batch["index"][valid],
+            geometry=batch["geometry"][valid],
+            embeddings=out["dense"][valid].astype(np.float16),
+        )
     if what == "regions":
         mask = batch["region_mask"] & valid[:, None]
         rows, region = np.nonzero(mask)
@@ -79,7 +88,7 @@ def embed(
     model: str,
     data: str,
     out: str,
-    what=WHAT,
+    what=("images", "texts", "regions"),
     shard_size: int = 4096,
     batch_size: int = 64,
     threads: int = 4,
@@ -101,8 +110,8 @@ def embed(
     mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices())  # this host's devices, data-parallel
     runner = EvalRunner(encoder, mesh, batch_size, across_hosts=False)
     rule = encoder.spec.preprocess
-    plan = {rule: [w for w in what if w != "regions"]}  # geometry -> what its pass writes
-    plan.setdefault(preprocess.region_rule(rule), []).extend(w for w in what if w == "regions")
+    plan = {rule: [w for w in what if w not in PIXEL_LEVEL]}  # geometry -> what its pass writes
+    plan.setdefault(preprocess.region_rule(rule), []).extend(w for w in what if w in PIXEL_LEVEL)
     plan = {geometry: kinds for geometry, kinds in plan.items() if kinds}
     stats = pipeline.DataStats()
     total = len(plan) * sum(-(-len(shards[k]) // batch_size) for k in todo)
@@ -110,10 +119,11 @@ def embed(
     for k in todo:
         parts = {w: [] for w in what}
         for i, (geometry, kinds) in enumerate(plan.items()):
-            needs = frozenset({"image"} | ({"regions"} if "regions" in kinds else set()))
+            needs = frozenset({"image"} | {w for w in kinds if w in PIXEL_LEVEL})
             _, batches = pipeline.eval_batches(
                 config, Subset(source, shards[k]), encoder.tokenizer, batch_size, max_regions,
                 config.data.eval_max_captions, stats if i == 0 else None, share=False, rule=geometry,
+                label_maps="dense" in kinds,
             )  # fmt: skip
             for batch in batches:
                 result = runner.outputs(batch, needs)
@@ -153,7 +163,9 @@ if __name__ == "__main__":
     flags.DEFINE_string("model", None, "export dir, training workdir, hf:DIR, open_clip:DIR, big_vision:FILE")
     flags.DEFINE_string("data", None, "a data source spec (cloc_jax/data/sources.py)")
     flags.DEFINE_string("out", None, "directory for the shards")
-    flags.DEFINE_list("what", list(WHAT), "images, texts (every caption), regions (every usable box)")
+    flags.DEFINE_list(
+        "what", ["images", "texts", "regions"], "images, texts (every caption), regions (every usable box), dense"
+    )
     flags.DEFINE_integer("shard_size", 4096, "records of this host's share per shard")
     flags.DEFINE_integer("batch_size", 64, "images per batch on this host")
     flags.DEFINE_integer("num_threads", 4, "decoding threads")

@@ -58,6 +58,19 @@ def test_shards_hold_the_encoders_embeddings_with_record_ids(model, tmp_path):
     )
 
 
+def test_dense_features_are_the_encoders_with_their_geometry(model, tmp_path):
+    embed(model, "scenes:heldout:12", str(tmp_path), what=("dense",), shard_size=12, batch_size=8)
+    dense = np.load(tmp_path / "dense-p000-00000.npz")
+    encoder = load(model)
+    source = sources.from_spec("scenes:heldout:12", encoder.image_size)
+    prep = pipeline.Preprocess(encoder.tokenizer, eval_config(encoder.spec, 8, 1).tokenizer, encoder.image_size, 4)
+    images = np.stack([prep.map(source[i])["image"] for i in (0, 11)])
+    np.testing.assert_array_equal(dense["ids"], np.arange(12))
+    assert dense["embeddings"].dtype == np.float16 and dense["embeddings"].shape[1:3] == (4, 4)  # 32 px, 8 px patches
+    np.testing.assert_allclose(dense["embeddings"][[0, 11]], encoder.dense(images), atol=2e-3)  # float16
+    np.testing.assert_allclose(dense["geometry"][0], [1, 1, 0, 0])  # scenes rendered at the model's 32 px
+
+
 def test_killed_then_rerun_gives_the_uninterrupted_files(model, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cmd = [
