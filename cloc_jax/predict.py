@@ -2,13 +2,15 @@
 
 python -m cloc_jax.predict --model=SRC --image=photo.jpg --labels="cat,dog,car" [--boxes="10,20,200,180;..."]
     [--template="a photo of a {}." ...] [--ground="the dog on the left" --ground="..."] [--top_k=5]
-    [--out=drawn.png] [--heatmap] [--json=out.json]
+    [--out=drawn.png] [--heatmap] [--json=out.json] [--segment="sky,tree,road,car"]
 
 SRC: anything `cloc_jax.load` takes. Boxes are xyxy, in pixels of the image or normalised to [0, 1], given
 inline (`;` between boxes) or as a JSON file (`[[x0, y0, x1, y1], ...]`). Labels are comma-separated or a
 file with one per line; with `--template`s each label is their prompt ensemble (CLIP's, as the zero-shot
 evaluations use). A CLIP-only model answers box questions by pooling its tokens in each box and says
-it cannot ground. Boxes in the output are normalised xyxy of the original image.
+it cannot ground. Boxes in the output are normalised xyxy of the original image. `--segment` labels every pixel
+with the nearest of its labels (training-free, from the dense outputs: `evals/segmentation.py`), drawn over the
+picture with `--out`, each label's share of the image in the output.
 """
 
 import json
@@ -20,10 +22,13 @@ from PIL import Image, ImageDraw
 
 from cloc_jax.data import preprocess
 from cloc_jax.data.transforms import BadImage
+from cloc_jax.evals.segmentation import predict_classes
 from cloc_jax.inference import Encoder
 from cloc_jax.weights import load
 
 HEATMAP_GRID = 16  # cells per side of the similarity map (each cell's region embedding against the text)
+COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]  # fmt: skip
 
 
 def read_image(path: str, alpha: str = "grey") -> np.ndarray:
@@ -114,9 +119,11 @@ def predict(
     top_k: int = 5,
     heatmap: bool = False,
     templates=("{}",),
+    segment=(),
 ) -> dict:
     """image uint8 [H, W, 3]; boxes [N, 4] normalised to it -> {"image": [{label, score}], "boxes": [{box,
-    labels}], "ground": [{phrase, box, score}], "heatmaps": {text: [g, g]}, "notes": [...]}. Labels are the prompt
+    labels}], "ground": [{phrase, box, score}], "heatmaps": {text: [g, g]}, "segments": {label: share of the pixels},
+    "classes": int [H, W] (indices into `segment`, with it), "notes": [...]}. Labels are the prompt
     ensembles of `templates`; their scores the model's `probabilities`; a grounded box's score is the cosine
     between its region embedding and the phrase."""
     rule = encoder.spec.preprocess
@@ -146,6 +153,11 @@ def predict(
             out["ground"].append(dict(phrase=phrase, box=[float(v) for v in box], score=float(zr @ zp)))
     if heatmap:
         out["heatmaps"] = similarity_maps(encoder, x, geometry, list(phrases) or list(labels)[:1])
+    if segment:
+        cosines = encoder.dense(x)[0] @ encoder.encode_classes(list(segment), templates).T
+        classes = predict_classes(cosines, geometry.as_array(), image.shape[:2], encoder.image_size)
+        out["classes"] = classes
+        out["segments"] = {name: float(np.mean(classes == k)) for k, name in enumerate(segment)}
     return out
 
 
@@ -168,7 +180,12 @@ def draw(image: np.ndarray, result: dict) -> Image.Image:
         level = (grid - grid.min()) / max(float(grid.max() - grid.min()), 1e-6)
         alpha = Image.fromarray((level * 160).astype(np.uint8)).resize((w, h), Image.BILINEAR)
         canvas = Image.composite(Image.new("RGB", (w, h), (255, 0, 0)), canvas, alpha)
+    if "classes" in result:
+        palette = np.array([COLOURS[k % len(COLOURS)] for k in range(len(result["segments"]))], np.uint8)
+        canvas = Image.blend(canvas, Image.fromarray(palette[result["classes"]]), 0.5)
     pen = ImageDraw.Draw(canvas)
+    for k, (name, share) in enumerate(result.get("segments", {}).items()):  # the legend
+        pen.text((4, 4 + 12 * k), f"{name} {100 * share:.0f}%", fill=COLOURS[k % len(COLOURS)])
     size = np.array([w, h, w, h])
     for item in result["boxes"]:
         box = (np.array(item["box"]) * size).tolist()
@@ -195,6 +212,8 @@ def format_result(result: dict) -> str:
     for item in result["ground"]:
         box = ", ".join(f"{v:.3f}" for v in item["box"])
         lines.append(f"{item['phrase']!r} -> [{box}] (similarity {item['score']:.3f})")
+    if result.get("segments"):
+        lines.append("segments: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["segments"].items()))
     return "\n".join(lines + [f"note: {n}" for n in result["notes"]])
 
 
@@ -211,8 +230,9 @@ def main(argv):
         templates = parse_templates(FLAGS.template)
         if boxes is not None and not labels and not FLAGS.heatmap:
             raise ValueError("--boxes needs --labels to classify them")
+        segment = parse_labels(FLAGS.segment) if FLAGS.segment else []
         model = load(FLAGS.model)
-        result = predict(model, image, labels, boxes, FLAGS.ground, FLAGS.top_k, FLAGS.heatmap, templates)
+        result = predict(model, image, labels, boxes, FLAGS.ground, FLAGS.top_k, FLAGS.heatmap, templates, segment)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     print(format_result(result))
@@ -220,7 +240,8 @@ def main(argv):
         draw(image, result).save(FLAGS.out)
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
-            json.dump({**result, "heatmaps": {t: m.tolist() for t, m in result["heatmaps"].items()}}, f, indent=1)
+            shown = {k: v for k, v in result.items() if k != "classes"}  # the class map is drawn, not listed
+            json.dump({**shown, "heatmaps": {t: m.tolist() for t, m in result["heatmaps"].items()}}, f, indent=1)
 
 
 if __name__ == "__main__":
@@ -235,4 +256,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", "", "write the image with boxes, labels and scores drawn here (PNG)")
     flags.DEFINE_bool("heatmap", False, "lay the first phrase's (else label's) similarity map over the picture")
     flags.DEFINE_string("json", "", "write the results here as JSON")
+    flags.DEFINE_string(
+        "segment", "", "label every pixel with one of these (comma-separated or a file): --out draws it"
+    )
     app.run(main)

@@ -93,6 +93,25 @@ def test_predictions_are_the_encoders_numbers(exports, image):
     assert result["heatmaps"]["the red circle"].shape == (16, 16) and not result["notes"]
 
 
+def test_segment_labels_each_pixel_with_its_nearest_label_by_the_dense_outputs(exports, image):
+    """60 x 48 letterboxed into 32 px: pixel (y, x) of the image lies at input ((x + 0.5) * 32 / 60, ...); its class
+    is the argmax of the token grid's cosines interpolated there (scipy), and the shares add up to one."""
+    from scipy import ndimage
+
+    encoder = load(exports["clip_tiny"])
+    labels = ["red circle", "blue square", "background"]
+    result = predict(encoder, image, segment=labels)
+    x = _model_input(encoder, image)
+    cosines = (encoder.dense(x)[0] @ encoder.encode_classes(labels).T).astype(np.float64)  # [4, 4, 3]
+    scale = 32 / 60
+    ys, xs = [((np.arange(n) + 0.5) * scale) / 8 - 0.5 for n in (60, 48)]
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    up = np.stack([ndimage.map_coordinates(cosines[..., c], [yy, xx], order=1, mode="nearest") for c in range(3)])
+    np.testing.assert_array_equal(result["classes"], up.argmax(0))
+    assert sum(result["segments"].values()) == pytest.approx(1.0)
+    assert result["segments"]["background"] == pytest.approx(np.mean(up.argmax(0) == 2))
+
+
 def test_a_clip_only_model_pools_boxes_and_says_it_cannot_ground(exports, image):
     result = predict(load(exports["clip_tiny"]), image, ["a", "b"], np.array([[0, 0, 0.5, 0.5]]), ["the a"])
     assert len(result["boxes"]) == 1 and not result["ground"]
@@ -119,6 +138,7 @@ def test_the_command_prints_draws_and_writes_json(exports, image, tmp_path):
         f"--out={out}",
         "--heatmap",
         f"--json={js}",
+        "--segment=red circle,blue square,background",
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("image: ") and "box 0 [" in run.stdout and "'the red circle' -> [" in run.stdout
@@ -126,6 +146,8 @@ def test_the_command_prints_draws_and_writes_json(exports, image, tmp_path):
     result = json.loads(js.read_text())
     assert len(result["boxes"][0]["box"]) == 4 and len(result["ground"]) == 1
     assert np.asarray(result["heatmaps"]["the red circle"]).shape == (16, 16)
+    assert set(result["segments"]) == {"red circle", "blue square", "background"} and "classes" not in result
+    assert "segments: red circle " in run.stdout
 
 
 @pytest.mark.parametrize(
