@@ -8,7 +8,7 @@ COCO panoptic files (COCO Panoptic, ADE20K panoptic).
 
 Label values become class indices as each layout says (ADE20K-150's original PNGs count from 1, 0 unlabelled; the
 detectron2-prepared sets count from 0 with 255 or 65535 unlabelled); a value outside the classes stays as it is, and
-the pipeline drops that label map and counts it. Class names: `evals/segmentation_classes.json`.
+the pipeline drops that label map and counts it. Class names: `segmentation_classes.json` (where each list comes from: its "_sources").
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ from PIL import Image
 from cloc_jax.data.masks import IGNORE
 from cloc_jax.data.records import empty_record
 
-CLASSES_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "evals", "segmentation_classes.json")
+CLASSES_FILE = os.path.join(os.path.dirname(__file__), "segmentation_classes.json")
 
 
 @functools.cache
