@@ -5,7 +5,10 @@ setup(
     version="0.1.0",
     description="Region-aware CLIP pretraining (CLOC, UMG-CLIP) in JAX for TPU pods, GPUs and CPUs",
     packages=find_packages(include=["cloc_jax", "cloc_jax.*"]),
-    package_data={"cloc_jax.data": ["scenes_words.txt", "segmentation_classes.json"], "cloc_jax.evals": ["imagenet.json"]},
+    package_data={
+        "cloc_jax.data": ["scenes_words.txt", "segmentation_classes.json"],
+        "cloc_jax.evals": ["imagenet.json"],
+    },
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.8",
@@ -31,6 +34,7 @@ setup(
         "transformers>=4.40",
         "safetensors>=0.4",
         "ftfy>=6",
+        "pycocotools>=2.0.7",  # masks: COCO polygons and RLE
     ],
     extras_require={
         # libtpu (through jax[tpu]) lets the tests compile for TPU topologies on a machine without TPUs.

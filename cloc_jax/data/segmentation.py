@@ -8,7 +8,8 @@ COCO panoptic files (COCO Panoptic, ADE20K panoptic).
 
 Label values become class indices as each layout says (ADE20K-150's original PNGs count from 1, 0 unlabelled; the
 detectron2-prepared sets count from 0 with 255 or 65535 unlabelled); a value outside the classes stays as it is, and
-the pipeline drops that label map and counts it. Class names: `segmentation_classes.json` (where each list comes from: its "_sources").
+the pipeline drops that label map and counts it. Class names: `segmentation_classes.json` (its "_sources" say where
+each list comes from).
 """
 
 import dataclasses
