@@ -101,6 +101,12 @@ def run(
                 | dict(skipped_images=skipped_images, data_stats=facts["data_stats"])
                 | dict(protocol=dict(protocol(entries[name]), geometry=facts["geometry"]))
             )
+        scored = {key.split("/", 1)[0] for key in results}
+        for name in entries:  # e.g. label maps all dropped, or no image of a known class: say so
+            if name not in scored:
+                counts = ", ".join(f"{k.removeprefix('data/')}: {v}" for k, v in passes[name]["data_stats"].items())
+                reason = f"nothing to score in {passes[name]['images']} images ({counts or 'no labels'})"
+                skipped.append(dict(benchmark=name, reason=reason))
     return records, skipped
 
 

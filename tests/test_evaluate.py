@@ -279,6 +279,22 @@ def test_semantic_segmentation_against_the_single_device_encoder_and_scipy(expor
     assert records["ade150", "miou"]["protocol"]["geometry"] == "letterbox 32 (bicubic)"
 
 
+def test_label_maps_out_of_range_are_counted_and_the_benchmark_says_why(exports, tmp_path):
+    from PIL import Image
+
+    from cloc_jax import evaluate
+    from tests.data import segmentation_fixtures as fixtures
+
+    spec = fixtures.write_semseg(str(tmp_path / "voc"), "voc", fixtures.scenes(2))
+    labels = tmp_path / "voc" / "annotations_detectron2" / "val"
+    for path in labels.iterdir():  # class 40 of VOC's 20
+        Image.fromarray(np.full((40, 40), 40, np.uint8)).save(path)
+    records, skipped = evaluate.run(exports["clip_tiny"], "voc", dict(voc=spec), 8, 1, templates="bare")
+    assert not records and skipped == [
+        dict(benchmark="voc", reason="nothing to score in 2 images (dropped/semantic_class_out_of_range: 2)")
+    ]
+
+
 def test_two_processes_give_the_one_process_metrics(exports, tmp_path):
     """The scenes suite (every evaluator) and the seg suite on fixtures of every benchmark's layout, on 1 process x 4
     devices and on 2 processes x 2 devices: the same batch of 16 per step, 4 rows per device, so the numbers must

@@ -135,9 +135,9 @@ def eval_batches(
     `valid` marks real rows. `rule`: how images are decoded and resized (`data/preprocess.py`); `label_maps`: rows
     carry each image's label map (a host field) and geometry for the segmentation evaluators."""
     prep = Preprocess(
-        tokenizer, config.tokenizer, config.image_size, max_regions, stats=stats, max_captions=max_captions, rule=rule
-    )
-    prep.label_maps, prep.num_classes = label_maps, len(sources.segmentation_classes(source))
+        tokenizer, config.tokenizer, config.image_size, max_regions, stats=stats, max_captions=max_captions, rule=rule,
+        label_maps=label_maps, num_classes=len(sources.segmentation_classes(source)),
+    )  # fmt: skip
     hosts = jax.process_count() if share else 1
     count = -(-len(source) // hosts)
     num_batches = -(-count // per_host)
