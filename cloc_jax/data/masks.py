@@ -73,18 +73,26 @@ def decode_masks(masks, n: int, height: int, width: int) -> tuple[np.ndarray | N
     return out, None
 
 
+def semantic_values(data) -> np.ndarray | None:
+    """A record's `semantic` -> int64 [H, W] as stored (IGNORE for unlabelled), None when it has none. Raises on a
+    file PIL cannot read."""
+    if data is None or (isinstance(data, bytes | np.ndarray) and not len(data)):
+        return None
+    values = data if isinstance(data, np.ndarray) else np.asarray(Image.open(io.BytesIO(data)))
+    values = values.astype(np.int64)
+    return np.where(values == IGNORE_IN_FILES, IGNORE, values)
+
+
 def decode_semantic(data, height: int, width: int, num_classes: int) -> tuple[np.ndarray | None, str | None]:
     """A record's `semantic` -> (int32 [H, W] class indices, IGNORE where unlabelled, or None; the problem)."""
-    if data is None or (isinstance(data, bytes | np.ndarray) and not len(data)):
-        return None, None
     try:
-        values = data if isinstance(data, np.ndarray) else np.asarray(Image.open(io.BytesIO(data)))
+        values = semantic_values(data)
     except Exception:
         return None, "corrupt_semantic"
-    values = values.astype(np.int64)
+    if values is None:
+        return None, None
     if values.shape != (height, width):
         return None, "semantic_wrong_size"
-    values = np.where(values == IGNORE_IN_FILES, IGNORE, values)
     if ((values < IGNORE) | (values >= num_classes)).any():
         return None, "semantic_class_out_of_range"
     return values.astype(np.int32), None

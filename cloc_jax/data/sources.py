@@ -19,7 +19,7 @@ import re
 import grain
 import numpy as np
 
-from cloc_jax.data import coco, karpathy, segmentation, webdataset
+from cloc_jax.data import coco, karpathy, masks, segmentation, webdataset
 from cloc_jax.data.records import ArrayRecordSource, empty_record
 from cloc_jax.data.scenes import Scenes
 
@@ -96,30 +96,35 @@ class TfdsSource:
 
 class Mixture:
     """Weighted mixture of sources (grain's `MapDataset.mix`), with one class vocabulary: the union of
-    theirs in order, every source's label and tag indices remapped into it. Each record keeps its own
-    source's `has_tags`, so an untagged source's images are not taken for images without tags."""
+    theirs in order, every source's label and tag indices (and label maps) remapped into it. Each record keeps its
+    own source's `has_tags`, so an untagged source's images are not taken for images without tags. The label maps'
+    classes are the class names followed by the segmentation-only ones (the scenes' background)."""
 
     def __init__(self, sources: list, weights: list[float]):
-        names: list[str] = []
-        self.remaps = []
-        for source in sources:
-            remap = []
-            for name in source.class_names:
-                if name not in names:
-                    names.append(name)
-                remap.append(names.index(name))
-            self.remaps.append(np.asarray([*remap, -1], np.int32))  # index -1 stays -1
+        names = _union(s.class_names for s in sources)
         self.class_names = tuple(names)
-        parts = [grain.MapDataset.source(s).map(self._remapper(r)) for s, r in zip(sources, self.remaps)]
+        self.segmentation_classes = tuple(_union([names, *(segmentation_classes(s) for s in sources)]))
+        remaps = [_indices(s.class_names, names) for s in sources]
+        pixel_remaps = [_indices(segmentation_classes(s), self.segmentation_classes) for s in sources]
+        parts = [grain.MapDataset.source(s).map(self._remapper(r, p)) for s, r, p in zip(sources, remaps, pixel_remaps)]
         self.dataset = grain.MapDataset.mix(parts, weights)
 
-    @staticmethod
-    def _remapper(remap: np.ndarray):
+    def _remapper(self, remap: np.ndarray, pixel_remap: np.ndarray):
+        beyond = len(self.segmentation_classes)  # a label map's value outside its source's classes stays outside
+
         def apply(record: dict) -> dict:
             record = dict(record)
             for key in ("region_labels", "tags"):
                 record[key] = remap[np.asarray(record[key], np.int64)]
             record["label"] = int(remap[int(record["label"])])
+            try:
+                values = masks.semantic_values(record.get("semantic"))
+            except Exception:  # unreadable: the pipeline counts it
+                values = None
+            if values is not None:
+                known = (values >= 0) & (values < len(pixel_remap) - 1)
+                moved = np.where(known, pixel_remap[np.clip(values, 0, len(pixel_remap) - 2)], beyond + values)
+                record["semantic"] = np.where(values < 0, masks.IGNORE, moved).astype(np.int32)
             return record
 
         return apply
@@ -129,6 +134,18 @@ class Mixture:
 
     def __getitem__(self, index: int) -> dict:
         return dict(self.dataset[index], index=index)
+
+
+def _union(vocabularies) -> list[str]:
+    names: list[str] = []
+    for vocabulary in vocabularies:
+        names += [n for n in vocabulary if n not in names]
+    return names
+
+
+def _indices(names, into) -> np.ndarray:
+    """Each of `names`' position in `into`, and -1 -> -1 (the last entry)."""
+    return np.asarray([*(list(into).index(n) for n in names), -1], np.int32)
 
 
 def segmentation_classes(source) -> tuple[str, ...]:

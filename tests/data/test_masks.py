@@ -194,3 +194,24 @@ def test_records_keep_masks_and_label_maps_on_disk(tmp_path):
     for r, back in zip(recs, (source[0], source[1])):
         np.testing.assert_array_equal(masks.decode_masks(back["masks"], len(r["boxes"]), 40, 40)[0], r["masks"])
         np.testing.assert_array_equal(masks.decode_semantic(back["semantic"], 40, 40, 41)[0], r["semantic"])
+
+
+def test_a_mixture_remaps_label_maps_into_its_segmentation_vocabulary(tmp_path):
+    """Scenes (40 shapes + background) mixed with VOC's layout (20 classes): one vocabulary, every label map in it."""
+    recs = fixtures.scenes(4)
+    voc = fixtures.write_semseg(str(tmp_path), "voc", recs)
+    mixture = sources.from_spec(f"0.5*scenes:heldout:4 + 0.5*{voc}", 40)
+    voc_names = class_lists()["voc20"]
+    assert mixture.segmentation_classes[:60] == mixture.class_names
+    assert mixture.segmentation_classes[60:] == ("background",) and mixture.class_names[40:] == tuple(voc_names)
+    seen = set()
+    for i in range(8):
+        record = mixture[i]
+        values = masks.semantic_values(record["semantic"])
+        named = {mixture.segmentation_classes[v] for v in np.unique(values) if v >= 0}
+        seen.add("background" in named)
+        if "background" not in named:  # a VOC record: its classes, moved past the scenes' 40
+            assert named and named <= set(voc_names)
+        else:
+            assert named <= set(mixture.class_names[:40]) | {"background"}
+    assert seen == {True, False}
