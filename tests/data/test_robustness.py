@@ -9,7 +9,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from cloc_jax.data import records
-from cloc_jax.data.pipeline import DataStats, Preprocess
+from cloc_jax.data.rows import DataStats, Preprocess
 from cloc_jax.data.scenes import CLASS_NAMES
 from cloc_jax.tokenizers import ByteTokenizer
 from cloc_jax.train import train_and_evaluate

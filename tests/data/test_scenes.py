@@ -94,7 +94,7 @@ def test_every_host_gets_the_same_number_of_batches_and_together_every_record(co
 
 
 def test_eval_rows_hold_every_caption_and_every_referring_expression(config):
-    from cloc_jax.data.pipeline import DataStats, Preprocess
+    from cloc_jax.data.rows import DataStats, Preprocess
 
     record = Scenes("heldout", image_size=32)[0]
     n = len(record["boxes"])
@@ -118,7 +118,7 @@ def test_eval_rows_hold_every_caption_and_every_referring_expression(config):
 
 
 def test_bad_boxes_are_repaired_or_dropped_and_counted(config):
-    from cloc_jax.data.pipeline import DataStats, Preprocess
+    from cloc_jax.data.rows import DataStats, Preprocess
 
     record = Scenes("train", image_size=32)[3]
     n = len(record["boxes"])
@@ -135,7 +135,7 @@ def test_bad_boxes_are_repaired_or_dropped_and_counted(config):
 
 
 def test_training_samples_m_regions_and_mixes_in_referring_expressions(config):
-    from cloc_jax.data.pipeline import Preprocess
+    from cloc_jax.data.rows import Preprocess
 
     tok = ByteTokenizer()
     config.tokenizer.region_context_length = 64  # long enough for whole referring expressions
@@ -154,7 +154,7 @@ def test_training_samples_m_regions_and_mixes_in_referring_expressions(config):
 
 
 def test_fits_in_row_keeps_texts_in_order_while_they_fit():
-    from cloc_jax.data.pipeline import fits_in_row
+    from cloc_jax.data.rows import fits_in_row
 
     tokens = np.zeros((4, 6), np.int32)
     for row, n in enumerate([3, 5, 2, 1]):
@@ -165,7 +165,7 @@ def test_fits_in_row_keeps_texts_in_order_while_they_fit():
 
 
 def test_training_with_packing_drops_and_counts_regions_that_do_not_fit(config):
-    from cloc_jax.data.pipeline import DataStats, Preprocess
+    from cloc_jax.data.rows import DataStats, Preprocess
 
     tok = ByteTokenizer()
     config.tokenizer.update(region_context_length=8, region_pack_length=16)
