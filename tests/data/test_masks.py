@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from cloc_jax.data import masks, records, sources, transforms
-from cloc_jax.data.rows import DataStats
-from cloc_jax.data.rows import IGNORE, Preprocess
+from cloc_jax.data.rows import IGNORE, DataStats, Preprocess
 from cloc_jax.data.segmentation import LAYOUTS, class_lists
 from cloc_jax.models.spec import PreprocessSpec
 from cloc_jax.tokenizers import ByteTokenizer
