@@ -7,6 +7,8 @@ Records are JPEG photographs' stand-ins (scenes rendered at 640 x 480, quality 9
 shards; each goes through the full training transform: decode, random resized crop, flip with left/right
 swapped in texts, boxes clipped and dropped, M = 4 regions sampled and padded, captions and region
 texts tokenised. One thread, so the rate is per core; a host feeds its chips with `data.num_threads`.
+The records carry their masks (RLE) and label maps (8-bit PNG); the rate with `data.masks` (decoded and warped
+with the image) is printed beside the rate without.
 """
 
 import json
@@ -19,7 +21,8 @@ from absl import app, flags
 from PIL import Image
 
 from cloc_jax.config import load_config_file, set_dotted
-from cloc_jax.data import pipeline, records, transforms
+from cloc_jax.data import records, transforms
+from cloc_jax.data.rows import Preprocess
 from cloc_jax.data.scenes import CLASS_NAMES, Scenes
 from cloc_jax.tokenizers import from_spec
 from cloc_jax.train import train_and_evaluate
@@ -40,15 +43,20 @@ def jpeg_records(n: int) -> list[dict]:
     for i in range(n):
         scene = scenes[i]
         wide = np.asarray(Image.fromarray(scene["image"]).resize((640, 480)))  # 4:3, like most photos
-        out.append(dict(scene, image=transforms.encode_image(wide, "JPEG")))
+        nearest = lambda a: np.asarray(Image.fromarray(a).resize((640, 480), Image.NEAREST))  # noqa: E731
+        masks = np.stack([nearest(m.astype(np.uint8)) for m in scene["masks"]]).astype(bool)
+        semantic = nearest(scene["semantic"].astype(np.int32))
+        out.append(dict(scene, image=transforms.encode_image(wide, "JPEG"), masks=masks, semantic=semantic))
     return out
 
 
-def per_core_rate(source, size: int) -> float:
+def per_core_rate(source, size: int, masks: bool = False) -> float:
     config = load_config_file(os.path.join(ROOT, "configs", "cloc_b16.py"), "data=scenes")  # its tokenizer
     config.data.augment.update(resize="crop", flip=0.5)
     tokenizer = from_spec(config.tokenizer.to_dict())
-    prep = pipeline.Preprocess(tokenizer, config.tokenizer, size, 4, 0.5, augment=config.data.augment)
+    prep = Preprocess(
+        tokenizer, config.tokenizer, size, 4, 0.5, augment=config.data.augment, masks=masks, num_classes=41
+    )
     rng = np.random.default_rng(0)
     prep.random_map(source[0], rng)  # warm up
     start = time.perf_counter()
@@ -87,7 +95,11 @@ def main(argv):
         shards = os.path.join(scratch, "shards", "*.array_record")
         source = records.ArrayRecordSource(shards)
         for size in (224, 336):
-            print(f"{size} px: {per_core_rate(source, size):.0f} images/s per core (640 x 480 JPEG, crop, flip, M = 4)")
+            plain, pixels = per_core_rate(source, size), per_core_rate(source, size, masks=True)
+            print(
+                f"{size} px: {plain:.0f} images/s per core (640 x 480 JPEG, crop, flip, M = 4); "
+                f"{pixels:.0f} with masks and label maps"
+            )
         if FLAGS.train_config:
             result = wait_fraction(shards, os.path.join(scratch, "run"))
             print(f"{FLAGS.train_config}: {json.dumps(result)}")

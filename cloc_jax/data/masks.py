@@ -7,7 +7,8 @@ A record's `masks` is one of
 - {"panoptic": PNG bytes, "ids": [N]}: a COCO panoptic PNG (segment id = R + 256 G + 256^2 B, 0 = void) and the
   segment id of each box.
 A record's `semantic` is b"" (none), an encoded 8- or 16-bit PNG / TIFF, or an int array [H, W]: the class index of
-each pixel into the source's `segmentation_classes`, IGNORE where unlabelled (65535 in a 16-bit file).
+each pixel into the source's `segmentation_classes`, IGNORE where unlabelled (255 in an 8-bit file, 65535 in a
+16-bit one, as the benchmarks store them).
 `decode_masks` / `decode_semantic` turn them into arrays, naming the problem (a skip counter) when they cannot be
 used: a mask of another size than the image, a panoptic PNG with ids its segments do not list, a class index out of
 range.
@@ -19,8 +20,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-IGNORE = -1  # an unlabelled pixel in a label map (int32); 65535 in 16-bit files
-IGNORE_IN_FILES = 65535
+IGNORE = -1  # an unlabelled pixel in a label map (int32); in files the largest value of their bit depth
 
 
 def polygons_to_rle(polygons: list, height: int, width: int) -> dict:
@@ -78,9 +78,11 @@ def semantic_values(data) -> np.ndarray | None:
     file PIL cannot read."""
     if data is None or (isinstance(data, bytes | np.ndarray) and not len(data)):
         return None
-    values = data if isinstance(data, np.ndarray) else np.asarray(Image.open(io.BytesIO(data)))
-    values = values.astype(np.int64)
-    return np.where(values == IGNORE_IN_FILES, IGNORE, values)
+    if isinstance(data, np.ndarray):
+        return data.astype(np.int64)
+    stored = np.asarray(Image.open(io.BytesIO(data)))
+    unlabelled = 255 if stored.dtype == np.uint8 else 65535
+    return np.where(stored == unlabelled, IGNORE, stored.astype(np.int64))
 
 
 def decode_semantic(data, height: int, width: int, num_classes: int) -> tuple[np.ndarray | None, str | None]:
@@ -99,8 +101,10 @@ def decode_semantic(data, height: int, width: int, num_classes: int) -> tuple[np
 
 
 def encode_semantic(labels: np.ndarray) -> bytes:
-    """int [H, W] class indices (IGNORE unlabelled) -> a 16-bit PNG (the on-disk form)."""
-    values = np.where(labels < 0, IGNORE_IN_FILES, labels).astype(np.uint16)
+    """int [H, W] class indices (IGNORE unlabelled) -> a PNG, 8-bit when every class is below 255 (decodes in about
+    half the time), else 16-bit (the on-disk form)."""
+    narrow = labels.max(initial=0) < 255
+    values = np.where(labels < 0, 255 if narrow else 65535, labels).astype(np.uint8 if narrow else np.uint16)
     out = io.BytesIO()
     Image.fromarray(values).save(out, format="PNG")
     return out.getvalue()

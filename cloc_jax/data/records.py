@@ -17,7 +17,7 @@ A record (a dict) is what the pipeline's `Preprocess` reads, whatever the source
     semantic      b"" | PNG bytes | int [H, W]   class per pixel (`data/masks.py`: forms, IGNORE)
 
 On disk each record is one msgpack map with the same keys (boxes as a list of 4-lists, the image
-always encoded, masks as COCO RLE and the label map as a 16-bit PNG), in ArrayRecord shards (random
+always encoded, masks as COCO RLE and the label map as an 8- or 16-bit PNG), in ArrayRecord shards (random
 access, which grain needs for global shuffling and resumable iterators). A shard set's class vocabulary
 sits beside it in `<dir>/class_names.json`.
 """
