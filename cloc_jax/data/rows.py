@@ -214,6 +214,10 @@ class Preprocess(grain.transforms.RandomMap):
         self.stats.add("dropped/boxes", int((~keep).sum()))
         self.stats.add("dropped/boxes_outside_crop", int((keep & ~visible).sum()))
         self.stats.add("dropped/boxes_without_text", int((keep & visible & ~usable).sum()))
+        if self.masks and pixels[0] is not None:  # a box whose mask is empty cannot teach a mask: dropped
+            empty = ~pixels[0].reshape(n, -1).any(axis=1)
+            self.stats.add("dropped/empty_masks", int((usable & empty).sum()))
+            usable &= ~empty
         written = captions  # evaluation scores only the captions the data has
         caption = self._caption(captions, [region_texts[i] for i in np.flatnonzero(usable)], rng)
         if caption is None:

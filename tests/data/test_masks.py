@@ -172,7 +172,11 @@ def test_bad_masks_and_label_maps_are_dropped_and_counted(tmp_path):
     Image.fromarray(png).save(buffer)
     with open(buffer, "rb") as f:
         rows.append(prep.map(dict(good, masks=dict(panoptic=f.read(), ids=[4, 5]), semantic=b"")))
+    empty = good["masks"].copy()
+    empty[0] = False
+    rows.append(prep.map(dict(good, masks=empty)))  # box 0's mask is empty: box 0 is dropped, box 1 kept
     assert all(r is not None for r in rows)  # the images are still used
+    assert rows[4]["region_mask"].tolist() == [True, False, False, False] and rows[4]["region_labels"][0] == 1
     assert not rows[0]["has_masks"] and rows[0]["has_semantic"]
     assert not rows[1]["has_semantic"] and rows[1]["has_masks"] and (rows[1]["semantic"] == IGNORE).all()
     assert not rows[3]["has_masks"] and not rows[3]["has_semantic"]
@@ -181,6 +185,7 @@ def test_bad_masks_and_label_maps_are_dropped_and_counted(tmp_path):
         "data/dropped/semantic_class_out_of_range": 1,
         "data/dropped/corrupt_semantic": 1,
         "data/dropped/panoptic_unknown_ids": 1,
+        "data/dropped/empty_masks": 1,
     }
 
 
