@@ -1,7 +1,7 @@
 """The papers' benchmarks for any model, from one command.
 
 python -m cloc_jax.evaluate --model=SRC --suite=paper [--data.imagenet=tfds:imagenet2012:validation ...]
-    [--out=results.json] [--batch_size=256] [--templates=simple]
+    [--out=results.json] [--batch_size=256] [--templates=simple] [--seg_size=448]
 
 --suite takes suites and benchmarks, comma-separated (--suite=scenes,seg or --suite=ade150,voc).
 
@@ -29,6 +29,11 @@ _SUITE = flags.DEFINE_string("suite", "paper", f"suites or benchmarks, comma-sep
 _OUT = flags.DEFINE_string("out", None, "write one JSON record per benchmark and metric here")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "images per evaluation batch (all hosts together)")
 _THREADS = flags.DEFINE_integer("num_threads", 4, "decoding threads per host")
+_SEG_SIZE = flags.DEFINE_integer(
+    "seg_size",
+    0,
+    "input side in pixels of the segmentation benchmarks (0: the model's own; position embeddings follow)",
+)
 _TEMPLATES = flags.DEFINE_enum(
     "templates",
     None,
@@ -59,10 +64,17 @@ def benchmark_names(suite: str) -> list[str]:
 
 
 def run(
-    model: str, suite: str, data: dict, batch_size: int, num_threads: int, templates: str | None = None
+    model: str,
+    suite: str,
+    data: dict,
+    batch_size: int,
+    num_threads: int,
+    templates: str | None = None,
+    seg_size: int = 0,
 ) -> tuple[list[dict], list[dict]]:
     """-> (records: one per benchmark and metric, skipped: one per benchmark not run, with the reason). `templates`
-    replaces OpenAI's 80 ImageNet templates where a benchmark uses them ("simple", "bare")."""
+    replaces OpenAI's 80 ImageNet templates where a benchmark uses them ("simple", "bare"); `seg_size` is the input
+    side of the segmentation benchmarks (0: the model's)."""
     encoder = load(model)
     config = evals.eval_config(encoder.spec, batch_size, num_threads)
     mesh = sharding.make_mesh(config.mesh)
@@ -71,6 +83,8 @@ def run(
     records, skipped, groups = [], [], {}
     for name in benchmark_names(suite):
         cfg = ml_collections.ConfigDict(dict(benchmarks.BENCHMARKS[name], data=data[name]))
+        if seg_size and cfg.type == "semantic_segmentation":
+            cfg.image_size = seg_size
         if templates and tuple(cfg.templates) == benchmarks.imagenet_templates():
             cfg.templates = ("{}",) if templates == "bare" else benchmarks.imagenet_templates(templates)
         if not cfg.data:
@@ -131,7 +145,9 @@ def main(argv):
         raise app.UsageError("--model is required")
     distributed.initialize()
     try:
-        records, skipped = run(_MODEL.value, _SUITE.value, _DATA.value, _BATCH.value, _THREADS.value, _TEMPLATES.value)
+        records, skipped = run(
+            _MODEL.value, _SUITE.value, _DATA.value, _BATCH.value, _THREADS.value, _TEMPLATES.value, _SEG_SIZE.value
+        )
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if jax.process_index() == 0:

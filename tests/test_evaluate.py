@@ -4,6 +4,7 @@ and two processes against one. Meshes: the 8 simulated devices, data-parallel.""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 from cloc_jax import load, sharding
 from cloc_jax.boxes import cell_boxes
 from cloc_jax.config import base_config
-from cloc_jax.data import pipeline, sources
+from cloc_jax.data import pipeline, preprocess, sources
 from cloc_jax.data.segmentation import LAYOUTS
 from cloc_jax.evals import eval_config
 from cloc_jax.evals.regions import crop_and_resize
@@ -248,9 +249,10 @@ def _seg_data(root) -> list[str]:
     return [*flags, f"--data.coco_panoptic={fixtures.write_panoptic(str(root / 'panoptic'), recs)}"]
 
 
-def test_semantic_segmentation_against_the_single_device_encoder_and_scipy(exports, tmp_path):
+@pytest.mark.parametrize("size", [0, 48])
+def test_semantic_segmentation_against_the_single_device_encoder_and_scipy(exports, tmp_path, size):
     """ADE20K-150's layout: mIoU from `evaluate` equals the single-device Encoder's dense embeddings, cosines bilinear
-    at each label pixel (scipy), per-class counting in float64."""
+    at each label pixel (scipy), per-class counting in float64; at the model's 32 px and at 48 (`--seg_size`)."""
     from scipy import ndimage
 
     from tests.data import segmentation_fixtures as fixtures
@@ -259,13 +261,15 @@ def test_semantic_segmentation_against_the_single_device_encoder_and_scipy(expor
     spec = fixtures.write_semseg(str(tmp_path / "ade"), "ade150", recs)
     from cloc_jax import evaluate
 
-    found, _ = evaluate.run(exports["umg_tiny"], "ade150", dict(ade150=spec), 8, 1, templates="bare")
+    found, _ = evaluate.run(exports["umg_tiny"], "ade150", dict(ade150=spec), 8, 1, templates="bare", seg_size=size)
     records = {(r["benchmark"], r["metric"]): r for r in found}
     encoder, source = load(exports["umg_tiny"]), sources.from_spec(spec, 32)
-    names = source.class_names
+    names, side = source.class_names, size or 32
     files = [os.path.join(source.image_dir, f"img_{i:05d}.jpg") for i in range(6)]
-    cosines = encoder.dense(encoder.load_images(files)) @ encoder.encode_classes(names).T  # [6, 4, 4, 150]
-    position = ((np.arange(40) + 0.5) * 32 / 40) / 8 - 0.5  # letterbox 40 -> 32: scale 0.8; 8 px cells
+    decoded = [preprocess.decode(pathlib.Path(f).read_bytes()) for f in files]
+    images = np.stack([preprocess.model_input(d, encoder.spec.preprocess, side)[0] for d in decoded]) / 127.5 - 1
+    cosines = encoder.dense(images) @ encoder.encode_classes(names).T  # [6, side / 8, side / 8, 150]
+    position = ((np.arange(40) + 0.5) * side / 40) / 8 - 0.5  # letterbox 40 -> side; 8 px cells
     yy, xx = np.meshgrid(position, position, indexing="ij")
     hits, union = np.zeros(150), np.zeros(150)
     for grid, r in zip(cosines.astype(np.float64), recs):
@@ -276,7 +280,7 @@ def test_semantic_segmentation_against_the_single_device_encoder_and_scipy(expor
             hits[c] += np.sum((predicted == c) & (labels == c) & scored)
             union[c] += np.sum(((predicted == c) | (labels == c)) & scored)
     assert records["ade150", "miou"]["value"] == pytest.approx(np.mean(hits[union > 0] / union[union > 0]), abs=1e-9)
-    assert records["ade150", "miou"]["protocol"]["geometry"] == "letterbox 32 (bicubic)"
+    assert records["ade150", "miou"]["protocol"]["geometry"] == f"letterbox {side} (bicubic)"
 
 
 def test_label_maps_out_of_range_are_counted_and_the_benchmark_says_why(exports, tmp_path):

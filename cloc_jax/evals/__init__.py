@@ -3,8 +3,9 @@
 An entry (`config.eval_entry`): `type` (TYPES), `data` (a split of `config.data`, e.g. "heldout", or any
 source spec), `prefix` of its metric names ("": the entry's name), `templates` (class prompts), `classes`
 ("": the source's class names; "imagenet": ImageNet-1k's), `present_only` (zero-shot among the classes
-that occur), `max_regions` / `max_captions` per image (0: `data.eval_max_*`). Entries on the same data
-share one pass over it: each record is decoded once and each batch goes through the model once. Adding an
+that occur), `max_regions` / `max_captions` per image (0: `data.eval_max_*`), `image_size` (0: the model's).
+Entries on the same data, geometry and size share one pass over it: each record is decoded once and each batch
+goes through the model once. Adding an
 evaluator is one entry in `build`; the trainer never changes.
 """
 
@@ -119,19 +120,20 @@ def evaluate_source(config, runner: EvalRunner, source, entries: dict, desc: str
     pass: "geometry" (as records state it), "images" scored, "data_stats"}). `config.preprocess` is the model's
     rule."""
     rule = PreprocessSpec(**config.preprocess.to_dict())
-    groups: dict[PreprocessSpec, dict] = {}
+    groups: dict[tuple[PreprocessSpec, int], dict] = {}
     for name, cfg in entries.items():
-        groups.setdefault(geometry(cfg, rule), {})[name] = cfg
+        groups.setdefault((geometry(cfg, rule), cfg.image_size or config.image_size), {})[name] = cfg
     results, passes = {}, {}
-    for pass_rule, group in groups.items():
-        found, facts = _one_pass(config, runner, source, group, pass_rule, desc)
+    for (pass_rule, size), group in groups.items():
+        found, facts = _one_pass(config, runner, source, group, pass_rule, size, desc)
         results.update(found)
         passes.update({name: facts for name in group})
     return results, passes
 
 
-def _one_pass(config, runner: EvalRunner, source, entries: dict, rule: PreprocessSpec, desc: str):
-    """One pass over `source` in one geometry for the entries on it -> (metrics, facts of the pass)."""
+def _one_pass(config, runner: EvalRunner, source, entries: dict, rule: PreprocessSpec, size: int, desc: str):
+    """One pass over `source` in one geometry, inputs `size` px a side, for the entries on it -> (metrics, facts of
+    the pass)."""
     evaluators = {name: build(cfg, _classes(cfg, source)) for name, cfg in entries.items()}
     needs = frozenset().union(*(e.needs for e in evaluators.values()))
     regions_cap = max(cfg.max_regions or config.data.eval_max_regions for cfg in entries.values())
@@ -148,6 +150,7 @@ def _one_pass(config, runner: EvalRunner, source, entries: dict, rule: Preproces
         stats,
         rule=rule,
         label_maps=label_maps,
+        image_size=size,
     )
     quiet = jax.process_index() != 0
     usable = 0
@@ -167,7 +170,7 @@ def _one_pass(config, runner: EvalRunner, source, entries: dict, rule: Preproces
     for name, evaluator in evaluators.items():
         prefix = entries[name].prefix or name
         results.update({f"{prefix}/{k}": v for k, v in evaluator.result(runner)})
-    facts = dict(geometry=preprocess.protocol(rule, config.image_size), images=usable, data_stats=stats.snapshot())
+    facts = dict(geometry=preprocess.protocol(rule, size), images=usable, data_stats=stats.snapshot())
     return results, facts
 
 

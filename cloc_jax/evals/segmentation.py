@@ -80,7 +80,7 @@ class SemanticSegmentation:
         rows = zip(out["dense"], batch["label_map"], batch["geometry"], batch["valid"])
         for dense, labels, geometry, valid in rows:
             if valid and labels is not None:
-                predicted = predict_classes(dense @ classes.T, geometry, labels.shape, runner.encoder.image_size)
+                predicted = predict_classes(dense @ classes.T, geometry, labels.shape, batch["image"].shape[1])
                 self.matrix += confusion(predicted, labels, len(self.class_names))
 
     def result(self, runner):
