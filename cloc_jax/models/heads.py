@@ -4,7 +4,8 @@ A model's head is chosen by `spec.model.region_extractor`, a key of `HEADS`; tra
 and export ask the head (`trains`, `can_ground`, `batch_fields`, ...), never the string. Each method takes the
 bound `Model` (`models/cloc.py`) and shares one image forward between the image embedding and every box.
 Dense outputs are the head's region embeddings of every token's own cell (`dense`), so each head reads pixels
-the way it reads boxes, and an imported CLIP gets its head's box pooling per patch (MaskCLIP's reading):
+the way it reads boxes, and an imported CLIP gets its head's box pooling per patch (its final norm and projection
+of the token; a MAP head attending to the token alone):
 - "prompter" (CLOC): the Prompter reads the ViT's token grid; box prompts give regions, text prompts boxes.
 - "roi_align" (UMG-CLIP): RoIAlign on the token grid inside the ViT, then its final norm and projection.
 - "none" (CLIP-only): no region training; at inference the image's own head pools inside each box.
