@@ -133,6 +133,8 @@ def eval_entry(type_: str, data: str, **options) -> dict:
     entry = dict(type=type_, data=data, prefix="", templates=("a {}",), classes="", present_only=False)
     entry.update(max_regions=0, max_captions=0)  # 0: data.eval_max_regions / data.eval_max_captions
     entry.update(image_size=0)  # the input's side in pixels (0: the model's; position embeddings follow the grid)
+    # semantic segmentation: k x k windows of the model's size at half-window stride over a canvas of S (k + 1) / 2 px
+    entry.update(slide=0)  # (0: the whole image at once)
     unknown = set(options) - set(entry)
     if unknown:
         raise ValueError(f"evaluation options {sorted(unknown)}; choose from {sorted(entry)}")

@@ -1,7 +1,7 @@
 """The papers' benchmarks for any model, from one command.
 
 python -m cloc_jax.evaluate --model=SRC --suite=paper [--data.imagenet=tfds:imagenet2012:validation ...]
-    [--out=results.json] [--batch_size=256] [--templates=simple] [--seg_size=448]
+    [--out=results.json] [--batch_size=256] [--templates=simple] [--seg_size=448 | --seg_slide=3]
 
 --suite takes suites and benchmarks, comma-separated (--suite=scenes,seg or --suite=ade150,voc).
 
@@ -33,6 +33,9 @@ _SEG_SIZE = flags.DEFINE_integer(
     "seg_size",
     0,
     "input side in pixels of the segmentation benchmarks (0: the model's own; position embeddings follow)",
+)
+_SEG_SLIDE = flags.DEFINE_integer(
+    "seg_slide", 0, "segmentation by k x k windows of the model's size at half-window stride (3: a canvas of 2 S)"
 )
 _TEMPLATES = flags.DEFINE_enum(
     "templates",
@@ -71,10 +74,15 @@ def run(
     num_threads: int,
     templates: str | None = None,
     seg_size: int = 0,
+    seg_slide: int = 0,
 ) -> tuple[list[dict], list[dict]]:
     """-> (records: one per benchmark and metric, skipped: one per benchmark not run, with the reason). `templates`
     replaces OpenAI's 80 ImageNet templates where a benchmark uses them ("simple", "bare"); `seg_size` is the input
-    side of the segmentation benchmarks (0: the model's)."""
+    side of the segmentation benchmarks (0: the model's), `seg_slide` their k x k sliding windows."""
+    if seg_size and seg_slide:
+        raise ValueError(
+            "--seg_size (the whole image at that size) and --seg_slide (windows of the model's) exclude each other"
+        )
     encoder = load(model)
     config = evals.eval_config(encoder.spec, batch_size, num_threads)
     mesh = sharding.make_mesh(config.mesh)
@@ -83,8 +91,8 @@ def run(
     records, skipped, groups = [], [], {}
     for name in benchmark_names(suite):
         cfg = ml_collections.ConfigDict(dict(benchmarks.BENCHMARKS[name], data=data[name]))
-        if seg_size and cfg.type == "semantic_segmentation":
-            cfg.image_size = seg_size
+        if cfg.type == "semantic_segmentation":
+            cfg.update(image_size=seg_size or cfg.image_size, slide=seg_slide or cfg.slide)
         if templates and tuple(cfg.templates) == benchmarks.imagenet_templates():
             cfg.templates = ("{}",) if templates == "bare" else benchmarks.imagenet_templates(templates)
         if not cfg.data:
@@ -146,8 +154,9 @@ def main(argv):
     distributed.initialize()
     try:
         records, skipped = run(
-            _MODEL.value, _SUITE.value, _DATA.value, _BATCH.value, _THREADS.value, _TEMPLATES.value, _SEG_SIZE.value
-        )
+            _MODEL.value, _SUITE.value, _DATA.value, _BATCH.value, _THREADS.value, _TEMPLATES.value, _SEG_SIZE.value,
+            _SEG_SLIDE.value,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if jax.process_index() == 0:

@@ -249,10 +249,25 @@ def _seg_data(root) -> list[str]:
     return [*flags, f"--data.coco_panoptic={fixtures.write_panoptic(str(root / 'panoptic'), recs)}"]
 
 
-@pytest.mark.parametrize("size", [0, 48])
-def test_semantic_segmentation_against_the_single_device_encoder_and_scipy(exports, tmp_path, size):
+def _sliding_reference(encoder, images: np.ndarray, window: int) -> np.ndarray:
+    """Dense embeddings of every window (stride half a window) averaged per token where they overlap, renormalised."""
+    side, stride, patch = images.shape[1], window // 2, 8
+    total = np.zeros((len(images), side // patch, side // patch, encoder.encode_text(["x"]).shape[-1]))
+    count = np.zeros((side // patch, side // patch, 1))
+    for y in range(0, side - window + 1, stride):
+        for x in range(0, side - window + 1, stride):
+            dense = encoder.dense(images[:, y : y + window, x : x + window])
+            total[:, y // patch : (y + window) // patch, x // patch : (x + window) // patch] += dense
+            count[y // patch : (y + window) // patch, x // patch : (x + window) // patch] += 1
+    mean = total / count
+    return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("size,slide", [(0, 0), (48, 0), (0, 3)])
+def test_semantic_segmentation_against_the_single_device_encoder_and_scipy(exports, tmp_path, size, slide):
     """ADE20K-150's layout: mIoU from `evaluate` equals the single-device Encoder's dense embeddings, cosines bilinear
-    at each label pixel (scipy), per-class counting in float64; at the model's 32 px and at 48 (`--seg_size`)."""
+    at each label pixel (scipy), per-class counting in float64; at the model's 32 px, at 48 (`--seg_size`), and by
+    3 x 3 sliding windows of 32 px over a 64 px canvas (`--seg_slide`)."""
     from scipy import ndimage
 
     from tests.data import segmentation_fixtures as fixtures
@@ -261,14 +276,15 @@ def test_semantic_segmentation_against_the_single_device_encoder_and_scipy(expor
     spec = fixtures.write_semseg(str(tmp_path / "ade"), "ade150", recs)
     from cloc_jax import evaluate
 
-    found, _ = evaluate.run(exports["umg_tiny"], "ade150", dict(ade150=spec), 8, 1, templates="bare", seg_size=size)
+    found, _ = evaluate.run(exports["umg_tiny"], "ade150", dict(ade150=spec), 8, 1, "bare", size, slide)
     records = {(r["benchmark"], r["metric"]): r for r in found}
     encoder, source = load(exports["umg_tiny"]), sources.from_spec(spec, 32)
-    names, side = source.class_names, size or 32
+    names, side = source.class_names, size or (64 if slide else 32)
     files = [os.path.join(source.image_dir, f"img_{i:05d}.jpg") for i in range(6)]
     decoded = [preprocess.decode(pathlib.Path(f).read_bytes()) for f in files]
     images = np.stack([preprocess.model_input(d, encoder.spec.preprocess, side)[0] for d in decoded]) / 127.5 - 1
-    cosines = encoder.dense(images) @ encoder.encode_classes(names).T  # [6, side / 8, side / 8, 150]
+    dense = _sliding_reference(encoder, images, 32) if slide else encoder.dense(images)
+    cosines = dense @ encoder.encode_classes(names).T  # [6, side / 8, side / 8, 150]
     position = ((np.arange(40) + 0.5) * side / 40) / 8 - 0.5  # letterbox 40 -> side; 8 px cells
     yy, xx = np.meshgrid(position, position, indexing="ij")
     hits, union = np.zeros(150), np.zeros(150)
@@ -280,7 +296,8 @@ def test_semantic_segmentation_against_the_single_device_encoder_and_scipy(expor
             hits[c] += np.sum((predicted == c) & (labels == c) & scored)
             union[c] += np.sum(((predicted == c) | (labels == c)) & scored)
     assert records["ade150", "miou"]["value"] == pytest.approx(np.mean(hits[union > 0] / union[union > 0]), abs=1e-9)
-    assert records["ade150", "miou"]["protocol"]["geometry"] == f"letterbox {side} (bicubic)"
+    windows = ", sliding windows of 32 at stride 16" if slide else ""
+    assert records["ade150", "miou"]["protocol"]["geometry"] == f"letterbox {side} (bicubic){windows}"
 
 
 def test_label_maps_out_of_range_are_counted_and_the_benchmark_says_why(exports, tmp_path):
@@ -297,6 +314,8 @@ def test_label_maps_out_of_range_are_counted_and_the_benchmark_says_why(exports,
     assert not records and skipped == [
         dict(benchmark="voc", reason="nothing to score in 2 images (dropped/semantic_class_out_of_range: 2)")
     ]
+    with pytest.raises(ValueError, match="exclude each other"):
+        evaluate.run(exports["clip_tiny"], "voc", dict(voc=spec), 8, 1, seg_size=64, seg_slide=3)
 
 
 def test_two_processes_give_the_one_process_metrics(exports, tmp_path):

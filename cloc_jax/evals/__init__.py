@@ -120,20 +120,33 @@ def evaluate_source(config, runner: EvalRunner, source, entries: dict, desc: str
     pass: "geometry" (as records state it), "images" scored, "data_stats"}). `config.preprocess` is the model's
     rule."""
     rule = PreprocessSpec(**config.preprocess.to_dict())
-    groups: dict[tuple[PreprocessSpec, int], dict] = {}
+    groups: dict[tuple[PreprocessSpec, int, int], dict] = {}
     for name, cfg in entries.items():
-        groups.setdefault((geometry(cfg, rule), cfg.image_size or config.image_size), {})[name] = cfg
+        groups.setdefault((geometry(cfg, rule), *input_size(cfg, config.image_size)), {})[name] = cfg
     results, passes = {}, {}
-    for (pass_rule, size), group in groups.items():
-        found, facts = _one_pass(config, runner, source, group, pass_rule, size, desc)
+    for (pass_rule, size, window), group in groups.items():
+        found, facts = _one_pass(config, runner, source, group, pass_rule, (size, window), desc)
         results.update(found)
         passes.update({name: facts for name in group})
     return results, passes
 
 
-def _one_pass(config, runner: EvalRunner, source, entries: dict, rule: PreprocessSpec, size: int, desc: str):
-    """One pass over `source` in one geometry, inputs `size` px a side, for the entries on it -> (metrics, facts of
-    the pass)."""
+def input_size(cfg, model_size: int) -> tuple[int, int]:
+    """An entry's (input side, sliding window or 0): its `image_size` (0: the model's), or with `slide` = k the
+    canvas S (k + 1) / 2 that k x k windows of the model's S at stride S / 2 tile."""
+    if cfg.slide and cfg.type != "semantic_segmentation":
+        raise ValueError(f"slide={cfg.slide}: sliding windows are for semantic_segmentation, not {cfg.type}")
+    if cfg.slide and cfg.image_size:
+        raise ValueError("give slide (windows of the model's size) or image_size (the whole image), not both")
+    if cfg.slide > 1:
+        return model_size * (cfg.slide + 1) // 2, model_size
+    return cfg.image_size or model_size, 0
+
+
+def _one_pass(config, runner: EvalRunner, source, entries: dict, rule: PreprocessSpec, sizes: tuple, desc: str):
+    """One pass over `source` in one geometry, inputs `sizes` = (side, sliding window or 0), for the entries on it
+    -> (metrics, facts of the pass)."""
+    size, window = sizes
     evaluators = {name: build(cfg, _classes(cfg, source)) for name, cfg in entries.items()}
     needs = frozenset().union(*(e.needs for e in evaluators.values()))
     regions_cap = max(cfg.max_regions or config.data.eval_max_regions for cfg in entries.values())
@@ -155,7 +168,7 @@ def _one_pass(config, runner: EvalRunner, source, entries: dict, rule: Preproces
     quiet = jax.process_index() != 0
     usable = 0
     for batch in tqdm(batches, desc, total=num_batches, disable=quiet, mininterval=1 if sys.stderr.isatty() else 60):
-        out = runner.outputs(batch, needs)
+        out = runner.outputs(batch, needs, window)
         gathered = runner.gather(batch)
         usable += int(gathered["valid"].sum())
         for evaluator in evaluators.values():
@@ -170,7 +183,8 @@ def _one_pass(config, runner: EvalRunner, source, entries: dict, rule: Preproces
     for name, evaluator in evaluators.items():
         prefix = entries[name].prefix or name
         results.update({f"{prefix}/{k}": v for k, v in evaluator.result(runner)})
-    facts = dict(geometry=preprocess.protocol(rule, size), images=usable, data_stats=stats.snapshot())
+    slide = f", sliding windows of {window} at stride {window // 2}" if window else ""
+    facts = dict(geometry=preprocess.protocol(rule, size) + slide, images=usable, data_stats=stats.snapshot())
     return results, facts
 
 

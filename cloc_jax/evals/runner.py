@@ -79,12 +79,22 @@ class EvalRunner:
         fields = {k: v for k, v in batch.items() if k != "image" and k not in HOST_FIELDS}
         return multihost_utils.process_allgather(fields, tiled=True) if self.across_hosts else fields
 
-    def outputs(self, batch: dict, needs: frozenset) -> dict:
+    def outputs(self, batch: dict, needs: frozenset, window: int = 0) -> dict:
         """One per-host batch -> {output: every host's rows (LOCAL_OUTPUTS: this host's)} for the `needs` (a subset
-        of OUTPUTS)."""
+        of OUTPUTS). `window` > 0: the images are larger than the model's input and only "dense" is asked, from
+        sliding windows of that size (`Model.dense_windows`)."""
         unknown = set(needs) - set(OUTPUTS)
         if unknown:
             raise ValueError(f"evaluation outputs {sorted(unknown)}; choose from {OUTPUTS}")
+        if window:
+            if set(needs) != {"dense"}:
+                raise ValueError(f"sliding windows give dense outputs only, not {sorted(set(needs) - {'dense'})}")
+            if window not in self._forwards:
+                model = self.encoder.model
+                self._forwards[window] = jax.jit(
+                    lambda p, images: {"dense": model.apply({"params": p}, images, window, method=Model.dense_windows)}
+                )
+            return self._run(self._forwards[window], dict(images=batch["image"]))
         on_device = frozenset(needs - {"crops"})
         if on_device not in self._forwards:
             model = self.encoder.model

@@ -79,6 +79,24 @@ class Model(nn.Module):
         """[B, H, W, 3] -> unit embeddings [B, h, w, E] of every token's cell of the h x w grid, by the region head."""
         return self.head.dense(self, images)
 
+    def dense_windows(self, images: jax.Array, window: int) -> jax.Array:
+        """[B, L, L, 3] -> [B, L/p, L/p, E]: `dense` of every `window` x `window` crop at a stride of half a window
+        (the sliding-window protocol of training-free segmentation), averaged where they overlap and renormalised.
+        L - window must be a multiple of the stride, and the stride of the patch size p."""
+        size, patch, stride = images.shape[1], self.image.size().patch, window // 2
+        if (size - window) % stride or stride % patch or images.shape[2] != size:
+            raise ValueError(f"sliding windows of {window} px (stride {stride}) do not tile {images.shape[1:3]} inputs")
+        starts = range(0, size - window + 1, stride)
+        crops = jnp.stack([images[:, y : y + window, x : x + window] for y in starts for x in starts], 1)
+        dense = self.dense(crops.reshape(-1, window, window, 3))
+        dense = dense.reshape(images.shape[0], len(starts) ** 2, *dense.shape[1:])
+        g, h = size // patch, window // patch
+        total, count = jnp.zeros((images.shape[0], g, g, dense.shape[-1])), jnp.zeros((g, g, 1))
+        for k, (y, x) in enumerate((y, x) for y in starts for x in starts):
+            total = total.at[:, y // patch : y // patch + h, x // patch : x // patch + h].add(dense[:, k])
+            count = count.at[y // patch : y // patch + h, x // patch : x // patch + h].add(1.0)
+        return normalize(total / count)
+
     def evaluate(self, images: jax.Array, boxes: jax.Array, ground_tokens: jax.Array, needs: frozenset) -> dict:
         """What an evaluation pass needs ("image", "regions", "ground", "dense") from one image forward."""
         return self.head.evaluate(self, images, boxes, ground_tokens, needs)
