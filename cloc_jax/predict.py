@@ -184,8 +184,8 @@ def draw(image: np.ndarray, result: dict) -> Image.Image:
         palette = np.array([COLOURS[k % len(COLOURS)] for k in range(len(result["segments"]))], np.uint8)
         canvas = Image.blend(canvas, Image.fromarray(palette[result["classes"]]), 0.5)
     pen = ImageDraw.Draw(canvas)
-    for k, (name, share) in enumerate(result.get("segments", {}).items()):  # the legend
-        pen.text((4, 4 + 12 * k), f"{name} {100 * share:.0f}%", fill=COLOURS[k % len(COLOURS)])
+    for row, (share, name, k) in enumerate(_covering(result)):  # the legend: labels that cover any pixel
+        pen.text((4, 4 + 12 * row), f"{name} {100 * share:.0f}%", fill=COLOURS[k % len(COLOURS)])
     size = np.array([w, h, w, h])
     for item in result["boxes"]:
         box = (np.array(item["box"]) * size).tolist()
@@ -200,6 +200,12 @@ def draw(image: np.ndarray, result: dict) -> Image.Image:
     return canvas
 
 
+def _covering(result: dict) -> list[tuple[float, str, int]]:
+    """(share, label, its index) of the --segment labels that cover any pixel, largest first."""
+    shares = [(v, name, k) for k, (name, v) in enumerate(result.get("segments", {}).items()) if v > 0]
+    return sorted(shares, key=lambda item: -item[0])
+
+
 def _labels_line(ranked: list[dict]) -> str:
     return ", ".join(f"{r['label']} {r['score']:.3f}" for r in ranked)
 
@@ -212,8 +218,8 @@ def format_result(result: dict) -> str:
     for item in result["ground"]:
         box = ", ".join(f"{v:.3f}" for v in item["box"])
         lines.append(f"{item['phrase']!r} -> [{box}] (similarity {item['score']:.3f})")
-    if result.get("segments"):
-        lines.append("segments: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["segments"].items()))
+    if _covering(result):  # --json has every label
+        lines.append("segments: " + ", ".join(f"{name} {100 * share:.1f}%" for share, name, _ in _covering(result)))
     return "\n".join(lines + [f"note: {n}" for n in result["notes"]])
 
 
