@@ -34,31 +34,29 @@ def scores(matrix: np.ndarray) -> dict:
     return dict(miou=np.nanmean(iou), pacc=hits.sum() / max(labelled.sum(), 1), macc=np.nanmean(recall), iou=iou)
 
 
-def _linear(count: int, grid: int, cell: float, scale: float, offset: float) -> np.ndarray:
-    """[count, grid] weights sampling a grid of `grid` cells (each `cell` input pixels) at the centres of `count`
-    image pixels, which land at (p + 0.5) * scale - offset in the input: linear, edges clamped."""
-    position = ((np.arange(count) + 0.5) * scale - offset) / cell - 0.5
-    position = np.clip(position, 0, grid - 1)
+def _linear(count: int, grid: int, cell: float, scale: float, offset: float) -> tuple:
+    """Where the centres of `count` image pixels fall on a grid of `grid` cells (each `cell` input pixels), the pixel
+    centre p landing at (p + 0.5) * scale - offset in the input -> (lower cell [count], upper cell [count], weight of
+    the upper one [count, 1]): linear interpolation, edges clamped."""
+    position = np.clip(((np.arange(count) + 0.5) * scale - offset) / cell - 0.5, 0, grid - 1)
     low = np.floor(position).astype(np.int64)
-    high = np.minimum(low + 1, grid - 1)
-    out = np.zeros((count, grid), np.float32)
-    np.add.at(out, (np.arange(count), low), 1 - (position - low))
-    np.add.at(out, (np.arange(count), high), position - low)
-    return out
+    return low, np.minimum(low + 1, grid - 1), (position - low).astype(np.float32)[:, None]
 
 
 def predict_classes(cosines: np.ndarray, geometry: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
     """cosines [h, w, C] on the token grid of an S x S input; geometry [4] (`preprocess.Geometry.as_array`) ->
-    the class of every pixel of an [H, W] image (int64), from the bilinearly interpolated cosines."""
+    the class of every pixel of an [H, W] image (int64), from the bilinearly interpolated cosines (rows first, then
+    each chunk of rows along x: two cells per pixel, never an [H, W, C] array at once)."""
     (h, w, _), (height, width) = cosines.shape, shape
     scale_x, scale_y, offset_x, offset_y = geometry
-    rows = _linear(height, h, size / h, scale_y, offset_y)  # [H, h]
-    cols = _linear(width, w, size / w, scale_x, offset_x)  # [W, w]
-    by_row = np.einsum("yh,hwc->ywc", rows, cosines.astype(np.float32))
+    top, bottom, down = _linear(height, h, size / h, scale_y, offset_y)
+    left, right, across = _linear(width, w, size / w, scale_x, offset_x)
+    cosines = cosines.astype(np.float32)
+    by_row = cosines[top] * (1 - down[:, :, None]) + cosines[bottom] * down[:, :, None]  # [H, w, C]
     out = np.empty((height, width), np.int64)
     for start in range(0, height, ROWS_PER_CHUNK):
         chunk = by_row[start : start + ROWS_PER_CHUNK]
-        out[start : start + ROWS_PER_CHUNK] = np.einsum("xw,ywc->yxc", cols, chunk).argmax(-1)
+        out[start : start + ROWS_PER_CHUNK] = (chunk[:, left] * (1 - across) + chunk[:, right] * across).argmax(-1)
     return out
 
 
