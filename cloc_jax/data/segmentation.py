@@ -121,7 +121,6 @@ class PanopticSource:
         self.class_names = tuple(
             c["name"].replace("_", " ").replace("-merged", "").replace("-other", "") for c in categories
         )
-        self.things = tuple(bool(c.get("isthing", 1)) for c in categories)
         self._label = {c["id"]: i for i, c in enumerate(categories)}
         images = {image["id"]: image for image in data.get("images", [])}
         self.annotations = [(images.get(a["image_id"], {}), a) for a in data["annotations"]]
