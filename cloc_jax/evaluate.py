@@ -52,7 +52,7 @@ _DATA = config_flags.DEFINE_config_dict(
 def protocol(cfg: ml_collections.ConfigDict) -> dict:
     out = dict(type=cfg.type, templates=len(cfg.templates), classes=cfg.classes or "the data's own")
     if cfg.type == "semantic_segmentation":
-        out["scored"] = "whole image in the geometry below; cosines bilinear from the token grid to each label map"
+        out["scored"] = "cosines bilinear from the token grid to every pixel of each label map; inputs: geometry"
     return {**out, "present_only": cfg.present_only} if cfg.type == "zeroshot" else out
 
 
