@@ -85,8 +85,12 @@ def semantic_values(data) -> np.ndarray | None:
     return np.where(stored == unlabelled, IGNORE, stored.astype(np.int64))
 
 
-def decode_semantic(data, height: int, width: int, num_classes: int) -> tuple[np.ndarray | None, str | None]:
-    """A record's `semantic` -> (int32 [H, W] class indices, IGNORE where unlabelled, or None; the problem)."""
+def decode_semantic(
+    data, height: int, width: int, num_classes: int, remap: np.ndarray | None = None
+) -> tuple[np.ndarray | None, str | None]:
+    """A record's `semantic` -> (int32 [H, W] class indices, IGNORE where unlabelled, or None; the problem). `remap`
+    (a mixture's `semantic_remap`: each source class's index in the mixture's classes, then -1) moves the classes
+    into the mixture's vocabulary; a value outside the source's classes stays outside the mixture's."""
     try:
         values = semantic_values(data)
     except Exception:
@@ -95,6 +99,10 @@ def decode_semantic(data, height: int, width: int, num_classes: int) -> tuple[np
         return None, None
     if values.shape != (height, width):
         return None, "semantic_wrong_size"
+    if remap is not None:
+        known = (values >= 0) & (values < len(remap) - 1)
+        moved = np.where(known, remap[np.clip(values, 0, len(remap) - 2)], num_classes + values)
+        values = np.where(values < 0, IGNORE, moved)
     if ((values < IGNORE) | (values >= num_classes)).any():
         return None, "semantic_class_out_of_range"
     return values.astype(np.int32), None

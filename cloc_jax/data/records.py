@@ -15,6 +15,7 @@ A record (a dict) is what the pipeline's `Preprocess` reads, whatever the source
     masks         [] | RLE list (N) | bool [N, H, W] | {"panoptic": PNG, "ids": [N]}   instance masks per box
     crowd         bool [N]             COCO's iscrowd: the box covers a crowd of its class
     semantic      b"" | PNG bytes | int [H, W]   class per pixel (`data/masks.py`: forms, IGNORE)
+    semantic_remap  int [C + 1]        (in memory only, from a mixture) the label map's classes in the mixture's
 
 On disk each record is one msgpack map with the same keys (boxes as a list of 4-lists, the image
 always encoded, masks as COCO RLE and the label map as an 8- or 16-bit PNG), in ArrayRecord shards (random

@@ -162,7 +162,9 @@ class Preprocess(grain.transforms.RandomMap):
         n = len(labels)
         masks, problem = pixel_masks.decode_masks(record.get("masks"), n, height, width)
         self.stats.add(f"dropped/{problem}", int(problem is not None))
-        semantic, problem = pixel_masks.decode_semantic(record.get("semantic"), height, width, self.num_classes)
+        semantic, problem = pixel_masks.decode_semantic(
+            record.get("semantic"), height, width, self.num_classes, record.get("semantic_remap")
+        )
         self.stats.add(f"dropped/{problem}", int(problem is not None))
         if semantic is None and masks is not None and problem is None:
             semantic = pixel_masks.paint(masks, labels, height, width)

@@ -19,7 +19,7 @@ import re
 import grain
 import numpy as np
 
-from cloc_jax.data import coco, karpathy, masks, segmentation, webdataset
+from cloc_jax.data import coco, karpathy, segmentation, webdataset
 from cloc_jax.data.records import ArrayRecordSource, empty_record
 from cloc_jax.data.scenes import Scenes
 
@@ -96,9 +96,10 @@ class TfdsSource:
 
 class Mixture:
     """Weighted mixture of sources (grain's `MapDataset.mix`), with one class vocabulary: the union of
-    theirs in order, every source's label and tag indices (and label maps) remapped into it. Each record keeps its
-    own source's `has_tags`, so an untagged source's images are not taken for images without tags. The label maps'
-    classes are the class names followed by the segmentation-only ones (the scenes' background)."""
+    theirs in order, every source's label and tag indices remapped into it. Each record keeps its own source's
+    `has_tags`, so an untagged source's images are not taken for images without tags. The label maps' classes are the
+    class names followed by the segmentation-only ones (the scenes' background); a record carries its source's
+    `semantic_remap` into them, applied only where its label map is decoded (`masks.decode_semantic`)."""
 
     def __init__(self, sources: list, weights: list[float]):
         names = _union(s.class_names for s in sources)
@@ -109,22 +110,14 @@ class Mixture:
         parts = [grain.MapDataset.source(s).map(self._remapper(r, p)) for s, r, p in zip(sources, remaps, pixel_remaps)]
         self.dataset = grain.MapDataset.mix(parts, weights)
 
-    def _remapper(self, remap: np.ndarray, pixel_remap: np.ndarray):
-        beyond = len(self.segmentation_classes)  # a label map's value outside its source's classes stays outside
-
+    @staticmethod
+    def _remapper(remap: np.ndarray, pixel_remap: np.ndarray):
         def apply(record: dict) -> dict:
             record = dict(record)
             for key in ("region_labels", "tags"):
                 record[key] = remap[np.asarray(record[key], np.int64)]
             record["label"] = int(remap[int(record["label"])])
-            try:
-                values = masks.semantic_values(record.get("semantic"))
-            except Exception:  # unreadable: the pipeline counts it
-                values = None
-            if values is not None:
-                known = (values >= 0) & (values < len(pixel_remap) - 1)
-                moved = np.where(known, pixel_remap[np.clip(values, 0, len(pixel_remap) - 2)], beyond + values)
-                record["semantic"] = np.where(values < 0, masks.IGNORE, moved).astype(np.int32)
+            record["semantic_remap"] = pixel_remap  # applied where the label map is decoded, if it ever is
             return record
 
         return apply

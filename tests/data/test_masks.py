@@ -211,7 +211,8 @@ def test_a_mixture_remaps_label_maps_into_its_segmentation_vocabulary(tmp_path):
     seen = set()
     for i in range(8):
         record = mixture[i]
-        values = masks.semantic_values(record["semantic"])
+        classes = len(mixture.segmentation_classes)
+        values, _ = masks.decode_semantic(record["semantic"], 40, 40, classes, record["semantic_remap"])
         named = {mixture.segmentation_classes[v] for v in np.unique(values) if v >= 0}
         seen.add("background" in named)
         if "background" not in named:  # a VOC record: its classes, moved past the scenes' 40
