@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, ImageDraw
 
+from cloc_jax.boxes import cell_boxes
 from cloc_jax.data import preprocess
 from cloc_jax.data.transforms import BadImage
 from cloc_jax.evals.segmentation import predict_classes
@@ -165,9 +166,7 @@ def similarity_maps(encoder: Encoder, x: np.ndarray, geometry: preprocess.Geomet
     """Each text's cosine with the region embedding of every cell of a HEATMAP_GRID square grid over the
     image -> {text: [g, g]} (rows top to bottom)."""
     g = HEATMAP_GRID
-    edges = np.linspace(0, 1, g + 1, dtype=np.float32)
-    cells = np.array([[edges[j], edges[i], edges[j + 1], edges[i + 1]] for i in range(g) for j in range(g)])
-    z = encoder.encode_regions(x, geometry.to_model(cells)[None])[0]  # [g * g, E]
+    z = encoder.encode_regions(x, geometry.to_model(cell_boxes(g, g))[None])[0]  # [g * g, E]
     return {t: (z @ zt).reshape(g, g) for t, zt in zip(texts, encoder.encode_text(texts))}
 
 

@@ -143,6 +143,12 @@ class Geometry:
         image_px = np.array([self.width, self.height, self.width, self.height], np.float32)
         return np.clip((boxes * self.size + self._offset) / self._scale / image_px, 0, 1)
 
+    @classmethod
+    def letterbox(cls, height: int, width: int, size: int) -> "Geometry":
+        """The long side resized to `size`, padding right and bottom (`transforms.resize_pad`)."""
+        nh, nw = transforms.letterbox_size(height, width, size)
+        return cls(height, width, size, (nw / width, nh / height))
+
     def as_array(self) -> np.ndarray:
         """float64 [4]: (scale x, scale y, offset x, offset y), how a batch row carries its geometry."""
         return np.array([*self.scale_xy, *self.offset_xy], np.float64)
@@ -198,8 +204,7 @@ def model_input(image: np.ndarray, rule: PreprocessSpec, size: int) -> tuple[np.
         return _resize(image, size, size, rule), Geometry(h, w, size, (size / w, size / h))
     if rule.resize == "letterbox":  # (check: letterboxing always antialiases)
         out, _ = transforms.resize_pad(image, np.zeros((0, 4), np.float32), size, INTERPOLATIONS[rule.interpolation])
-        nh, nw = transforms.letterbox_size(h, w, size)
-        return out, Geometry(h, w, size, (nw / w, nh / h))
+        return out, Geometry.letterbox(h, w, size)
     short = math.floor(size / rule.crop_fraction + 1e-6)  # timm's scale size: floor(S / crop_pct)
     nh, nw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
     resized = _resize(image, nh, nw, rule)  # both sides >= S: crop_fraction <= 1

@@ -19,7 +19,6 @@ from cloc_jax.data import preprocess, transforms
 from cloc_jax.models.spec import PreprocessSpec
 from cloc_jax.tokenizers import Tokenizer, tokenize
 
-IGNORE = pixel_masks.IGNORE
 # Row fields that stay on their host (variable-sized): evaluators that read them sum their statistics over hosts.
 HOST_FIELDS = ("label_map",)
 
@@ -146,8 +145,7 @@ class Preprocess(grain.transforms.RandomMap):
             boxes, keep = transforms.clip_boxes(boxes, aug.min_visible)
         else:
             image, boxes = transforms.resize_pad(image, boxes, size)
-            nh, nw = transforms.letterbox_size(h, w, size)
-            geometry = preprocess.Geometry(h, w, size, (nw / w, nh / h))
+            geometry = preprocess.Geometry.letterbox(h, w, size)
             keep = np.ones(len(boxes), bool)
         flip = aug is not None and aug.flip > 0 and rng.random() < aug.flip
         if flip and aug.flip_texts == "skip" and transforms.mentions_left_right(texts):
@@ -172,17 +170,22 @@ class Preprocess(grain.transforms.RandomMap):
 
     def _pixel_fields(self, masks, semantic, kept: np.ndarray, geometry, flipped: bool) -> dict:
         """Masks of the kept regions and the label map, warped like the image -> region_masks [M, S, S], semantic."""
-        size, out = self.image_size, {}
+        size = self.image_size
         region_masks = np.zeros((self.max_regions, size, size), bool)
         if masks is not None and len(kept):
             region_masks[: len(kept)] = np.moveaxis(geometry.warp(np.moveaxis(masks[kept], 0, -1), False), -1, 0)
-        label_map = np.full((size, size), IGNORE, np.int32)
-        if semantic is not None:
-            label_map = geometry.warp(semantic, IGNORE)
+        unlabelled = pixel_masks.IGNORE
+        label_map = (
+            np.full((size, size), unlabelled, np.int32) if semantic is None else geometry.warp(semantic, unlabelled)
+        )
         if flipped:
             region_masks, label_map = region_masks[:, :, ::-1], label_map[:, ::-1]
-        out.update(region_masks=np.ascontiguousarray(region_masks), semantic=np.ascontiguousarray(label_map))
-        return dict(out, has_masks=np.bool_(masks is not None), has_semantic=np.bool_(semantic is not None))
+        return dict(
+            region_masks=np.ascontiguousarray(region_masks),
+            semantic=np.ascontiguousarray(label_map),
+            has_masks=np.bool_(masks is not None),
+            has_semantic=np.bool_(semantic is not None),
+        )
 
     def _process(self, record: dict, rng: np.random.Generator | None) -> dict | None:
         """One record -> one row, or None (skipped and counted). `rng` is None in evaluation. The steps draw from

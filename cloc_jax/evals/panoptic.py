@@ -35,10 +35,9 @@ def image_stats(labels: np.ndarray, label_segments: dict, predicted: np.ndarray,
         raise ValueError(f"predicted segments {sorted(absent)[:5]} are listed but not on the panoptic map")
     label_area = _areas(labels)
     label_area.update({i: s["area"] for i, s in label_segments.items() if "area" in s})
-    pairs = labels.astype(np.int64) * (int(predicted.max(initial=0)) + 1) + predicted
-    joint = {}
-    for value, count in zip(*np.unique(pairs, return_counts=True)):
-        joint[divmod(int(value), int(predicted.max(initial=0)) + 1)] = int(count)
+    base = int(predicted.max(initial=0)) + 1  # (label, prediction) pairs as one int64: label * base + prediction
+    values, counts = np.unique(labels.astype(np.int64) * base + predicted, return_counts=True)
+    joint = {divmod(int(value), base): int(count) for value, count in zip(values, counts)}
     stats: dict[int, list] = {}
     entry = lambda category: stats.setdefault(category, [0.0, 0, 0, 0])  # noqa: E731
     matched_labels, matched_predictions = set(), set()

@@ -10,7 +10,7 @@ mmsegmentation's rule), pixel accuracy is over labelled pixels, mAcc averages th
 
 import numpy as np
 
-from cloc_jax.data.rows import IGNORE
+from cloc_jax.data.masks import IGNORE
 
 ROWS_PER_CHUNK = 64  # label-map rows interpolated at once: [64, W, C] floats (ADE-847 at 683 px: 150 MB)
 

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from cloc_jax.data import masks, records, sources, transforms
-from cloc_jax.data.rows import IGNORE, DataStats, Preprocess
+from cloc_jax.data.masks import IGNORE
+from cloc_jax.data.rows import DataStats, Preprocess
 from cloc_jax.data.segmentation import LAYOUTS, class_lists
 from cloc_jax.models.spec import PreprocessSpec
 from cloc_jax.tokenizers import ByteTokenizer
