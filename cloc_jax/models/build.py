@@ -33,6 +33,11 @@ def tower_settings(model: ModelSpec) -> TowerSettings:
     )
 
 
+def image_tower(model: ModelSpec) -> TowerSettings:
+    """The image tower's settings: the shared ones, with its own LayerNorm epsilon where the spec gives one."""
+    return dataclasses.replace(tower_settings(model), ln_eps=model.image.ln_eps or model.ln_eps)
+
+
 def _check(spec: Spec) -> None:
     """One line for a spec no model can be built from."""
     tok, image = spec.tokenizer, spec.model.image
@@ -64,7 +69,7 @@ def build(spec: Spec | dict, tokenizer: Tokenizer | None = None) -> Model:
     vocab = m.text.vocab_size or (tokenizer or tokenizers.from_spec(spec.tokenizer)).padded_vocab_size
     text_spec = dataclasses.replace(m.text, vocab_size=vocab)
     return Model(
-        image=ViT(image_spec, tower, region_pool=head.image_pool, name="image"),
+        image=ViT(image_spec, image_tower(m), region_pool=head.image_pool, name="image"),
         text=TextTower(text_spec, tower, spec.tokenizer.context_length, name="text"),
         spec=m,
         prompter=head.module(size.width, m.embed_dim, tower.dtype),

@@ -44,6 +44,19 @@ class ImageSpec:
     posemb_resize: str = "bilinear"  # or "bicubic" (transformers, open_clip), "zoom" (big_vision loading)
     pixel_mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # the checkpoint's normalisation of [0, 1] pixels
     pixel_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # EVA-02's and Perception Encoder's departures (timm's names in brackets; models/layers.BlockVariant)
+    class_token: bool = False  # a class token beside a "map" or "gap" pool (PE keeps one; its MAP head reads it)
+    ln_eps: float = 0.0  # the image tower's LayerNorm epsilon; 0: model.ln_eps (EVA-02's towers differ)
+    mlp: str = "standard"  # or "swiglu" [swiglu_mlp]
+    mlp_norm: bool = False  # a LayerNorm on the MLP's hidden units [scale_mlp]
+    attn_norm: bool = False  # a LayerNorm on the heads' output before the out projection [scale_attn_inner]
+    key_bias: bool = True  # False: no key bias (EVA-02's q_bias and v_bias only)
+    layer_scale: bool = False  # per-channel gains on both residual branches [init_values]
+    rope_grid: int = 0  # > 0: 2D rotary embeddings, positions rescaled to this reference grid [ref_feat_shape]
+    rope_offset: float = 0.0  # added to each cell index before rescaling [rope_grid_offset]
+    rope_order: str = "yx"  # "yx" (row first) [rope_grid_indexing='ij'] or "xy" (PE)
+    rope_temperature: float = 10000.0
+    map_heads: int = 0  # the MAP head's heads; 0: the tower's [attn_pool_num_heads]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +299,29 @@ FAMILIES = {
         tokenizer=dict(),
         # pp "decode|resize(S)": tf.image.resize bilinear without antialiasing; decode_jpeg(channels=3)
         preprocess=dict(resize="squash", interpolation="bilinear", antialias=False, alpha="drop"),
+    ),
+    # open_clip with a timm EVA-02 image tower (eva02_*_clip_*; EVA-CLIP, UMG-CLIP's initialisation): SwiGLU with
+    # a sub-LayerNorm, a LayerNorm before the attention's out projection, no key bias, rotary positions on a 16 x 16
+    # reference grid (class token not rotated), the class token pooled, timm's head (with bias) as projection
+    "eva02_clip": dict(
+        image=dict(_CLIP_IMAGE, patch_bias=True, proj_bias=True, ln_pre=False, ln_eps=1e-6, mlp="swiglu",
+                   mlp_norm=True, attn_norm=True, key_bias=False, rope_order="yx", pixel_mean=OPENAI_MEAN,
+                   pixel_std=OPENAI_STD),
+        text=_CLIP_TEXT,
+        model=dict(_IMPORTED),
+        tokenizer=dict(type="open_clip", lowercase=False, pad_id=0),
+        preprocess=dict(resize="center_crop", interpolation="bicubic", crop_offset="round", alpha="drop"),
+    ),
+    # open_clip with a timm Perception Encoder image tower (vit_pe_core_*): a class token and an 8-head attention
+    # pool over every token, ln_pre, no patch bias, rotary positions (x first, cells counted from 1)
+    "pe_core": dict(
+        image=dict(pool="map", class_token=True, ln_pre=True, patch_bias=False, project=True, proj_bias=True,
+                   posemb_resize="bicubic", ln_eps=1e-5, rope_order="xy", rope_offset=1.0, map_heads=8,
+                   pixel_mean=(0.5,) * 3, pixel_std=(0.5,) * 3),
+        text=_CLIP_TEXT,
+        model=dict(_IMPORTED),
+        tokenizer=dict(type="open_clip", lowercase=False, pad_id=0),
+        preprocess=dict(resize="squash", interpolation="bilinear", alpha="drop"),
     ),
 }  # fmt: skip
 

@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cloc_jax.boxes import cell_coverage
+from cloc_jax.models import rotary
 from cloc_jax.models.clustering import cluster, num_clusters, unfold
 from cloc_jax.models.layers import (
     TOKEN_AXES,
     Attention,
     Blocks,
+    BlockVariant,
     Dtype,
     Mlp,
     TowerSettings,
@@ -196,7 +198,8 @@ class ViT(nn.Module):
             pooled = x.mean(axis=1)
         else:
             t = self.tower
-            head = MapHead(size.heads, size.mlp_dim, t.activation, t.ln_eps, t.dtype, name="map_head")
+            heads = self.spec.map_heads or size.heads
+            head = MapHead(heads, size.mlp_dim, t.activation, t.ln_eps, t.dtype, name="map_head")
             pooled = head(x)
         proj = self._projection()
         regions = None
@@ -236,7 +239,7 @@ class ViT(nn.Module):
         posemb = resize_posemb(posemb, (h, w), self.spec.posemb_resize)
         x = (x + posemb.astype(self.tower.dtype)).reshape(batch, h * w, width)
         num_prefix = 0
-        if self.spec.pool == "cls":  # (a class token's own position embedding is folded into it: both are constants)
+        if self.spec.pool == "cls" or self.spec.class_token:  # (its position embedding is folded into it)
             cls = self.param("cls", logical(nn.initializers.zeros, (None, None, "embed")), (1, 1, width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)).astype(x.dtype), x], axis=1)
             num_prefix = 1
@@ -258,34 +261,52 @@ class ViT(nn.Module):
         )
 
     def _encode(self, x: jax.Array, size: ViTSize, num_prefix: int, grid: tuple[int, int]) -> jax.Array:
-        """The transformer, with token clustering after `cluster_layer` when `cluster_ratio` > 0."""
+        """The transformer, with token clustering after `cluster_layer` when `cluster_ratio` > 0. With rotary
+        embeddings a merged token rotates by its members' mean position (what merging does to its features)."""
+        s = self.spec
+        variant = BlockVariant(s.mlp, s.mlp_norm, s.attn_norm, s.key_bias, s.layer_scale)
         blocks = dict(
             heads=size.heads, mlp_dim=size.mlp_dim, scan=self.tower.scan, remat=self.tower.remat, dtype=self.tower.dtype
         )
         blocks.update(activation=self.tower.activation, ln_eps=self.tower.ln_eps, attention=self.tower.attention)
+        blocks.update(variant=variant)
+        positions = None
+        if s.rope_grid:
+            positions = jnp.asarray(rotary.grid_positions(grid, s.rope_grid, s.rope_offset, s.rope_order))[None]
+
+        def rope(positions: jax.Array | None):
+            if positions is None:
+                return None
+            return rotary.tables(positions, size.width // size.heads, num_prefix, s.rope_temperature)
+
         if self.hidden_layers >= 0:  # the first k blocks only (their parameters sliced by the caller when scanned)
-            if self.spec.cluster_ratio:
+            if s.cluster_ratio:
                 raise ValueError("image_features needs a model without token clustering (cluster_ratio=0)")
             size = dataclasses.replace(size, depth=self.hidden_layers)
             if size.depth == 0:
                 return x
-        _check_clustering(self.spec.cluster_ratio, self.spec.cluster_layer, size.depth, x.shape[1] - num_prefix)
-        if self.spec.cluster_ratio == 0:
-            adapters = dict(adapter_dim=self.spec.adapter_dim, adapter_grid=grid)
-            return Blocks(size.depth, **blocks, **adapters, name="encoder")(x)
-        if self.spec.adapter_dim:
+        _check_clustering(s.cluster_ratio, s.cluster_layer, size.depth, x.shape[1] - num_prefix)
+        if s.cluster_ratio == 0:
+            adapters = dict(adapter_dim=s.adapter_dim, adapter_grid=grid)
+            return Blocks(size.depth, **blocks, **adapters, name="encoder")(x, rope=rope(positions))
+        if s.adapter_dim:
             raise ValueError("adapters need the full token grid: set cluster_ratio=0 for adaptation")
-        x = Blocks(self.spec.cluster_layer, **blocks, name="encoder")(x)
+        x = Blocks(s.cluster_layer, **blocks, name="encoder")(x, rope=rope(positions))
         prefix, tokens = x[:, :num_prefix], x[:, num_prefix:]
         merged, assign, log_sizes = cluster(
-            tokens, self.spec.cluster_ratio, knn=self.spec.cluster_knn, grid=grid, spatial=self.spec.cluster_spatial
+            tokens, s.cluster_ratio, knn=s.cluster_knn, grid=grid, spatial=s.cluster_spatial
         )
+        if positions is not None:  # [B, K, 2]: each cluster's mean member position
+            positions = jnp.einsum(
+                "bnk,bnc->bkc", assign.astype(jnp.float32), jnp.broadcast_to(positions, (*assign.shape[:2], 2))
+            )
+            positions = positions / jnp.exp(log_sizes)[..., None]
         log_sizes = jnp.concatenate([jnp.zeros((x.shape[0], num_prefix)), log_sizes], axis=1)
         y = jnp.concatenate([prefix, merged], axis=1)
-        y = Blocks(size.depth - self.spec.cluster_layer, **blocks, name="encoder_clustered")(
-            y, log_sizes[:, None, None, :]
+        y = Blocks(size.depth - s.cluster_layer, **blocks, name="encoder_clustered")(
+            y, log_sizes[:, None, None, :], rope=rope(positions)
         )
-        tokens = unfold(y[:, num_prefix:], assign, self.spec.cluster_unfold, before=(merged, tokens))
+        tokens = unfold(y[:, num_prefix:], assign, s.cluster_unfold, before=(merged, tokens))
         return jnp.concatenate([y[:, :num_prefix], tokens], axis=1)
 
 

@@ -17,10 +17,10 @@ import shutil
 
 import numpy as np
 
-from cloc_jax.models.spec import FAMILIES, Spec, family_spec
+from cloc_jax.models.spec import FAMILIES, ImageSpec, Spec, family_spec
 from cloc_jax.models.vit import vit_size
 from cloc_jax.tokenizers import OpenClipTokenizer
-from cloc_jax.weights import layout
+from cloc_jax.weights import layout, timm_towers
 from cloc_jax.weights.layout import Weights, conv, linear, same_in_both_towers
 
 CONFIG = "open_clip_config.json"
@@ -54,6 +54,9 @@ _IGNORED = {
     "text_cfg": {"pad_id", "eos_id", "final_ln_after_pool", "tokenizer_mode", "hf_model_pretrained", "hf_proj_type",
                  "hf_pooler_type"},
 }  # fmt: skip
+# ImageSpec keys only the timm families set: open_clip's own ViT needs them at their defaults
+_TIMM_KNOBS = ("class_token", "ln_eps", "mlp", "mlp_norm", "attn_norm", "key_bias", "layer_scale", "rope_grid",
+               "map_heads")  # fmt: skip
 TEXT_POOLS = {"argmax": "eot", "last": "last"}  # argmax = the EOT id (the highest) = our last non-padding token
 # preprocess_cfg.resize_mode <-> our resize rules ("longest" pads centred where our letterbox pads right/bottom)
 RESIZE_MODES = {"shortest": "center_crop", "squash": "squash", "longest": "letterbox"}
@@ -102,8 +105,10 @@ def _architecture(config: dict, source: str) -> Spec:
         raise ValueError(f"{source}: no model_cfg")
     cfg = config["model_cfg"]
     vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    timm = bool(vision.get("timm_model_name"))
     for part, where in ((cfg, "model_cfg"), (vision, "vision_cfg"), (text, "text_cfg")):
-        _check_keys(part, where, source)
+        if not (timm and where == "vision_cfg"):  # a timm tower's keys are timm_towers.image_spec's to check
+            _check_keys(part, where, source)
     if isinstance(vision.get("layers", 12), list | tuple):
         raise ValueError(f"{source}: vision_cfg.layers={vision['layers']!r} is a ModifiedResNet; cloc_jax reads ViTs")
     pool = vision.get("pool_type", "tok")
@@ -118,27 +123,23 @@ def _architecture(config: dict, source: str) -> Spec:
     if extra:
         raise ValueError(f"{source}: text_cfg.tokenizer_kwargs.{sorted(extra)[0]} has no cloc_jax equivalent")
     quick = bool(cfg.get("quick_gelu", False))
-    activation = same_in_both_towers("act_kwargs", [_activation(quick, c.get("act_kwargs"), w, source)
-                                      for c, w in ((vision, "vision_cfg"), (text, "text_cfg"))], source)  # fmt: skip
-    ln_eps = same_in_both_towers("norm_kwargs.eps", [_eps(vision.get("norm_kwargs"), "vision_cfg", source),
-                                       _eps(text.get("norm_kwargs"), "text_cfg", source)], source)  # fmt: skip
-    width, patch = int(vision.get("width", 768)), _square(vision.get("patch_size", 16), "patch_size", source)
-    side = _square(vision.get("image_size", 224), "image_size", source)
-    heads = width // int(vision.get("head_width", 64))
-    if not heads or side % patch:
-        raise ValueError(f"{source}: vision_cfg: width {width} / head_width or image_size {side} / patch {patch}")
-    preprocess, preset = config.get("preprocess_cfg", {}), FAMILIES["open_clip"]["image"]
-    image = dict(
-        variant=f"open_clip/{patch}",
-        width=width,
-        depth=int(vision.get("layers", 12)),
-        heads=heads,
-        mlp_dim=int(width * vision.get("mlp_ratio", 4.0)),
-        ln_pre=not vision.get("no_ln_pre", False),
-        posemb_grid=side // patch,
-        pixel_mean=tuple(float(v) for v in preprocess.get("mean", preset["pixel_mean"])),
-        pixel_std=tuple(float(v) for v in preprocess.get("std", preset["pixel_std"])),
-    )
+    preprocess = config.get("preprocess_cfg", {})
+    if timm:  # the timm model's own activations and norms; the text tower's are the model's
+        family, image, side = timm_towers.image_spec(vision, source)
+        activation = _activation(quick, text.get("act_kwargs"), "text_cfg", source)
+        ln_eps = _eps(text.get("norm_kwargs"), "text_cfg", source)
+    else:
+        family, (image, side) = "open_clip", _vision_transformer(vision, source)
+        towers = ((vision, "vision_cfg"), (text, "text_cfg"))
+        activation = same_in_both_towers(
+            "act_kwargs", [_activation(quick, c.get("act_kwargs"), w, source) for c, w in towers], source
+        )
+        ln_eps = same_in_both_towers(
+            "norm_kwargs.eps", [_eps(c.get("norm_kwargs"), w, source) for c, w in towers], source
+        )
+    preset = FAMILIES[family]["image"]
+    image["pixel_mean"] = tuple(float(v) for v in preprocess.get("mean", preset["pixel_mean"]))
+    image["pixel_std"] = tuple(float(v) for v in preprocess.get("std", preset["pixel_std"]))
     txt_width = int(text.get("width", 512))
     txt = dict(
         width=txt_width,
@@ -165,7 +166,26 @@ def _architecture(config: dict, source: str) -> Spec:
     if preprocess.get("interpolation", "bicubic") != "random":  # "random" is a training setting
         rule["interpolation"] = preprocess.get("interpolation", "bicubic")
     tokenizer = dict(clean=clean, context_length=context)
-    return family_spec("open_clip", image, txt, model, tokenizer, image_size=side, preprocess=rule)
+    return family_spec(family, image, txt, model, tokenizer, image_size=side, preprocess=rule)
+
+
+def _vision_transformer(vision: dict, source: str) -> tuple[dict, int]:
+    """open_clip's own ViT's vision_cfg -> (image spec keys, image size)."""
+    width, patch = int(vision.get("width", 768)), _square(vision.get("patch_size", 16), "patch_size", source)
+    side = _square(vision.get("image_size", 224), "image_size", source)
+    heads = width // int(vision.get("head_width", 64))
+    if not heads or side % patch:
+        raise ValueError(f"{source}: vision_cfg: width {width} / head_width or image_size {side} / patch {patch}")
+    image = dict(
+        variant=f"open_clip/{patch}",
+        width=width,
+        depth=int(vision.get("layers", 12)),
+        heads=heads,
+        mlp_dim=int(width * vision.get("mlp_ratio", 4.0)),
+        ln_pre=not vision.get("no_ln_pre", False),
+        posemb_grid=side // patch,
+    )
+    return image, side
 
 
 def default_bpe() -> str | None:
@@ -228,11 +248,14 @@ def _torch_shapes(spec: dict, t: str = "") -> dict[str, tuple[int, ...]]:
     m, context = spec["model"], spec["tokenizer"]["context_length"]
     im, tx, embed = m["image"], m["text"], m["embed_dim"]
     w, grid, patch = im["width"], im["posemb_grid"], int(im["variant"].partition("/")[2])
-    shapes = {"visual.conv1.weight": (w, 3, patch, patch), "visual.class_embedding": (w,)}
-    shapes.update({"visual.positional_embedding": (grid * grid + 1, w), "visual.proj": (w, embed)})
-    shapes.update({f"visual.{ln}.{p}": (w,) for ln in _vision_norms(im) for p in ("weight", "bias")})
-    for i in range(im["depth"]):
-        shapes.update(_block_shapes(f"visual.transformer.resblocks.{i}", w, im["mlp_dim"]))
+    if _is_timm(im):
+        shapes = timm_towers.torch_shapes(im, embed)
+    else:
+        shapes = {"visual.conv1.weight": (w, 3, patch, patch), "visual.class_embedding": (w,)}
+        shapes.update({"visual.positional_embedding": (grid * grid + 1, w), "visual.proj": (w, embed)})
+        shapes.update({f"visual.{ln}.{p}": (w,) for ln in _vision_norms(im) for p in ("weight", "bias")})
+        for i in range(im["depth"]):
+            shapes.update(_block_shapes(f"visual.transformer.resblocks.{i}", w, im["mlp_dim"]))
     w = tx["width"]
     shapes.update({f"{t}token_embedding.weight": (tx["vocab_size"], w), f"{t}positional_embedding": (context, w)})
     shapes.update({f"{t}ln_final.weight": (w,), f"{t}ln_final.bias": (w,)})
@@ -260,8 +283,22 @@ def _names(prefix: str) -> dict[str, str]:
                 qkv=f"{prefix}.attn.in_proj", out=f"{prefix}.attn.out_proj")  # fmt: skip
 
 
+def _is_timm(image: dict) -> bool:
+    """An image spec read from a timm tower (timm_towers.image_spec marks the variant)."""
+    return image["variant"].startswith("timm/")
+
+
 def _params(state: dict, image: dict, text: dict, t: str) -> dict[str, np.ndarray]:
     get = lambda name: np.asarray(state[name], np.float32)  # noqa: E731  (names checked by _check_state)
+    out = timm_towers.params(state, image) if _is_timm(image) else _vision_params(get, image)
+    out.update(_text_params(get, text, t))
+    out["log_scale"] = get("logit_scale").reshape(())
+    if "logit_bias" in state:
+        out["bias"] = get("logit_bias").reshape(())
+    return out
+
+
+def _vision_params(get, image: dict) -> dict[str, np.ndarray]:
     grid = image["posemb_grid"]
     posemb = get("visual.positional_embedding")  # [1 + grid², D], the class token's first
     out = {"image/patch_embed/kernel": conv(get("visual.conv1.weight"))}
@@ -274,7 +311,11 @@ def _params(state: dict, image: dict, text: dict, t: str) -> dict[str, np.ndarra
     for i in range(image["depth"]):
         names = _names(f"visual.transformer.resblocks.{i}")
         out.update(layout.block_from_torch(get, f"image/encoder/block_{i}", image["heads"], names))
-    out["text/token_embed/embedding"] = get(f"{t}token_embedding.weight")
+    return out
+
+
+def _text_params(get, text: dict, t: str) -> dict[str, np.ndarray]:
+    out = {"text/token_embed/embedding": get(f"{t}token_embedding.weight")}
     out["text/pos_embedding"] = get(f"{t}positional_embedding")
     out["text/ln_final/scale"], out["text/ln_final/bias"] = get(f"{t}ln_final.weight"), get(f"{t}ln_final.bias")
     if text["proj_bias"]:  # an nn.Linear [E, D]
@@ -285,32 +326,35 @@ def _params(state: dict, image: dict, text: dict, t: str) -> dict[str, np.ndarra
     for i in range(text["depth"]):
         names = _names(f"{t}transformer.resblocks.{i}")
         out.update(layout.block_from_torch(get, f"text/encoder/block_{i}", text["heads"], names))
-    out["log_scale"] = get("logit_scale").reshape(())
-    if "logit_bias" in state:
-        out["bias"] = get("logit_bias").reshape(())
     return out
 
 
 def _torch_state(p: dict, image: dict, text: dict) -> dict[str, np.ndarray]:
-    """Our parameters -> open_clip's CLIP state dict (the inverse of `_params`)."""
-    posemb = p["image/pos_embedding"].reshape(-1, p["image/pos_embedding"].shape[-1])
-    out = {"visual.conv1.weight": p["image/patch_embed/kernel"].transpose(3, 2, 0, 1)}
-    out["visual.class_embedding"] = p["image/cls"].reshape(-1)
-    out["visual.positional_embedding"] = np.concatenate([np.zeros_like(posemb[:1]), posemb])
-    for ln in _vision_norms(image):
-        out[f"visual.{ln}.weight"], out[f"visual.{ln}.bias"] = p[f"image/{ln}/scale"], p[f"image/{ln}/bias"]
-    out["visual.proj"] = p["image/proj/kernel"]
-    for i in range(image["depth"]):
-        out.update(layout.block_to_torch(p, f"image/encoder/block_{i}", _names(f"visual.transformer.resblocks.{i}")))
-    out["token_embedding.weight"] = p["text/token_embed/embedding"]
-    out["positional_embedding"] = p["text/pos_embedding"]
-    out["ln_final.weight"], out["ln_final.bias"] = p["text/ln_final/scale"], p["text/ln_final/bias"]
-    if text["proj_bias"]:
-        out["text_projection.weight"], out["text_projection.bias"] = linear(p["text/proj/kernel"]), p["text/proj/bias"]
+    """Our parameters -> open_clip's state dict (the inverse of `_params`): CLIP's, or CustomTextCLIP's (the text
+    tower under `text.`) beside a timm tower."""
+    if _is_timm(image):
+        out, t = timm_towers.state(p, image), "text."
     else:
-        out["text_projection"] = p["text/proj/kernel"]
+        posemb = p["image/pos_embedding"].reshape(-1, p["image/pos_embedding"].shape[-1])
+        out, t = {"visual.conv1.weight": p["image/patch_embed/kernel"].transpose(3, 2, 0, 1)}, ""
+        out["visual.class_embedding"] = p["image/cls"].reshape(-1)
+        out["visual.positional_embedding"] = np.concatenate([np.zeros_like(posemb[:1]), posemb])
+        for ln in _vision_norms(image):
+            out[f"visual.{ln}.weight"], out[f"visual.{ln}.bias"] = p[f"image/{ln}/scale"], p[f"image/{ln}/bias"]
+        out["visual.proj"] = p["image/proj/kernel"]
+        for i in range(image["depth"]):
+            names = _names(f"visual.transformer.resblocks.{i}")
+            out.update(layout.block_to_torch(p, f"image/encoder/block_{i}", names))
+    out[f"{t}token_embedding.weight"] = p["text/token_embed/embedding"]
+    out[f"{t}positional_embedding"] = p["text/pos_embedding"]
+    out[f"{t}ln_final.weight"], out[f"{t}ln_final.bias"] = p["text/ln_final/scale"], p["text/ln_final/bias"]
+    if text["proj_bias"]:
+        out[f"{t}text_projection.weight"] = linear(p["text/proj/kernel"])
+        out[f"{t}text_projection.bias"] = p["text/proj/bias"]
+    else:
+        out[f"{t}text_projection"] = p["text/proj/kernel"]
     for i in range(text["depth"]):
-        out.update(layout.block_to_torch(p, f"text/encoder/block_{i}", _names(f"transformer.resblocks.{i}")))
+        out.update(layout.block_to_torch(p, f"text/encoder/block_{i}", _names(f"{t}transformer.resblocks.{i}")))
     out["logit_scale"] = np.reshape(p["log_scale"], ())
     if "bias" in p:
         out["logit_bias"] = np.reshape(p["bias"], ())
@@ -329,11 +373,10 @@ def model_config(spec: Spec, params: dict) -> dict:
     fields = spec.to_json()
     m, tok = fields["model"], fields["tokenizer"]
     im, tx = m["image"], m["text"]
+    size = vit_size(im["variant"], im["width"], im["depth"], im["heads"], im["mlp_dim"])
+    grid = params["image/pos_embedding"].shape[0]
+    timm = timm_towers.name_of(spec.model.image, grid * size.patch)
     needs = {
-        "model.image.pool": (im["pool"], ("cls",)),
-        "model.image.patch_bias": (im["patch_bias"], (False,)),
-        "model.image.project": (im["project"], (True,)),
-        "model.image.proj_bias": (im["proj_bias"], (False,)),
         "model.image.cluster_ratio": (im["cluster_ratio"], (0.0,)),
         "model.image.adapter_dim": (im["adapter_dim"], (0,)),
         "model.text.pool": (tx["pool"], tuple(TEXT_POOLS.values())),
@@ -341,17 +384,25 @@ def model_config(spec: Spec, params: dict) -> dict:
         "tokenizer.type": (tok["type"], ("open_clip",)),  # argmax pooling needs EOT to be the highest id
         "tokenizer.pad_id": (tok.get("pad_id", 0), (0,)),
     }
+    if not timm:  # open_clip's own ViT: the timm families' knobs at their defaults
+        defaults = ImageSpec()
+        needs.update(
+            {f"model.image.{k}": (im[k], (v,)) for k in _TIMM_KNOBS if (v := getattr(defaults, k)) is not None}
+        )
+        own = dict(pool=("cls",), patch_bias=(False,), project=(True,), proj_bias=(False,))
+        needs.update({f"model.image.{k}": (im[k], want) for k, want in own.items()})
     for key, (have, want) in needs.items():
         if have not in want:
             raise ValueError(f"{key}={have!r} has no open_clip equivalent (needs one of {want})")
-    size = vit_size(im["variant"], im["width"], im["depth"], im["heads"], im["mlp_dim"])
-    grid = params["image/pos_embedding"].shape[0]
     act = dict(act_kwargs={"approximate": "tanh"}) if m["activation"] == "gelu_tanh" else {}
     norm = dict(norm_kwargs={"eps": m["ln_eps"]}) if m["ln_eps"] != LN_EPS else {}
-    vision = dict(layers=size.depth, width=size.width, head_width=size.width // size.heads, patch_size=size.patch,
-                  mlp_ratio=_ratio(size.width, size.mlp_dim), image_size=grid * size.patch, **act, **norm)  # fmt: skip
-    if not im["ln_pre"]:
-        vision["no_ln_pre"] = True
+    if timm:
+        vision = timm_towers.vision_config(timm)
+    else:
+        vision = dict(layers=size.depth, width=size.width, head_width=size.width // size.heads, patch_size=size.patch)
+        vision.update(mlp_ratio=_ratio(size.width, size.mlp_dim), image_size=grid * size.patch, **act, **norm)
+        if not im["ln_pre"]:
+            vision["no_ln_pre"] = True
     text = dict(
         context_length=params["text/pos_embedding"].shape[0],
         vocab_size=params["text/token_embed/embedding"].shape[0],
@@ -371,6 +422,8 @@ def model_config(spec: Spec, params: dict) -> dict:
     if tok.get("clean", "lower") != "lower":
         text["tokenizer_kwargs"] = {"clean": tok["clean"]}
     cfg = dict(embed_dim=m["embed_dim"], quick_gelu=m["activation"] == "quick_gelu", vision_cfg=vision, text_cfg=text)
+    if timm:
+        cfg["custom_text"] = True  # open_clip's CustomTextCLIP, as its EVA-02 and PE configs say
     if m["loss"] == "sigmoid":
         cfg["init_logit_bias"] = float(params["bias"])
     return cfg
@@ -395,9 +448,7 @@ def write(weights: Weights, tokenizer, out: str) -> str:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, CONFIG), "w") as f:
         json.dump(dict(model_cfg=cfg, preprocess_cfg=preprocess), f, indent=2)
-    image = dict(depth=cfg["vision_cfg"]["layers"], ln_pre=im["ln_pre"])
-    text = dict(depth=cfg["text_cfg"]["layers"], proj_bias=spec["model"]["text"]["proj_bias"])
-    save_file(_torch_state(p, image, text), os.path.join(out, WEIGHTS[0]), metadata={"format": "pt"})
+    save_file(_torch_state(p, im, spec["model"]["text"]), os.path.join(out, WEIGHTS[0]), metadata={"format": "pt"})
     bpe, default = spec["tokenizer"]["path"], default_bpe()
     target = os.path.join(out, os.path.basename(bpe))
     if not (default and filecmp.cmp(bpe, default, shallow=False)) and os.path.abspath(bpe) != os.path.abspath(target):
