@@ -41,7 +41,9 @@ class ImageSpec:
     project: bool = True  # False: the pooled features are the embedding (SigLIP's image tower)
     proj_bias: bool = False
     posemb_grid: int = 0  # 0: image_size / patch
-    posemb_resize: str = "bilinear"  # or "bicubic" (transformers, open_clip), "zoom" (big_vision loading)
+    posemb_resize: str = (
+        "bilinear"  # or "bicubic" (transformers, open_clip), "zoom" (big_vision), "bicubic_antialias" (timm)
+    )
     pixel_mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # the checkpoint's normalisation of [0, 1] pixels
     pixel_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     # EVA-02's and Perception Encoder's departures (timm's names in brackets; models/layers.BlockVariant)
@@ -305,6 +307,7 @@ FAMILIES = {
     # reference grid (class token not rotated), the class token pooled, timm's head (with bias) as projection
     "eva02_clip": dict(
         image=dict(_CLIP_IMAGE, patch_bias=True, proj_bias=True, ln_pre=False, ln_eps=1e-6, mlp="swiglu",
+                   posemb_resize="bicubic_antialias",
                    mlp_norm=True, attn_norm=True, key_bias=False, rope_order="yx", pixel_mean=OPENAI_MEAN,
                    pixel_std=OPENAI_STD),
         text=_CLIP_TEXT,
@@ -316,7 +319,7 @@ FAMILIES = {
     # pool over every token, ln_pre, no patch bias, rotary positions (x first, cells counted from 1)
     "pe_core": dict(
         image=dict(pool="map", class_token=True, ln_pre=True, patch_bias=False, project=True, proj_bias=True,
-                   posemb_resize="bicubic", ln_eps=1e-5, rope_order="xy", rope_offset=1.0, map_heads=8,
+                   posemb_resize="bicubic_antialias", ln_eps=1e-5, rope_order="xy", rope_offset=1.0, map_heads=8,
                    pixel_mean=(0.5,) * 3, pixel_std=(0.5,) * 3),
         text=_CLIP_TEXT,
         model=dict(_IMPORTED),

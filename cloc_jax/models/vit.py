@@ -64,7 +64,7 @@ def vit_size(variant: str, width: int = 0, depth: int = 0, heads: int = 0, mlp_d
     return ViTSize(*sizes, patch=int(patch))
 
 
-POSEMB_RESIZES = ("bilinear", "bicubic", "zoom")
+POSEMB_RESIZES = ("bilinear", "bicubic", "zoom", "bicubic_antialias")
 
 
 def _torch_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -86,6 +86,28 @@ def _torch_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
     return out
 
 
+def _torch_bicubic_antialias_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in] weights of torch's antialiased bicubic interpolation (F.interpolate(antialias=True):
+    PIL's filter, A = -0.5, widened by the scale when shrinking, each row normalised): timm's
+    resample_abs_pos_embed, which EVA-02 and PE use at another resolution."""
+
+    def cubic(x: float, a: float = -0.5) -> float:
+        x = abs(x)
+        if x < 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
+    scale = size_in / size_out
+    support, inv = (2.0 * scale, 1.0 / scale) if scale >= 1 else (2.0, 1.0)
+    out = np.zeros((size_out, size_in))
+    for i in range(size_out):
+        centre = scale * (i + 0.5)
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), size_in)
+        weights = np.array([cubic((j - centre + 0.5) * inv) for j in range(lo, hi)])
+        out[i, lo:hi] = weights / weights.sum()
+    return out
+
+
 def _linear_corners_matrix(size_in: int, size_out: int) -> np.ndarray:
     """[size_out, size_in] weights of linear interpolation with the corners aligned: scipy.ndimage.zoom(order=1),
     which big_vision's resample_posemb uses."""
@@ -104,14 +126,15 @@ def resize_posemb(posemb: jax.Array, grid: tuple[int, int], method: str = "bilin
     """Resizes a learned [h, w, D] position embedding to `grid` (any resolution): "bilinear" as big_vision
     (jax.image.resize), "bicubic" as transformers' interpolate_pos_encoding and open_clip (torch's kernel;
     open_clip antialiases when shrinking, which this does not), "zoom" as big_vision loads a checkpoint at
-    another resolution (scipy.ndimage.zoom, order 1)."""
+    another resolution (scipy.ndimage.zoom, order 1), "bicubic_antialias" as timm (EVA-02, PE)."""
     if method not in POSEMB_RESIZES:
         raise ValueError(f"model.image.posemb_resize={method!r}; choose one of {POSEMB_RESIZES}")
     if posemb.shape[:2] == tuple(grid):
         return posemb
     if method == "bilinear":
         return jax.image.resize(posemb, (*grid, posemb.shape[-1]), method="bilinear")
-    matrix = _torch_bicubic_matrix if method == "bicubic" else _linear_corners_matrix
+    matrix = dict(bicubic=_torch_bicubic_matrix, zoom=_linear_corners_matrix)
+    matrix = matrix.get(method, _torch_bicubic_antialias_matrix)
     rows = jnp.asarray(matrix(posemb.shape[0], grid[0]), posemb.dtype)
     cols = jnp.asarray(matrix(posemb.shape[1], grid[1]), posemb.dtype)
     return jnp.einsum("ih,jw,hwd->ijd", rows, cols, posemb, precision="highest")
