@@ -351,3 +351,18 @@ def merge_clustered_encoder(flat: dict) -> dict:
             index, rest = rest.split("/", 1)
             out[f"{prefix}encoder/block_{int(index) + first}/{rest}"] = value
     return out
+
+
+def split_clustered_encoder(flat: dict, layer: int) -> dict:
+    """The inverse of `merge_clustered_encoder` for unrolled parameters: the image encoder's blocks -> the layout
+    of a model that clusters after `layer` blocks (block_i for i >= layer becomes encoder_clustered/block_(i -
+    layer)), so a model trained or imported without clustering starts a clustering run (UMG-CLIP from EVA-02)."""
+    out, head = {}, "image/encoder/block_"
+    for key, value in flat.items():
+        if not key.startswith(head):
+            out[key] = value
+            continue
+        index, rest = key.removeprefix(head).split("/", 1)
+        i = int(index)
+        out[f"{head}{i}/{rest}" if i < layer else f"image/encoder_clustered/block_{i - layer}/{rest}"] = value
+    return out

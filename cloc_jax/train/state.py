@@ -16,7 +16,7 @@ from cloc_jax.config import set_dotted
 from cloc_jax.models.build import build_with_tokenizer, init_params
 from cloc_jax.models.cloc import Model
 from cloc_jax.models.spec import architecture_overrides, from_config
-from cloc_jax.models.vit import merge_clustered_encoder
+from cloc_jax.models.vit import merge_clustered_encoder, split_clustered_encoder
 from cloc_jax.optim import make_optimizer
 from cloc_jax.tokenizers import Tokenizer
 from cloc_jax.weights.layout import Weights
@@ -67,6 +67,15 @@ def adopt_architecture(config: ml_collections.ConfigDict, pretrained_spec, sourc
     set_dotted(config, architecture_overrides(from_config(config), pretrained_spec, source))
 
 
+def _blocks(flat: dict, prefix: str, scan: bool) -> range:
+    """The block indices of the stack under `prefix` in flat parameters (scanned: its leading axis)."""
+    if scan:
+        return range(next(v.shape[0] for k, v in flat.items() if k.startswith(prefix + "blocks/")))
+    return range(
+        1 + max(int(k[len(prefix) :].split("/")[0].removeprefix("block_")) for k in flat if k.startswith(prefix))
+    )
+
+
 def init_from(state: TrainState, pretrained: Weights, scan: bool) -> TrainState:
     """Copies a checkpoint's parameters (`weights.read` of any `load` source: an export, hf:, open_clip:,
     big_vision:) into a fresh state, each array put straight from host memory onto its sharding (no
@@ -74,12 +83,17 @@ def init_from(state: TrainState, pretrained: Weights, scan: bool) -> TrainState:
 
     Parameters the new model adds (Prompter, box head, adapters) keep their initialisation; a
     checkpoint parameter the new model lacks, or one with another shape, is an error. A model trained
-    with token clustering can continue without it (its two encoder stacks become one)."""
+    with token clustering can continue without it (its two encoder stacks become one), and one without with it."""
     loaded, source = pretrained.params, pretrained.source
     fresh = flax.traverse_util.flatten_dict(state.params, sep="/")
     if any("encoder_clustered" in k for k in loaded) and not any("encoder_clustered" in k for k in fresh):
         loaded = merge_clustered_encoder(loaded)  # trained with token clustering, continued without
     loaded = Weights(pretrained.spec, loaded, source, scanned=pretrained.scanned).in_layout(scan)
+    if any("encoder_clustered" in k for k in fresh) and not any("encoder_clustered" in k for k in loaded):
+        # started without token clustering, continued with it: the first blocks run before the clustering point
+        layer = len(_blocks(fresh, "image/encoder/", scan))
+        unrolled = Weights(pretrained.spec, loaded, source, scanned=scan).in_layout(False)
+        loaded = Weights(pretrained.spec, split_clustered_encoder(unrolled, layer), source).in_layout(scan)
     if missing := sorted(set(loaded) - set(fresh)):
         raise ValueError(f"init_from={source}: the model has no parameter {missing[0]} (different model?)")
     for key, value in loaded.items():
