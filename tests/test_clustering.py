@@ -154,3 +154,28 @@ def test_clustered_parameters_merge_into_one_encoder_in_layer_order(scan):
     np.testing.assert_array_equal(last, want)
     # the merged weights run as a plain ViT
     assert plain.apply({"params": flax.traverse_util.unflatten_dict(merged, sep="/")}, images)[0].shape == (1, 16)
+
+
+# EVA-02's and PE's towers (rotary positions, SwiGLU, sub-LayerNorms; PE: a class token beside a MAP head)
+ROTARY_TOWERS = {
+    "eva02": dict(pool="cls", rope_grid=5, mlp="swiglu", mlp_norm=True, attn_norm=True, key_bias=False),
+    "pe": dict(pool="map", class_token=True, rope_grid=4, rope_offset=1.0, rope_order="xy", map_heads=2),
+}
+
+
+@pytest.mark.parametrize("family", list(ROTARY_TOWERS))
+def test_clustering_every_token_alone_equals_the_unclustered_rotary_tower(family):
+    """With as many clusters as tokens (ratio 0.01 of 16 tokens: each token its own cluster, the clustered code
+    path with its reordering, mean positions and size bias), a rotary tower computes what it computes
+    unclustered: a merged token rotates by its members' mean position, here its own."""
+    images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    common = dict(variant="mu/8", posemb_grid=4, out_dim=16, layer_scale=True, **ROTARY_TOWERS[family])
+    clustered = make_vit(cluster_ratio=0.01, cluster_layer=2, cluster_unfold="copy", **common)
+    plain = make_vit(**common)
+    params = nn.unbox(clustered.init(jax.random.key(0), images))["params"]
+    flat = merge_clustered_encoder(flax.traverse_util.flatten_dict(params, sep="/"))
+    merged = {"params": flax.traverse_util.unflatten_dict(flat, sep="/")}
+    (emb_c, grid_c, _), (emb_p, grid_p, _) = clustered.apply({"params": params}, images), plain.apply(merged, images)
+    np.testing.assert_allclose(emb_c, emb_p, atol=1e-5)
+    np.testing.assert_allclose(grid_c, grid_p, atol=1e-5)
+    assert np.abs(np.asarray(emb_p)).max() > 1e-2  # not a vanishing output
