@@ -148,7 +148,7 @@ DATA_ARGS = ("", "scenes")
 
 
 def paper_config(
-    variant: str, image_size: int, text: dict, embed_dim: int, data: str = ""
+    variant: str, image_size: int, text: dict, embed_dim: int, data: str = "", init_from: str = ""
 ) -> ml_collections.ConfigDict:
     """The CLOC paper's pretraining recipe (batch 32,768, T5 tokenizer lowercased into 77 tokens, warmup 2k,
     cosine, wd 0.2), laid out for a pod: bf16 activations (f32 parameters and optimizer state), parameters
@@ -158,7 +158,10 @@ def paper_config(
     `--config.tokenizer.path` names T5's SentencePiece model (tokenizers.T5_SENTENCEPIECE). `data="scenes"`
     (`--config=configs/cloc_b16.py:data=scenes`) trains and evaluates on the embedded scenes instead, a
     smoke test. The paper trains with AdamW; LAMB is this framework's default (per-layer trust ratios,
-    optim.py). The paper's optimizer: `--config.optim.name=adamw` (b1 0.9, b2 0.98, lr 5e-4 as here)."""
+    optim.py). The paper's optimizer: `--config.optim.name=adamw` (b1 0.9, b2 0.98, lr 5e-4 as here).
+
+    With `init_from` (any `cloc_jax.load` source: open_clip:DIR for EVA-02-CLIP or PE-Core) the towers, their
+    sizes and the tokenizer are the checkpoint's: the architecture keys stay at their defaults, to be adopted."""
     if data not in DATA_ARGS:
         raise ValueError(f"config arg data={data!r}: use data=scenes (the embedded scenes) or set --config.data.train")
     c = base_config()
@@ -167,12 +170,16 @@ def paper_config(
     # 768-wide towers do not split 1,024 ways, and 256 pieces leave no array over 1 MiB whole on any device.
     c.mesh.update(data=1, fsdp=-1, max_fsdp=256)
     c.image_size = image_size
-    c.model.image.variant = variant
-    c.model.text.update(text)
-    c.model.embed_dim = embed_dim
-    if data != "scenes":
+    if init_from:
+        c.init_from = init_from
+    else:
+        c.model.image.variant = variant
+        c.model.text.update(text)
+        c.model.embed_dim = embed_dim
+    if data != "scenes" and not init_from:
         c.model.text.vocab_size = T5_VOCAB_SIZE
         c.tokenizer.update(type="sentencepiece", path="")
+    if data != "scenes":
         c.data.update(train="", heldout="")
         for name in ("zeroshot", "region", "region_crop", "segmentation"):
             c.evals[name].templates = PHOTO_TEMPLATES

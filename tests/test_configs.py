@@ -21,7 +21,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
 # cloc_finetune needs a checkpoint to start from (not read here). The UMG configs need no data to build.
-ARGS = {"cloc_finetune.py": "init_from=hf:/weights"}
+ARGS = {"cloc_finetune.py": "init_from=hf:/weights", "cloc_pe_l14.py": "init_from=open_clip:/weights"}
 
 
 def _load(path, arg=None):
