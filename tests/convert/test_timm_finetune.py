@@ -29,10 +29,10 @@ RUNS = {"eva02": "umg", "pe": "cloc"}  # which run starts from which tower
 
 
 def _config(name: str, source: str):
-    arg = "init_from=" + source + ",num_steps=40,batch_size=16,image_size=32,lr=1e-3"
+    arg = "init_from=" + source + ",num_steps=24,batch_size=16,image_size=32,lr=1e-3"
     config = load_config_file(os.path.join(ROOT, "configs", "cloc_finetune.py"), arg)
     config.data.update(train_size=2048, heldout_size=32, max_regions=3)
-    config.update(log_every=10, eval_every=0, checkpoint_every=1000)
+    config.update(log_every=6, eval_every=0, checkpoint_every=1000)
     config.optim.warmup_steps = 5
     if RUNS[name] == "umg":
         config = umg(config, cluster_ratio=0.5)
