@@ -26,6 +26,7 @@ class TimmTower:
     patch: int
     image_size: int  # timm builds the model at this size; open_clip does not pass its own
     rope_grid: int  # timm's ref_feat_shape
+    layer_scale: bool = False  # timm's init_values is set (PE's Lang and Spatial towers)
 
 
 TOWERS = {
@@ -74,6 +75,7 @@ def image_spec(vision: dict, source: str) -> tuple[str, dict, int]:
     image = dict(FAMILIES[tower.family]["image"])
     image.update(variant=f"timm/{tower.patch}", width=tower.width, depth=tower.depth, heads=tower.heads)
     image.update(mlp_dim=tower.mlp_dim, posemb_grid=tower.image_size // tower.patch, rope_grid=tower.rope_grid)
+    image["layer_scale"] = tower.layer_scale
     return tower.family, image, tower.image_size
 
 
@@ -89,11 +91,11 @@ def name_of(image: ImageSpec, image_size: int) -> str | None:
     sizes = (image.width, image.depth, image.heads, image.mlp_dim, int(image.variant.partition("/")[2]), image_size)
     for name, t in TOWERS.items():
         same = (t.width, t.depth, t.heads, t.mlp_dim, t.patch, t.image_size) == sizes
-        if t.family == family and same and t.rope_grid == image.rope_grid:
+        if t.family == family and same and (t.rope_grid, t.layer_scale) == (image.rope_grid, image.layer_scale):
             return name
     raise ValueError(
         f"no timm {family} tower has width, depth, heads, mlp_dim, patch, image size {sizes} (rope_grid "
-        f"{image.rope_grid}); register one with timm and cloc_jax.weights.timm_towers.register"
+        f"{image.rope_grid}, layer_scale {image.layer_scale}); register one with timm and timm_towers.register"
     )
 
 

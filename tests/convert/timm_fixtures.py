@@ -26,12 +26,19 @@ TINY = {
         dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, ref_feat_shape=(4, 4)),
         timm_towers.TimmTower("pe_core", 64, 2, 4, 256, 8, 32, 4),
     ),
+    # PE-Core's blocks with layer scale, as PE's Lang and Spatial towers have it (timm's init_values=0.1)
+    "pe_ls": (
+        "vit_pe_core_base_patch16_224",
+        dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, ref_feat_shape=(4, 4), init_values=0.1),
+        timm_towers.TimmTower("pe_core", 64, 2, 4, 256, 8, 32, 4, layer_scale=True),
+    ),
 }
 _OPENAI = oc.FAMILIES["open_clip"]["image"]
 PREPROCESS = {
     "eva02": dict(mean=list(_OPENAI["pixel_mean"]), std=list(_OPENAI["pixel_std"])),
     "pe": dict(mean=[0.5] * 3, std=[0.5] * 3, interpolation="bilinear", resize_mode="squash"),
 }
+PREPROCESS["pe_ls"] = PREPROCESS["pe"]
 
 
 def family_args(real: str) -> dict:
