@@ -1,12 +1,13 @@
 """open_clip's hub layout: `open_clip_config.json` + `open_clip_model.safetensors` (or
-`open_clip_pytorch_model.bin`), in both directions, for its standard CLIP (`VisionTransformer` image tower,
-`TextTransformer` text tower: the OpenAI and LAION ViT models).
+`open_clip_pytorch_model.bin`), in both directions, for its CLIPs with its own text transformer and either its
+own ViT (`open_clip_vit.py`: the OpenAI and LAION ViT models) or a timm tower (`timm_towers.py`: EVA-02-CLIP,
+PE-Core; `custom_text`, the text tower under `text.`).
 
-In: `open_clip:DIR` -> spec + parameters. Out: an export with an open_clip tokenizer and an architecture
-open_clip's ViT expresses -> a folder `open_clip.create_model("local-dir:DIR")` loads with the same outputs.
+In: `open_clip:DIR` -> spec + parameters. Out: an export with an open_clip tokenizer and an architecture one of
+the two towers expresses -> a folder `open_clip.create_model("local-dir:DIR")` loads with the same outputs.
 Every config key either maps onto our architecture or must keep the value with which open_clip computes what
-we compute; anything else (layer scale, attentional pooling, timm or transformers towers, ...) is a one-line
-error naming the key and the file. Only the two towers and the logit scale (and bias) travel.
+we compute; anything else (attentional pooling, other timm or transformers towers, ...) is a one-line error
+naming the key and the file. Only the two towers and the logit scale (and bias) travel.
 """
 
 import filecmp
@@ -17,11 +18,11 @@ import shutil
 
 import numpy as np
 
-from cloc_jax.models.spec import FAMILIES, ImageSpec, Spec, family_spec
+from cloc_jax.models.spec import FAMILIES, Spec, family_spec
 from cloc_jax.models.vit import vit_size
 from cloc_jax.tokenizers import OpenClipTokenizer
-from cloc_jax.weights import layout, timm_towers
-from cloc_jax.weights.layout import Weights, conv, linear, same_in_both_towers
+from cloc_jax.weights import layout, open_clip_vit, timm_towers
+from cloc_jax.weights.layout import Weights, linear, same_in_both_towers
 
 CONFIG = "open_clip_config.json"
 WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -43,7 +44,7 @@ _CUSTOM_BLOCK = dict(
 _FIXED = {
     "model_cfg": {},
     "vision_cfg": dict(ls_init_value=(None,), attentional_pool=(False,), output_tokens=(False,),
-                       timm_model_name=(None,), pos_embed_type=("learnable", "sin_cos_2d"), **_CUSTOM_BLOCK),
+                       pos_embed_type=("learnable", "sin_cos_2d"), **_CUSTOM_BLOCK),
     "text_cfg": dict(ls_init_value=(None,), embed_cls=(False,), output_tokens=(False,), hf_model_name=(None,),
                      hf_tokenizer_name=(None, ""), **_CUSTOM_BLOCK),
 }  # fmt: skip
@@ -54,9 +55,6 @@ _IGNORED = {
     "text_cfg": {"pad_id", "eos_id", "final_ln_after_pool", "tokenizer_mode", "hf_model_pretrained", "hf_proj_type",
                  "hf_pooler_type"},
 }  # fmt: skip
-# ImageSpec keys only the timm families set: open_clip's own ViT needs them at their defaults
-_TIMM_KNOBS = ("class_token", "ln_eps", "mlp", "mlp_norm", "attn_norm", "key_bias", "layer_scale", "rope_grid",
-               "map_heads")  # fmt: skip
 TEXT_POOLS = {"argmax": "eot", "last": "last"}  # argmax = the EOT id (the highest) = our last non-padding token
 # preprocess_cfg.resize_mode <-> our resize rules ("longest" pads centred where our letterbox pads right/bottom)
 RESIZE_MODES = {"shortest": "center_crop", "squash": "squash", "longest": "letterbox"}
@@ -71,14 +69,6 @@ def _check_keys(cfg: dict, where: str, source: str) -> None:
         if value not in _FIXED[where][key]:
             needs = " or ".join(map(repr, _FIXED[where][key]))
             raise ValueError(f"{source}: {where}.{key}={value!r} has no cloc_jax equivalent (needs {needs})")
-
-
-def _square(value, key: str, source: str) -> int:
-    if isinstance(value, list | tuple):
-        if len(set(value)) != 1:
-            raise ValueError(f"{source}: vision_cfg.{key}={value!r}: cloc_jax's ViT is square")
-        value = value[0]
-    return int(value)
 
 
 def _activation(quick_gelu: bool, kwargs: dict | None, where: str, source: str) -> str:
@@ -129,7 +119,7 @@ def _architecture(config: dict, source: str) -> Spec:
         activation = _activation(quick, text.get("act_kwargs"), "text_cfg", source)
         ln_eps = _eps(text.get("norm_kwargs"), "text_cfg", source)
     else:
-        family, (image, side) = "open_clip", _vision_transformer(vision, source)
+        family, image, side = open_clip_vit.image_spec(vision, source)
         towers = ((vision, "vision_cfg"), (text, "text_cfg"))
         activation = same_in_both_towers(
             "act_kwargs", [_activation(quick, c.get("act_kwargs"), w, source) for c, w in towers], source
@@ -167,25 +157,6 @@ def _architecture(config: dict, source: str) -> Spec:
         rule["interpolation"] = preprocess.get("interpolation", "bicubic")
     tokenizer = dict(clean=clean, context_length=context)
     return family_spec(family, image, txt, model, tokenizer, image_size=side, preprocess=rule)
-
-
-def _vision_transformer(vision: dict, source: str) -> tuple[dict, int]:
-    """open_clip's own ViT's vision_cfg -> (image spec keys, image size)."""
-    width, patch = int(vision.get("width", 768)), _square(vision.get("patch_size", 16), "patch_size", source)
-    side = _square(vision.get("image_size", 224), "image_size", source)
-    heads = width // int(vision.get("head_width", 64))
-    if not heads or side % patch:
-        raise ValueError(f"{source}: vision_cfg: width {width} / head_width or image_size {side} / patch {patch}")
-    image = dict(
-        variant=f"open_clip/{patch}",
-        width=width,
-        depth=int(vision.get("layers", 12)),
-        heads=heads,
-        mlp_dim=int(width * vision.get("mlp_ratio", 4.0)),
-        ln_pre=not vision.get("no_ln_pre", False),
-        posemb_grid=side // patch,
-    )
-    return image, side
 
 
 def default_bpe() -> str | None:
@@ -230,32 +201,11 @@ def read(directory: str) -> Weights:
     return Weights(spec, _params(state, fields["model"]["image"], fields["model"]["text"], t), source)
 
 
-def _vision_norms(image: dict) -> tuple[str, ...]:
-    return ("ln_pre", "ln_post") if image["ln_pre"] else ("ln_post",)  # same names in both libraries
-
-
-def _block_shapes(prefix: str, width: int, mlp: int) -> dict[str, tuple[int, ...]]:
-    shapes = {f"{prefix}.{ln}.{p}": (width,) for ln in ("ln_1", "ln_2") for p in ("weight", "bias")}
-    shapes.update({f"{prefix}.attn.in_proj_weight": (3 * width, width), f"{prefix}.attn.in_proj_bias": (3 * width,)})
-    shapes.update({f"{prefix}.attn.out_proj.weight": (width, width), f"{prefix}.attn.out_proj.bias": (width,)})
-    shapes.update({f"{prefix}.mlp.c_fc.weight": (mlp, width), f"{prefix}.mlp.c_fc.bias": (mlp,)})
-    shapes.update({f"{prefix}.mlp.c_proj.weight": (width, mlp), f"{prefix}.mlp.c_proj.bias": (width,)})
-    return shapes
-
-
 def _torch_shapes(spec: dict, t: str = "") -> dict[str, tuple[int, ...]]:
     """The state dict (names -> shapes) open_clip's CLIP with this architecture has."""
     m, context = spec["model"], spec["tokenizer"]["context_length"]
     im, tx, embed = m["image"], m["text"], m["embed_dim"]
-    w, grid, patch = im["width"], im["posemb_grid"], int(im["variant"].partition("/")[2])
-    if _is_timm(im):
-        shapes = timm_towers.torch_shapes(im, embed)
-    else:
-        shapes = {"visual.conv1.weight": (w, 3, patch, patch), "visual.class_embedding": (w,)}
-        shapes.update({"visual.positional_embedding": (grid * grid + 1, w), "visual.proj": (w, embed)})
-        shapes.update({f"visual.{ln}.{p}": (w,) for ln in _vision_norms(im) for p in ("weight", "bias")})
-        for i in range(im["depth"]):
-            shapes.update(_block_shapes(f"visual.transformer.resblocks.{i}", w, im["mlp_dim"]))
+    shapes = _tower(im).torch_shapes(im, embed)
     w = tx["width"]
     shapes.update({f"{t}token_embedding.weight": (tx["vocab_size"], w), f"{t}positional_embedding": (context, w)})
     shapes.update({f"{t}ln_final.weight": (w,), f"{t}ln_final.bias": (w,)})
@@ -264,7 +214,7 @@ def _torch_shapes(spec: dict, t: str = "") -> dict[str, tuple[int, ...]]:
     else:
         shapes[f"{t}text_projection"] = (w, embed)
     for i in range(tx["depth"]):
-        shapes.update(_block_shapes(f"{t}transformer.resblocks.{i}", w, tx["mlp_dim"]))
+        shapes.update(open_clip_vit.block_shapes(f"{t}transformer.resblocks.{i}", w, tx["mlp_dim"]))
     shapes["logit_scale"] = ()
     if m["loss"] == "sigmoid":
         shapes["logit_bias"] = ()
@@ -278,39 +228,19 @@ def _check_state(state: dict, shapes: dict, source: str) -> None:
     layout.check_shapes(have, shapes, source)
 
 
-def _names(prefix: str) -> dict[str, str]:
-    return dict(ln1=f"{prefix}.ln_1", ln2=f"{prefix}.ln_2", fc1=f"{prefix}.mlp.c_fc", fc2=f"{prefix}.mlp.c_proj",
-                qkv=f"{prefix}.attn.in_proj", out=f"{prefix}.attn.out_proj")  # fmt: skip
-
-
-def _is_timm(image: dict) -> bool:
-    """An image spec read from a timm tower (timm_towers.image_spec marks the variant)."""
-    return image["variant"].startswith("timm/")
+def _tower(image: dict):
+    """The module that maps this image tower: `timm_towers` for a spec read from a timm tower (its variant says
+    so), else `open_clip_vit`."""
+    return timm_towers if image["variant"].startswith("timm/") else open_clip_vit
 
 
 def _params(state: dict, image: dict, text: dict, t: str) -> dict[str, np.ndarray]:
     get = lambda name: np.asarray(state[name], np.float32)  # noqa: E731  (names checked by _check_state)
-    out = timm_towers.params(state, image) if _is_timm(image) else _vision_params(get, image)
+    out = _tower(image).params(state, image)
     out.update(_text_params(get, text, t))
     out["log_scale"] = get("logit_scale").reshape(())
     if "logit_bias" in state:
         out["bias"] = get("logit_bias").reshape(())
-    return out
-
-
-def _vision_params(get, image: dict) -> dict[str, np.ndarray]:
-    grid = image["posemb_grid"]
-    posemb = get("visual.positional_embedding")  # [1 + grid², D], the class token's first
-    out = {"image/patch_embed/kernel": conv(get("visual.conv1.weight"))}
-    # the class token's position embedding is folded into the token: the two are always added
-    out["image/cls"] = (get("visual.class_embedding") + posemb[0])[None, None]
-    out["image/pos_embedding"] = posemb[1:].reshape(grid, grid, -1)
-    for ln in _vision_norms(image):
-        out[f"image/{ln}/scale"], out[f"image/{ln}/bias"] = get(f"visual.{ln}.weight"), get(f"visual.{ln}.bias")
-    out["image/proj/kernel"] = get("visual.proj")  # [D, E], used as x @ proj: already a kernel
-    for i in range(image["depth"]):
-        names = _names(f"visual.transformer.resblocks.{i}")
-        out.update(layout.block_from_torch(get, f"image/encoder/block_{i}", image["heads"], names))
     return out
 
 
@@ -324,7 +254,7 @@ def _text_params(get, text: dict, t: str) -> dict[str, np.ndarray]:
     else:  # a parameter [D, E], used as x @ proj
         out["text/proj/kernel"] = get(f"{t}text_projection")
     for i in range(text["depth"]):
-        names = _names(f"{t}transformer.resblocks.{i}")
+        names = open_clip_vit.block_names(f"{t}transformer.resblocks.{i}")
         out.update(layout.block_from_torch(get, f"text/encoder/block_{i}", text["heads"], names))
     return out
 
@@ -332,19 +262,7 @@ def _text_params(get, text: dict, t: str) -> dict[str, np.ndarray]:
 def _torch_state(p: dict, image: dict, text: dict) -> dict[str, np.ndarray]:
     """Our parameters -> open_clip's state dict (the inverse of `_params`): CLIP's, or CustomTextCLIP's (the text
     tower under `text.`) beside a timm tower."""
-    if _is_timm(image):
-        out, t = timm_towers.state(p, image), "text."
-    else:
-        posemb = p["image/pos_embedding"].reshape(-1, p["image/pos_embedding"].shape[-1])
-        out, t = {"visual.conv1.weight": p["image/patch_embed/kernel"].transpose(3, 2, 0, 1)}, ""
-        out["visual.class_embedding"] = p["image/cls"].reshape(-1)
-        out["visual.positional_embedding"] = np.concatenate([np.zeros_like(posemb[:1]), posemb])
-        for ln in _vision_norms(image):
-            out[f"visual.{ln}.weight"], out[f"visual.{ln}.bias"] = p[f"image/{ln}/scale"], p[f"image/{ln}/bias"]
-        out["visual.proj"] = p["image/proj/kernel"]
-        for i in range(image["depth"]):
-            names = _names(f"visual.transformer.resblocks.{i}")
-            out.update(layout.block_to_torch(p, f"image/encoder/block_{i}", names))
+    out, t = _tower(image).state(p, image), ("text." if _tower(image) is timm_towers else "")
     out[f"{t}token_embedding.weight"] = p["text/token_embed/embedding"]
     out[f"{t}positional_embedding"] = p["text/pos_embedding"]
     out[f"{t}ln_final.weight"], out[f"{t}ln_final.bias"] = p["text/ln_final/scale"], p["text/ln_final/bias"]
@@ -354,17 +272,12 @@ def _torch_state(p: dict, image: dict, text: dict) -> dict[str, np.ndarray]:
     else:
         out[f"{t}text_projection"] = p["text/proj/kernel"]
     for i in range(text["depth"]):
-        out.update(layout.block_to_torch(p, f"text/encoder/block_{i}", _names(f"{t}transformer.resblocks.{i}")))
+        names = open_clip_vit.block_names(f"{t}transformer.resblocks.{i}")
+        out.update(layout.block_to_torch(p, f"text/encoder/block_{i}", names))
     out["logit_scale"] = np.reshape(p["log_scale"], ())
     if "bias" in p:
         out["logit_bias"] = np.reshape(p["bias"], ())
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
-
-
-def _ratio(width: int, mlp_dim: int) -> float:
-    """open_clip's mlp_ratio, which it turns back into int(width * mlp_ratio) = mlp_dim."""
-    ratio = mlp_dim / width
-    return ratio if int(width * ratio) == mlp_dim else (mlp_dim + 0.5) / width
 
 
 def model_config(spec: Spec, params: dict) -> dict:
@@ -384,32 +297,19 @@ def model_config(spec: Spec, params: dict) -> dict:
         "tokenizer.type": (tok["type"], ("open_clip",)),  # argmax pooling needs EOT to be the highest id
         "tokenizer.pad_id": (tok.get("pad_id", 0), (0,)),
     }
-    if not timm:  # open_clip's own ViT: the timm families' knobs at their defaults
-        defaults = ImageSpec()
-        needs.update(
-            {f"model.image.{k}": (im[k], (v,)) for k in _TIMM_KNOBS if (v := getattr(defaults, k)) is not None}
-        )
-        own = dict(pool=("cls",), patch_bias=(False,), project=(True,), proj_bias=(False,))
-        needs.update({f"model.image.{k}": (im[k], want) for k, want in own.items()})
     for key, (have, want) in needs.items():
         if have not in want:
             raise ValueError(f"{key}={have!r} has no open_clip equivalent (needs one of {want})")
     act = dict(act_kwargs={"approximate": "tanh"}) if m["activation"] == "gelu_tanh" else {}
     norm = dict(norm_kwargs={"eps": m["ln_eps"]}) if m["ln_eps"] != LN_EPS else {}
-    if timm:
-        vision = timm_towers.vision_config(timm)
-    else:
-        vision = dict(layers=size.depth, width=size.width, head_width=size.width // size.heads, patch_size=size.patch)
-        vision.update(mlp_ratio=_ratio(size.width, size.mlp_dim), image_size=grid * size.patch, **act, **norm)
-        if not im["ln_pre"]:
-            vision["no_ln_pre"] = True
+    vision = timm_towers.vision_config(timm) if timm else open_clip_vit.vision_config(im, size, grid, {**act, **norm})
     text = dict(
         context_length=params["text/pos_embedding"].shape[0],
         vocab_size=params["text/token_embed/embedding"].shape[0],
         width=tx["width"],
         heads=tx["heads"],
         layers=tx["depth"],
-        mlp_ratio=_ratio(tx["width"], tx["mlp_dim"]),
+        mlp_ratio=open_clip_vit.mlp_ratio(tx["width"], tx["mlp_dim"]),
         **act,
         **norm,
     )
