@@ -44,7 +44,7 @@ _CUSTOM_BLOCK = dict(
 _FIXED = {
     "model_cfg": {},
     "vision_cfg": dict(ls_init_value=(None,), attentional_pool=(False,), output_tokens=(False,),
-                       pos_embed_type=("learnable", "sin_cos_2d"), **_CUSTOM_BLOCK),
+                       timm_model_name=(None,), pos_embed_type=("learnable", "sin_cos_2d"), **_CUSTOM_BLOCK),
     "text_cfg": dict(ls_init_value=(None,), embed_cls=(False,), output_tokens=(False,), hf_model_name=(None,),
                      hf_tokenizer_name=(None, ""), **_CUSTOM_BLOCK),
 }  # fmt: skip
