@@ -163,3 +163,42 @@ def test_posemb_resizing_matches_the_source_libraries(grid):
     np.testing.assert_allclose(resize_posemb(jnp.asarray(posemb), grid, "zoom"), zoomed, atol=1e-5)
     with pytest.raises(ValueError, match="posemb_resize='nearest'"):
         resize_posemb(jnp.asarray(posemb), grid, "nearest")
+
+
+def test_rotary_swiglu_tower_under_a_mesh_with_remat_equals_one_device():
+    """EVA-02's and PE's knobs together (rotary positions, SwiGLU with its sub-LayerNorm, the attention's
+    sub-LayerNorm, no key bias, layer scale, a class token beside a MAP head), scanned and rematerialised, with
+    parameters sharded by their logical axes over data 4 x fsdp 2: the embedding and every gradient are the
+    single-device ones."""
+    import flax.linen as nn
+
+    from cloc_jax import sharding
+    from cloc_jax.config import AXIS_RULES
+    from cloc_jax.models.layers import TowerSettings
+    from cloc_jax.models.spec import ImageSpec
+    from cloc_jax.models.vit import ViT
+
+    knobs = dict(mlp="swiglu", mlp_norm=True, attn_norm=True, key_bias=False, layer_scale=True, map_heads=2)
+    image = ImageSpec(
+        variant="mu/8", posemb_grid=4, pool="map", class_token=True, rope_grid=5, rope_order="xy", **knobs
+    )
+    settings = dict(out_dim=16, activation="gelu", ln_eps=1e-6, dtype=jnp.float32, attention="xla")
+    plain = ViT(image, TowerSettings(**settings, scan=True, remat="none"))
+    sharded = ViT(image, TowerSettings(**settings, scan=True, remat="full"))
+    images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+    params = nn.unbox(plain.init(jax.random.key(0), images))
+
+    def loss(model):
+        return jax.value_and_grad(lambda p, x: jnp.sum(model.apply(p, x)[0] ** 2))
+
+    want_value, want_grad = jax.jit(loss(plain))(params, images)
+    mesh = sharding.make_mesh(dict(data=4, fsdp=2, tensor=1))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(AXIS_RULES):
+        specs = nn.get_partition_spec(jax.eval_shape(sharded.init, jax.random.key(0), images))
+        placed = jax.device_put(params, nn.logical_to_mesh_sharding(specs, mesh, AXIS_RULES))
+        assert any(
+            len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated for a in jax.tree.leaves(placed)
+        )
+        value, grad = jax.jit(loss(sharded))(placed, images)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grad, want_grad)
