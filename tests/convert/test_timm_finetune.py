@@ -1,6 +1,6 @@
-"""Runs started from open_clip's timm towers (`init_from=open_clip:DIR`): UMG-CLIP from an EVA-02-CLIP (token
-clustering on, the paper's initialisation) and CLOC from a PE-Core: at step 0 the towers are the checkpoint's,
-and the runs learn."""
+"""Runs started from open_clip's timm towers through the documented configs (`configs/umg_l14.py:init_from=`:
+UMG-CLIP from an EVA-02-CLIP, token clustering on, the paper's initialisation; `configs/cloc_pe_l14.py`: CLOC
+from a PE-Core): at step 0 the towers are the checkpoint's, and the runs learn."""
 
 import json
 import os
@@ -17,7 +17,7 @@ import jax
 import cloc_jax
 from cloc_jax import sharding
 from cloc_jax import weights as convert
-from cloc_jax.config import load_config_file, umg
+from cloc_jax.config import base_config, load_config_file
 from cloc_jax.inference import Encoder
 from cloc_jax.models.spec import from_config
 from cloc_jax.models.vit import merge_clustered_encoder
@@ -25,19 +25,22 @@ from cloc_jax.train import adopt_architecture, build, init_from, init_state, tra
 from tests.conftest import ROOT
 from tests.convert import timm_fixtures as tf
 
-RUNS = {"eva02": "umg", "pe": "cloc"}  # which run starts from which tower
+RUNS = {"eva02": "umg_l14.py", "pe": "cloc_pe_l14.py"}  # the documented config each tower starts
 
 
 def _config(name: str, source: str):
-    arg = "init_from=" + source + ",num_steps=24,batch_size=16,image_size=32,lr=1e-3"
-    config = load_config_file(os.path.join(ROOT, "configs", "cloc_finetune.py"), arg)
-    config.data.update(train_size=2048, heldout_size=32, max_regions=3)
-    config.update(log_every=6, eval_every=0, checkpoint_every=1000)
-    config.optim.warmup_steps = 5
-    if RUNS[name] == "umg":
-        config = umg(config, cluster_ratio=0.5)
-        with config.unlocked():
-            config.model.image.cluster_layer = 1  # the tiny tower has 2 blocks
+    """The paper-scale config with `init_from`, shrunk to this machine: 32 px scenes, float32, no remat, the
+    base mesh, AdamW for 24 steps; UMG clusters half the tokens after the first of the tiny tower's two blocks."""
+    arg = f"init_from={source},batch_size=16,data=scenes" + (",cluster_ratio=0.5" if name == "eva02" else "")
+    config = load_config_file(os.path.join(ROOT, "configs", RUNS[name]), arg)
+    with config.unlocked():
+        config.update(image_size=32, num_steps=24, log_every=6, eval_every=0, checkpoint_every=1000)
+        config.mesh = base_config().mesh
+        config.model.update(dtype="float32", remat="none")
+        config.optim.update(name="adamw", lr=1e-3, warmup_steps=5)
+        config.data.update(train_size=2048, heldout_size=32, max_regions=3)
+        if name == "eva02":
+            config.model.image.cluster_layer = 1
     return config
 
 
@@ -59,7 +62,7 @@ def test_step_zero_is_the_imported_model(source):
         state, _ = init_state(config, model, tx, sharding.make_mesh(config.mesh))
         state = init_from(state, weights, config.model.scan)
     params, spec = state.params, from_config(config)
-    if RUNS[name] == "umg":
+    if name == "eva02":
         assert "encoder_clustered" in params["image"]
         flat = merge_clustered_encoder(flax.traverse_util.flatten_dict(jax.device_get(params), sep="/"))
         params, spec = (
