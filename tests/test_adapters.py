@@ -1,6 +1,7 @@
 """PET: Convpass against a hand-written reference, zero-init adapters change nothing, and adaptation
 from an exported model trains only the adapters and the image head."""
 
+import json
 import os
 
 import flax
@@ -15,8 +16,7 @@ from cloc_jax.models.adapters import Convpass
 from cloc_jax.models.vit import merge_clustered_encoder
 from cloc_jax.train import train_and_evaluate
 from cloc_jax.weights import load
-from cloc_jax.weights.native import export
-from tests.conftest import make_vit, tiny_config
+from tests.conftest import ROOT, make_vit, tiny_config
 
 
 def _gelu(x):
@@ -61,10 +61,13 @@ def test_zero_initialised_adapters_leave_a_pretrained_vit_unchanged():
 
 
 def test_adaptation_trains_only_adapters_and_the_image_head(tmp_path):
-    pretrain, exported, adapt = (str(tmp_path / d) for d in ("pretrain", "export", "adapt"))
-    train_and_evaluate(tiny_config("umg_tiny", num_steps=2, checkpoint_every=2), pretrain)
-    export(pretrain, exported)
-    config = tiny_config("umg_tiny_pet", num_steps=3, checkpoint_every=3, init_from=exported)
+    # a umg_tiny trained with token clustering and exported (tests/fixtures/v0: shared, 0.2 MB), at its sizes
+    exported, adapt = os.path.join(ROOT, "tests", "fixtures", "v0", "umg_export"), str(tmp_path / "adapt")
+    with open(os.path.join(ROOT, "tests", "fixtures", "v0", "umg_config.json")) as f:
+        made = json.load(f)["overrides"]  # what how_made.py trained it with
+    sizes = {k: v for k, v in made.items() if k.startswith(("model.image.", "model.text.", "model.embed"))}
+    sizes.pop("model.image.cluster_layer")  # a training key: the adaptation runs without clustering
+    config = tiny_config("umg_tiny_pet", num_steps=3, checkpoint_every=3, init_from=exported, **sizes)
     config.optim.update(lr=1e-2)
     train_and_evaluate(config, adapt)
     before = flax.traverse_util.flatten_dict(load(exported).params, sep="/")

@@ -59,10 +59,13 @@ def test_a_spec_key_no_version_wrote_is_one_line():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 6-step tiny run shared by the tests below: (config, workdir, final metrics)."""
+    """A 6-step tiny run shared by the tests below, evaluated on what they read (zero-shot and retrieval):
+    (config, workdir, final metrics)."""
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny_config(num_steps=6, eval_every=6, log_every=2)
     config.data.heldout_size = 32
+    with config.unlocked():
+        config.evals = {name: config.evals[name] for name in ("zeroshot", "retrieval")}
     results = train_and_evaluate(config, workdir)
     return config, workdir, results
 

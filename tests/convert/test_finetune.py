@@ -1,7 +1,7 @@
 """CLOC continued from a transformers CLIP (`init_from=hf:DIR`): the towers are the checkpoint's at step 0, the
-region heads are new, the architecture comes from the checkpoint, and the run learns."""
+region heads are new, and the architecture comes from the checkpoint. (That a run started from imported weights
+learns is tests/convert/test_timm_finetune.py's, for EVA-02 and PE through open_clip.)"""
 
-import json
 import os
 
 import numpy as np
@@ -17,7 +17,7 @@ from cloc_jax import weights as convert
 from cloc_jax.config import load_config_file
 from cloc_jax.inference import Encoder
 from cloc_jax.models.spec import from_config
-from cloc_jax.train import adopt_architecture, build, init_from, init_state, train_and_evaluate
+from cloc_jax.train import adopt_architecture, build, init_from, init_state
 from tests.conftest import ROOT
 from tests.convert import reference
 
@@ -65,10 +65,3 @@ def test_a_config_that_disagrees_with_the_checkpoint_is_one_line(clip_dir):
     config.model.text.width = 64
     with pytest.raises(ValueError, match=r"model\.text\.width=64 disagrees with the checkpoint's 32"):
         adopt_architecture(config, convert.read(f"hf:{clip_dir}").spec, "hf:x")
-
-
-def test_cloc_run_from_a_clip_learns(clip_dir, tmp_path):
-    train_and_evaluate(_config(f"hf:{clip_dir}"), str(tmp_path))
-    with open(tmp_path / "metrics.jsonl") as f:
-        losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
-    assert len(losses) == 4 and max(losses[-2:]) < 0.85 * losses[0], losses  # the new region heads learn

@@ -26,9 +26,10 @@ TOL = 1e-4
 TEXTS = ["a photo of a cat", "Two DOGS &amp; a bird!", ""]
 
 
-@pytest.fixture(scope="module", params=list(tf.TINY))
-def folder(request, tmp_path_factory):
-    return request.param, tf.save(str(tmp_path_factory.mktemp(request.param)), request.param)
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """name -> its hub folder, saved once per module."""
+    return {name: tf.save(str(tmp_path_factory.mktemp(name)), name) for name in tf.TINY}
 
 
 def _images(side: int, n: int = 2, seed: int = 0) -> np.ndarray:
@@ -62,9 +63,12 @@ def _errors(encoder, want: dict, images: np.ndarray) -> dict:
     return errors
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_matches_open_clip_at_two_resolutions(folder, scan):
-    name, directory = folder
+# EVA-02 and PE scanned and unrolled; PE's blocks with layer scale scanned
+@pytest.mark.parametrize(
+    "name, scan", [("eva02", True), ("eva02", False), ("pe", True), ("pe", False), ("pe_ls", True)]
+)
+def test_matches_open_clip_at_two_resolutions(folders, name, scan):
+    directory = folders[name]
     encoder = cloc_jax.load(f"open_clip:{directory}", scan=scan)
     for side in (32, 48):  # 48: position embeddings resized bicubically, rotary positions on the new grid
         images = _images(side)
@@ -73,10 +77,11 @@ def test_matches_open_clip_at_two_resolutions(folder, scan):
         assert max(errors.values()) <= TOL, errors
 
 
-def test_export_round_trips(folder, tmp_path):
+@pytest.mark.parametrize("name", list(tf.TINY))
+def test_export_round_trips(folders, name, tmp_path):
     """open_clip -> our export -> --to=open_clip: open_clip's create_model("local-dir:...") computes what the
     original computed; import -> export -> import is bit-identical."""
-    name, directory = folder
+    directory = folders[name]
     first = convert.read(f"open_clip:{directory}")
     export = convert_to(f"open_clip:{directory}", str(tmp_path / "export"))
     again = convert.read(export)

@@ -169,7 +169,7 @@ def test_rotary_swiglu_tower_under_a_mesh_with_remat_equals_one_device():
     """EVA-02's and PE's knobs together (rotary positions, SwiGLU with its sub-LayerNorm, the attention's
     sub-LayerNorm, no key bias, layer scale, a class token beside a MAP head), scanned and rematerialised, with
     parameters sharded by their logical axes over data 4 x fsdp 2: the embedding and every gradient are the
-    single-device ones."""
+    single-device ones (to float32 reordering)."""
     import flax.linen as nn
 
     from cloc_jax import sharding
@@ -201,4 +201,6 @@ def test_rotary_swiglu_tower_under_a_mesh_with_remat_equals_one_device():
         )
         value, grad = jax.jit(loss(sharded))(placed, images)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grad, want_grad)
+    # float32 sums in another order: every gradient to 1e-5 of the largest gradient entry (some are zero)
+    largest = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grad))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * largest), grad, want_grad)
