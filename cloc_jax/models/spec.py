@@ -61,6 +61,11 @@ class ImageSpec:
     map_heads: int = 0  # the MAP head's heads; 0: the tower's [attn_pool_num_heads]
 
 
+# ImageSpec keys only EVA-02 and PE set: a writer of another family needs them at their defaults
+EVA_PE_KEYS = ("class_token", "ln_eps", "mlp", "mlp_norm", "attn_norm", "key_bias", "layer_scale", "rope_grid",
+               "map_heads")  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class TextSpec:
     """The text tower (`models/text.py`): causal + "eot" is CLIP's; SigLIP's is bidirectional, pooled "last"."""

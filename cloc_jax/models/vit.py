@@ -180,8 +180,9 @@ class ViT(nn.Module):
     """Images [B, H, W, 3] in [-1, 1] -> (embedding [B, out_dim], token grid [B, H/p, W/p, width]).
 
     The architecture knobs (activation, LayerNorm epsilon, ln_pre, patch and projection biases, no
-    projection, free sizes, pixel normalisation, position-embedding resizing) let imported CLIP, SigLIP
-    and open_clip towers compute exactly what they compute in their own libraries; the defaults are
+    projection, free sizes, pixel normalisation, position-embedding resizing; EVA-02's and PE's 2D rotary
+    positions, block variants and class token beside a MAP head) let imported CLIP, SigLIP, open_clip,
+    EVA-02-CLIP and PE-Core towers compute exactly what they compute in their own libraries; the defaults are
     big_vision's ViT. With `hidden_layers` = k >= 0, returns the tokens [B, T, width] (class token first)
     after the first k blocks, which is transformers' `hidden_states[k]` (`Encoder.image_features`).
     """

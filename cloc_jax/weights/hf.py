@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from cloc_jax.models.spec import FAMILIES, Spec, family_spec
+from cloc_jax.models.spec import EVA_PE_KEYS, FAMILIES, ImageSpec, Spec, family_spec
 from cloc_jax.models.vit import vit_size
 from cloc_jax.tokenizers import _Transformers
 from cloc_jax.weights import layout
@@ -271,6 +271,8 @@ def family_of(spec: Spec) -> str:
         "model.image.adapter_dim": (im.adapter_dim, 0),
         "model.image.proj_bias": (im.proj_bias, False),
     }
+    defaults = ImageSpec()  # EVA-02's and PE's knobs: no transformers CLIP or SigLIP has them
+    common.update({f"model.image.{k}": (getattr(im, k), getattr(defaults, k)) for k in EVA_PE_KEYS})
     for key, (have, want) in common.items():
         if have != want:
             raise ValueError(f"{key}={have!r} has no transformers equivalent (needs {want!r})")

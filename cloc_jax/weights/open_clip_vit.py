@@ -4,13 +4,10 @@ holds), so `open_clip.py` picks one and keeps the hub layout, the text tower and
 
 import numpy as np
 
-from cloc_jax.models.spec import ImageSpec
+from cloc_jax.models.spec import EVA_PE_KEYS, ImageSpec
 from cloc_jax.weights import layout
 from cloc_jax.weights.layout import conv
 
-# ImageSpec keys only the timm families set: open_clip's own ViT needs them at their defaults
-_TIMM_KNOBS = ("class_token", "ln_eps", "mlp", "mlp_norm", "attn_norm", "key_bias", "layer_scale", "rope_grid",
-               "map_heads")  # fmt: skip
 _OWN = dict(pool=("cls",), patch_bias=(False,), project=(True,), proj_bias=(False,))
 
 
@@ -116,7 +113,7 @@ def vision_config(image: dict, size, grid: int, extra: dict) -> dict:
     """Our image spec -> the vision_cfg of open_clip's ViT (`extra`: act_kwargs / norm_kwargs), or a one-line
     error naming the first setting it cannot express."""
     defaults = ImageSpec()
-    needs = {k: (getattr(defaults, k),) for k in _TIMM_KNOBS} | _OWN
+    needs = {k: (getattr(defaults, k),) for k in EVA_PE_KEYS} | _OWN
     for key, want in needs.items():
         if image[key] not in want:
             raise ValueError(f"model.image.{key}={image[key]!r} has no open_clip equivalent (needs one of {want})")

@@ -98,6 +98,8 @@ def test_export_round_trips(folders, name, tmp_path):
     third = convert.read(f"open_clip:{out}").in_layout(scan=False)
     for key, value in unrolled.items():
         np.testing.assert_array_equal(third[key], value, err_msg=key)
+    with pytest.raises(ValueError, match=r"^model\.image\.\w+=.* has no transformers equivalent"):
+        convert_to(export, str(tmp_path / "hf"), to="hf")  # no transformers class has these towers
 
 
 @pytest.mark.parametrize("name", sorted(n for n in timm_towers.TOWERS if "tiny_test" not in n))

@@ -150,7 +150,8 @@ def test_box_pooling_is_the_image_head_applied_to_the_covered_tokens(pool):
 
 @pytest.mark.parametrize("grid", [(7, 9), (2, 3), (3, 5)])
 def test_posemb_resizing_matches_the_source_libraries(grid):
-    """The "bicubic" method is torch's F.interpolate (what transformers and open_clip use), "zoom" is
+    """The "bicubic" method is torch's F.interpolate (what transformers and open_clip use), "bicubic_antialias" is
+    torch's antialiased one (timm's resample_abs_pos_embed: EVA-02, PE), growing and shrinking, "zoom" is
     scipy.ndimage.zoom(order=1) (big_vision's resample_posemb)."""
     torch = pytest.importorskip("torch")
     scipy_ndimage = pytest.importorskip("scipy.ndimage")
@@ -159,6 +160,10 @@ def test_posemb_resizing_matches_the_source_libraries(grid):
         torch.tensor(posemb).permute(2, 0, 1)[None], size=grid, mode="bicubic", align_corners=False
     )[0].permute(1, 2, 0)
     np.testing.assert_allclose(resize_posemb(jnp.asarray(posemb), grid, "bicubic"), want.numpy(), atol=1e-5)
+    smooth = torch.nn.functional.interpolate(
+        torch.tensor(posemb).permute(2, 0, 1)[None], size=grid, mode="bicubic", align_corners=False, antialias=True
+    )[0].permute(1, 2, 0)
+    np.testing.assert_allclose(resize_posemb(jnp.asarray(posemb), grid, "bicubic_antialias"), smooth.numpy(), atol=1e-5)
     zoomed = scipy_ndimage.zoom(posemb.astype(np.float64), (grid[0] / 3, grid[1] / 5, 1), order=1)
     np.testing.assert_allclose(resize_posemb(jnp.asarray(posemb), grid, "zoom"), zoomed, atol=1e-5)
     with pytest.raises(ValueError, match="posemb_resize='nearest'"):
