@@ -30,11 +30,11 @@ RUNS = {"eva02": "umg_l14.py", "pe": "cloc_pe_l14.py"}  # the documented config 
 
 def _config(name: str, source: str):
     """The paper-scale config with `init_from`, shrunk to this machine: 32 px scenes, float32, no remat, the
-    base mesh, AdamW for 24 steps; UMG clusters half the tokens after the first of the tiny tower's two blocks."""
+    base mesh, AdamW for 12 steps; UMG clusters half the tokens after the first of the tiny tower's two blocks."""
     arg = f"init_from={source},batch_size=16,data=scenes" + (",cluster_ratio=0.5" if name == "eva02" else "")
     config = load_config_file(os.path.join(ROOT, "configs", RUNS[name]), arg)
     with config.unlocked():
-        config.update(image_size=32, num_steps=24, log_every=6, eval_every=0, checkpoint_every=1000)
+        config.update(image_size=32, num_steps=12, log_every=3, eval_every=0, checkpoint_every=1000)
         config.mesh = base_config().mesh
         config.model.update(dtype="float32", remat="none")
         config.optim.update(name="adamw", lr=1e-3, warmup_steps=5)
