@@ -9,7 +9,7 @@ import pytest
 
 from cloc_jax.models.clustering import cluster, density_peak_centres, num_clusters, token_distances, unfold
 from cloc_jax.models.layers import Attention
-from cloc_jax.models.vit import merge_clustered_encoder
+from cloc_jax.models.vit import merge_clustered_encoder, split_clustered_encoder
 from tests.conftest import make_vit
 
 
@@ -151,6 +151,10 @@ def test_clustered_parameters_merge_into_one_encoder_in_layer_order(scan):
         last, want = merged["encoder/blocks/mlp/fc1/kernel"][-1], params["encoder_clustered/blocks/mlp/fc1/kernel"][-1]
     else:
         last, want = merged["encoder/block_3/mlp/fc1/kernel"], params["encoder_clustered/block_2/mlp/fc1/kernel"]
+        # and back: a model without clustering starts a clustering run (init_from) in the clustered layout
+        split = split_clustered_encoder({f"image/{k}": v for k, v in merged.items()}, layer=1)
+        assert split.keys() == {f"image/{k}" for k in params}
+        assert all(np.array_equal(split[f"image/{k}"], v) for k, v in params.items())
     np.testing.assert_array_equal(last, want)
     # the merged weights run as a plain ViT
     assert plain.apply({"params": flax.traverse_util.unflatten_dict(merged, sep="/")}, images)[0].shape == (1, 16)

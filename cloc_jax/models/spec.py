@@ -41,9 +41,7 @@ class ImageSpec:
     project: bool = True  # False: the pooled features are the embedding (SigLIP's image tower)
     proj_bias: bool = False
     posemb_grid: int = 0  # 0: image_size / patch
-    posemb_resize: str = (
-        "bilinear"  # or "bicubic" (transformers, open_clip), "zoom" (big_vision), "bicubic_antialias" (timm)
-    )
+    posemb_resize: str = "bilinear"  # "bicubic" (transformers, open_clip), "zoom" (big_vision), "bicubic_antialias"
     pixel_mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # the checkpoint's normalisation of [0, 1] pixels
     pixel_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     # EVA-02's and Perception Encoder's departures (timm's names in brackets; models/layers.BlockVariant)
@@ -312,9 +310,8 @@ FAMILIES = {
     # reference grid (class token not rotated), the class token pooled, timm's head (with bias) as projection
     "eva02_clip": dict(
         image=dict(_CLIP_IMAGE, patch_bias=True, proj_bias=True, ln_pre=False, ln_eps=1e-6, mlp="swiglu",
-                   posemb_resize="bicubic_antialias",
-                   mlp_norm=True, attn_norm=True, key_bias=False, rope_order="yx", pixel_mean=OPENAI_MEAN,
-                   pixel_std=OPENAI_STD),
+                   mlp_norm=True, attn_norm=True, key_bias=False, rope_order="yx", posemb_resize="bicubic_antialias",
+                   pixel_mean=OPENAI_MEAN, pixel_std=OPENAI_STD),
         text=_CLIP_TEXT,
         model=dict(_IMPORTED),
         tokenizer=dict(type="open_clip", lowercase=False, pad_id=0),

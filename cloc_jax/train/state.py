@@ -67,13 +67,11 @@ def adopt_architecture(config: ml_collections.ConfigDict, pretrained_spec, sourc
     set_dotted(config, architecture_overrides(from_config(config), pretrained_spec, source))
 
 
-def _blocks(flat: dict, prefix: str, scan: bool) -> range:
-    """The block indices of the stack under `prefix` in flat parameters (scanned: its leading axis)."""
+def _depth(flat: dict, prefix: str, scan: bool) -> int:
+    """How many blocks the stack under `prefix` holds in flat parameters (scanned: its leading axis)."""
     if scan:
-        return range(next(v.shape[0] for k, v in flat.items() if k.startswith(prefix + "blocks/")))
-    return range(
-        1 + max(int(k[len(prefix) :].split("/")[0].removeprefix("block_")) for k in flat if k.startswith(prefix))
-    )
+        return next(v.shape[0] for k, v in flat.items() if k.startswith(prefix + "blocks/"))
+    return len({k[len(prefix) :].split("/")[0] for k in flat if k.startswith(prefix + "block_")})
 
 
 def init_from(state: TrainState, pretrained: Weights, scan: bool) -> TrainState:
@@ -91,7 +89,7 @@ def init_from(state: TrainState, pretrained: Weights, scan: bool) -> TrainState:
     loaded = Weights(pretrained.spec, loaded, source, scanned=pretrained.scanned).in_layout(scan)
     if any("encoder_clustered" in k for k in fresh) and not any("encoder_clustered" in k for k in loaded):
         # started without token clustering, continued with it: the first blocks run before the clustering point
-        layer = len(_blocks(fresh, "image/encoder/", scan))
+        layer = _depth(fresh, "image/encoder/", scan)
         unrolled = Weights(pretrained.spec, loaded, source, scanned=scan).in_layout(False)
         loaded = Weights(pretrained.spec, split_clustered_encoder(unrolled, layer), source).in_layout(scan)
     if missing := sorted(set(loaded) - set(fresh)):
