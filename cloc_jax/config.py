@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
         image_lr_mult=1.0,
         text_lr_mult=1.0,
         trainable=(),  # () trains everything; ("adapter", "map_head") trains only matching parameters
+        accum_steps=1,  # > 1: the whole batch's exact gradient, this many micro-batches at a time (GradCache)
         # A step with a non-finite loss, gradient or update is skipped (counted as nonfinite/skipped_steps);
         # this many in a row stop the run with one line (0: never stop). Parameters never become NaN.
         max_nonfinite_steps=10,

@@ -11,7 +11,33 @@ from cloc_jax.losses import training_loss
 from cloc_jax.models.build import model_inputs
 from cloc_jax.models.cloc import Model
 from cloc_jax.optim import learning_rate
+from cloc_jax.train import accumulate
 from cloc_jax.train.state import TrainState
+
+
+def make_gradients(config: ml_collections.ConfigDict, model: Model, tag_tokens: np.ndarray | None = None):
+    """-> gradients(params, batch) -> (loss, loss parts, model outputs, gradients) of the whole batch: in one
+    pass, or with `optim.accum_steps` = k > 1 exactly the same, k micro-batches at a time (`accumulate.py`)."""
+    tags_cfg = config.tags if tag_tokens is not None else None
+    accum = config.optim.accum_steps
+
+    def forward(params, batch):
+        return model.apply({"params": params}, **model_inputs(model, batch), tag_tokens=tag_tokens)
+
+    def gradients(params, batch):
+        if accum > 1:
+            loss_fn = lambda out: training_loss(out, batch, config.region_loss, config.contrastive, tags_cfg)  # noqa: E731
+            return accumulate.loss_and_grads(forward, loss_fn, params, batch, accum)
+
+        def loss_fn(params):
+            out = forward(params, batch)
+            loss, parts = training_loss(out, batch, config.region_loss, config.contrastive, tags_cfg)
+            return loss, (out, parts)
+
+        (loss, (out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, parts, out, grads
+
+    return gradients
 
 
 def make_train_step(
@@ -27,16 +53,12 @@ def make_train_step(
     [T, L'] (`pipeline.tag_vocabulary`, None without tag losses) is a constant of the step. After the update
     the temperature is clamped (`Model.clamp_logit_scale`). A step whose loss, gradient or new parameters are not
     finite changes nothing and is counted (`nonfinite/*` metrics; the loop stops after
-    `optim.max_nonfinite_steps` in a row)."""
-    tags_cfg = config.tags if tag_tokens is not None else None
+    `optim.max_nonfinite_steps` in a row). With `optim.accum_steps` = k > 1 the gradient is still the whole
+    batch's, computed k micro-batches at a time (`accumulate.loss_and_grads`)."""
+    gradients = make_gradients(config, model, tag_tokens)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        def loss_fn(params):
-            out = model.apply({"params": params}, **model_inputs(model, batch), tag_tokens=tag_tokens)
-            loss, parts = training_loss(out, batch, config.region_loss, config.contrastive, tags_cfg)
-            return loss, (out, parts)
-
-        (loss, (out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        loss, parts, out, grads = gradients(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = model.clamp_logit_scale(optax.apply_updates(state.params, updates))
         grad_norm = optax.global_norm(grads)
