@@ -48,16 +48,8 @@ def loss_and_grads(
 
     micros = split(batch, k)
     per_example, shared = jax.lax.map(lambda micro: embed(params, micro), micros)
-    outputs = {**merge(per_example), **jax.tree.map(lambda x: x[0], shared)}
-    shared_names = tuple(n for n in SHARED if n in outputs)
-
-    def whole(per, sh):
-        return loss_fn({**per, **sh})
-
-    loss, pullback, aux = jax.vjp(
-        whole, {n: v for n, v in outputs.items() if n not in shared_names}, {n: outputs[n] for n in shared_names},
-        has_aux=True,
-    )  # fmt: skip
+    per_example, shared = merge(per_example), jax.tree.map(lambda x: x[0], shared)  # shared: equal in every one
+    loss, pullback, aux = jax.vjp(lambda per, sh: loss_fn({**per, **sh}), per_example, shared, has_aux=True)
     d_per, d_shared = pullback(jnp.ones_like(loss))
 
     def backward(grads, xs):
@@ -68,4 +60,4 @@ def loss_and_grads(
 
     firsts = (jnp.arange(k) == 0).astype(jnp.float32)
     grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, params), (micros, split(d_per, k), firsts))
-    return loss, aux, outputs, grads
+    return loss, aux, {**per_example, **shared}, grads
