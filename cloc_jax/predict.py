@@ -217,8 +217,8 @@ def format_result(result: dict) -> str:
     for item in result["ground"]:
         box = ", ".join(f"{v:.3f}" for v in item["box"])
         lines.append(f"{item['phrase']!r} -> [{box}] (similarity {item['score']:.3f})")
-    if _covering(result):  # --json has every label
-        lines.append("segments: " + ", ".join(f"{name} {100 * share:.1f}%" for share, name, _ in _covering(result)))
+    if covering := _covering(result):  # --json has every label
+        lines.append("segments: " + ", ".join(f"{name} {100 * share:.1f}%" for share, name, _ in covering))
     return "\n".join(lines + [f"note: {n}" for n in result["notes"]])
 
 

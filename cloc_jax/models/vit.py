@@ -321,9 +321,7 @@ class ViT(nn.Module):
             tokens, s.cluster_ratio, knn=s.cluster_knn, grid=grid, spatial=s.cluster_spatial
         )
         if positions is not None:  # [B, K, 2]: each cluster's mean member position
-            positions = jnp.einsum(
-                "bnk,bnc->bkc", assign.astype(jnp.float32), jnp.broadcast_to(positions, (*assign.shape[:2], 2))
-            )
+            positions = jnp.einsum("bnk,nc->bkc", assign.astype(jnp.float32), positions[0])
             positions = positions / jnp.exp(log_sizes)[..., None]
         log_sizes = jnp.concatenate([jnp.zeros((x.shape[0], num_prefix)), log_sizes], axis=1)
         y = jnp.concatenate([prefix, merged], axis=1)

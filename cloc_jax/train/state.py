@@ -84,14 +84,14 @@ def init_from(state: TrainState, pretrained: Weights, scan: bool) -> TrainState:
     with token clustering can continue without it (its two encoder stacks become one), and one without with it."""
     loaded, source = pretrained.params, pretrained.source
     fresh = flax.traverse_util.flatten_dict(state.params, sep="/")
+    scanned = pretrained.scanned
     if any("encoder_clustered" in k for k in loaded) and not any("encoder_clustered" in k for k in fresh):
         loaded = merge_clustered_encoder(loaded)  # trained with token clustering, continued without
-    loaded = Weights(pretrained.spec, loaded, source, scanned=pretrained.scanned).in_layout(scan)
-    if any("encoder_clustered" in k for k in fresh) and not any("encoder_clustered" in k for k in loaded):
+    elif any("encoder_clustered" in k for k in fresh) and not any("encoder_clustered" in k for k in loaded):
         # started without token clustering, continued with it: the first blocks run before the clustering point
-        layer = _depth(fresh, "image/encoder/", scan)
-        unrolled = Weights(pretrained.spec, loaded, source, scanned=scan).in_layout(False)
-        loaded = Weights(pretrained.spec, split_clustered_encoder(unrolled, layer), source).in_layout(scan)
+        unrolled = Weights(pretrained.spec, loaded, source, scanned=scanned).in_layout(False)
+        loaded, scanned = split_clustered_encoder(unrolled, _depth(fresh, "image/encoder/", scan)), False
+    loaded = Weights(pretrained.spec, loaded, source, scanned=scanned).in_layout(scan)
     if missing := sorted(set(loaded) - set(fresh)):
         raise ValueError(f"init_from={source}: the model has no parameter {missing[0]} (different model?)")
     for key, value in loaded.items():

@@ -262,7 +262,8 @@ def _text_params(get, text: dict, t: str) -> dict[str, np.ndarray]:
 def _torch_state(p: dict, image: dict, text: dict) -> dict[str, np.ndarray]:
     """Our parameters -> open_clip's state dict (the inverse of `_params`): CLIP's, or CustomTextCLIP's (the text
     tower under `text.`) beside a timm tower."""
-    out, t = _tower(image).state(p, image), ("text." if _tower(image) is timm_towers else "")
+    tower = _tower(image)
+    out, t = tower.state(p, image), ("text." if tower is timm_towers else "")
     out[f"{t}token_embedding.weight"] = p["text/token_embed/embedding"]
     out[f"{t}positional_embedding"] = p["text/pos_embedding"]
     out[f"{t}ln_final.weight"], out[f"{t}ln_final.bias"] = p["text/ln_final/scale"], p["text/ln_final/bias"]

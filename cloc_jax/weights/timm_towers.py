@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from cloc_jax.models.spec import FAMILIES, ImageSpec
-from cloc_jax.weights.layout import heads_in, heads_out, linear
+from cloc_jax.weights.layout import conv, heads_in, heads_out, linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,12 +195,8 @@ def torch_shapes(image: dict, embed_dim: int) -> dict[str, tuple[int, ...]]:
             return (1, 1, w)
         if ".mlp.fc2.weight" in name:
             return (w, hidden)
-        if ".mlp.fc1" in name or ".mlp.norm" in name:
-            return (
-                (hidden, w)
-                if name.endswith("fc1.weight") or name.endswith("_g.weight") or name.endswith("_x.weight")
-                else (hidden,)
-            )
+        if ".mlp.fc1" in name or ".mlp.norm" in name:  # fc1, fc1_g, fc1_x: [hidden, w]; biases and the norm: [hidden]
+            return (hidden, w) if name.endswith(".weight") and ".norm." not in name else (hidden,)
         if name.endswith(".weight") and "norm" not in name:  # the attention's linear maps
             return (w, w)
         return (w,)
@@ -224,7 +220,7 @@ def params(state: dict, image: dict) -> dict[str, np.ndarray]:
             for part, piece in zip(parts, np.split(np.asarray(state.pop(f"{fused}.{kind}")), len(parts)), strict=True):
                 state[f"{part}.{kind}"] = piece
     heads, map_heads = image["heads"], image["map_heads"] or image["heads"]
-    read = dict(same=lambda a: a, linear=linear, conv=lambda a: np.ascontiguousarray(a.transpose(2, 3, 1, 0)),
+    read = dict(same=lambda a: a, linear=linear, conv=conv,
                 heads_in=lambda a: heads_in(a, heads), heads_out=lambda a: heads_out(a, heads),
                 bias_heads=lambda a: a.reshape(heads, -1), map_in=lambda a: heads_in(a, map_heads),
                 map_out=lambda a: heads_out(a, map_heads), map_bias=lambda a: a.reshape(map_heads, -1))  # fmt: skip
