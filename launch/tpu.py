@@ -13,7 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cloc_jax import cpu, distributed
+from cloc_jax import cpu, distributed, gpu
 from cloc_jax.data import pipeline
 from cloc_jax.guards import RunError
 from cloc_jax.train import aot, train_and_evaluate
@@ -26,6 +26,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go; reused to resume")
 _AOT_TOPOLOGY = flags.DEFINE_string(
     "aot_topology", None, "compile the training step for this TPU topology (e.g. v5p:8x8x16) and report; no training"
+)
+_GPU_PRESETS = flags.DEFINE_bool(
+    "gpu_presets", True, "on an NVIDIA GPU host, add cloc_jax.gpu.PRESET's XLA flags (those jaxlib knows)"
 )
 _AOT_ESTIMATE = flags.DEFINE_bool(
     "aot_estimate", False, "also XLA's cost-model step time (compiles the step again, unrolled at shallow depths)"
@@ -46,6 +49,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     if not os.environ.get("JAX_PLATFORMS") and not distributed.on_tpu_vm():
         jax.config.update("jax_platforms", "cuda,cpu")  # no TPU here: GPU if any, else CPU; libtpu stays quiet
+    if _GPU_PRESETS.value and not _AOT_TOPOLOGY.value and gpu.on_gpu_host(os.environ):
+        for line in gpu.apply_presets():  # before the first computation, which reads XLA_FLAGS
+            print(line, flush=True)
     config = _CONFIG.value
     if _AOT_TOPOLOGY.value:
         devices = aot.topology_devices(_AOT_TOPOLOGY.value, config.mesh.slices)  # --config.mesh.slices=N: N slices

@@ -63,7 +63,7 @@ def attend(
     if bias is not None:
         raise ValueError(f"attention kernel={kernel!r} takes no bias (an additive bias needs kernel='xla')")
     if kernel == "cudnn":
-        problem = cudnn_problem(q, k, causal=causal, segments=segment_ids is not None)
+        problem = cudnn_problem(q, k, causal=causal, segments=segment_ids is not None, gpu=gpu_generation())
         if problem:
             raise ValueError(f"attention kernel='cudnn': {problem}")
         mask = None if segment_ids is None else _segment_mask(*segment_ids)
@@ -86,14 +86,25 @@ def pick_kernel(
         return "xla"
     if platform == "tpu":
         return "splash"
-    if platform in ("gpu", "cuda") and not cudnn_problem(q, k, causal=causal, segments=segment_ids is not None):
+    segments = segment_ids is not None
+    if platform in ("gpu", "cuda") and not cudnn_problem(q, k, causal=causal, segments=segments, gpu=gpu_generation()):
         return "cudnn"
     return "xla"
 
 
-def cudnn_problem(q, k, *, causal: bool, segments: bool) -> str | None:
-    """Why cuDNN (through jax.nn in JAX 0.10) cannot take these inputs, or None."""
+def gpu_generation() -> float | None:
+    """The compute capability of the first GPU JAX runs on (8.0 A100, 8.9 L4, 9.0 H100/H200), or None when JAX
+    runs elsewhere (then a program lowered for CUDA is assumed to meet an Ampere or newer GPU)."""
+    device = jax.devices()[0]
+    return float(device.compute_capability) if device.platform == "gpu" else None
+
+
+def cudnn_problem(q, k, *, causal: bool, segments: bool, gpu: float | None = None) -> str | None:
+    """Why cuDNN (through jax.nn in JAX 0.10) cannot take these inputs on a GPU of compute capability `gpu`
+    (None: not known), or None."""
     (_, t, _, d), s = q.shape, k.shape[1]
+    if gpu is not None and gpu < 8.0:
+        return f"cuDNN flash attention needs an Ampere or newer GPU (compute capability 8.0), this one is {gpu}"
     if jnp.dtype(q.dtype) not in (jnp.bfloat16, jnp.float16):
         return f"needs bfloat16 or float16 inputs, got {jnp.dtype(q.dtype).name}"
     if d % 8 or d > 128:
