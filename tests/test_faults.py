@@ -123,14 +123,13 @@ def test_two_processes_train_together_stop_together_on_sigterm_and_resume(tmp_pa
     to both stops both at the same step (JAX's pre-emption sync point) with exit 0, and the restart ends
     where an uninterrupted two-process run ends."""
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    procs = _two_processes(straight, _free_port(), "--config.num_steps=10", "--config.eval_every=10")
+    # (evaluation over both hosts' shares: tests/test_evaluate.py::test_two_processes_give_the_one_process_metrics)
+    procs = _two_processes(straight, _free_port(), "--config.num_steps=10")
     outs = _outputs(procs)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "4 device(s) (cpu), 2 process(es)" in outs[0]
     rows = metric_rows(straight)
     assert [row["step"] for row in rows if "loss" in row] == [5, 10]  # one writer: no duplicated rows
-    evaluated = [row for row in rows if "grounding/acc50" in row]  # every evaluator ran on both hosts' shares
-    assert [row["step"] for row in evaluated] == [10] and "region/macc" in evaluated[0]
     for pid in range(2):  # every host saved its own position: 10 steps of its 8 records (global batch 16)
         with open(os.path.join(straight, "checkpoints", "10", "data", f"process_{pid}-of-2.json")) as f:
             assert json.load(f) == {"next_index": 10 * 8}
