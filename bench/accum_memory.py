@@ -39,15 +39,16 @@ def compiled_gib(name: str, batch: int, accum: int) -> dict:
 
 
 def largest_batch(name: str, accum: int, at: dict, budget: float) -> tuple[int, float]:
-    """(the largest batch compiled and found to fit `budget` GiB a device, its GiB)."""
+    """(the largest batch compiled and found to fit `budget` GiB a device, its GiB); (0, nan) if none did."""
     unit = 8 * accum
     twice = compiled_gib(name, 2 * at["batch_size"], accum)
     per_example = (twice["per_device_gib"] - at["per_device_gib"]) / at["batch_size"]
-    fits, fits_gib, fails = at["batch_size"], at["per_device_gib"], None
-    if twice["per_device_gib"] <= budget:
-        fits, fits_gib = twice["batch_size"], twice["per_device_gib"]
-    else:
-        fails = twice["batch_size"]
+    fits, fits_gib, fails = 0, float("nan"), None
+    for r in (at, twice):
+        if r["per_device_gib"] <= budget:
+            fits, fits_gib = r["batch_size"], r["per_device_gib"]
+        elif fails is None:
+            fails = r["batch_size"]
     guess = at["batch_size"] + (budget - at["per_device_gib"]) / per_example  # the line through the two
     for _ in range(_CHECKS.value):
         guess = int(guess) // unit * unit

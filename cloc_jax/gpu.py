@@ -70,13 +70,13 @@ def accepted(flags: dict[str, str], env: Mapping[str, str] | None = None) -> tup
         if out.returncode == 0:
             return known, unknown
         if not found:
-            raise RuntimeError(f"probing XLA flags failed: {out.stderr.strip().splitlines()[-1:]}")
+            raise ValueError(f"probing XLA flags failed: {out.stderr.strip().splitlines()[-1:]}")
         bad = flag_names(found.group(1)) & set(known)
         if not bad:
-            raise RuntimeError(f"XLA_FLAGS has flags this jaxlib does not know: {found.group(1)}")
+            raise ValueError(f"XLA_FLAGS has flags this jaxlib does not know: {found.group(1)}")
         unknown += sorted(bad)
         known = {k: v for k, v in known.items() if k not in bad}
-    raise RuntimeError(f"probing XLA flags failed twice: {out.stderr.strip().splitlines()[-1:]}")
+    raise ValueError(f"probing XLA flags failed twice: {out.stderr.strip().splitlines()[-1:]}")
 
 
 def apply_presets(env: dict[str, str] | None = None) -> list[str]:

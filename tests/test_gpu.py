@@ -25,6 +25,8 @@ def test_flags_this_jaxlib_does_not_know_are_dropped_and_the_users_values_win():
     assert not any(f.startswith("--xla_gpu_enable_latency_hiding_scheduler=true") for f in flags)
     assert "--xla_gpu_enable_while_loop_double_buffering=true" in flags
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == gpu.MEMORY_FRACTION and lines[0].startswith("GPU preset:")
+    with pytest.raises(ValueError, match="XLA_FLAGS has flags this jaxlib does not know: --xla_gpu_graph_level=0"):
+        gpu.apply_presets({**os.environ, "XLA_FLAGS": "--xla_gpu_graph_level=0"})  # the user's own: one line
 
 
 def test_gpu_hosts_are_recognised_only_where_jax_may_use_cuda():
