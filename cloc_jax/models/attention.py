@@ -39,6 +39,11 @@ DEFAULT_RULES = (("activation_batch", BATCH_AXES), ("activation_heads", "tensor"
 # this name keeps the forward kernel from running again in the backward pass.
 RESIDUALS = "attention_residuals"
 LANES = 128  # splash's segment-id masking works on whole 128-lane tiles: lengths are padded to multiples
+# "auto" takes splash on TPUs from this query length on. XLA's cost model on v5p (README, "Performance"): at 197
+# tokens (B/16) and 77 (texts) XLA's attention is cheaper, its [B, H, T, T] logits still small and splash's
+# padding to whole blocks large (256 / 197, 128 / 77); at 577 (L/14 at 336 px) splash is, by 0.12 of MFU.
+# 257 (L/14 and H/14 at 224 px) keeps splash, unmeasured either way.
+SPLASH_MIN_LENGTH = 256
 
 
 def attend(
@@ -81,11 +86,12 @@ def pick_kernel(
     bias: jax.Array | None = None,
 ) -> str:
     """The kernel for `platform` ("tpu", "gpu"/"cuda", "cpu", e.g. devices[0].platform) and these inputs
-    (arrays or ShapeDtypeStructs): splash on TPU, cuDNN on GPU where it qualifies, else XLA."""
+    (arrays or ShapeDtypeStructs): splash on TPU for queries of SPLASH_MIN_LENGTH or more, cuDNN on GPU where
+    it qualifies, else XLA."""
     if bias is not None:
         return "xla"
     if platform == "tpu":
-        return "splash"
+        return "splash" if q.shape[1] >= SPLASH_MIN_LENGTH else "xla"
     segments = segment_ids is not None
     if platform in ("gpu", "cuda") and not cudnn_problem(q, k, causal=causal, segments=segments, gpu=gpu_generation()):
         return "cudnn"

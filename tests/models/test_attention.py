@@ -226,7 +226,8 @@ def test_bad_input_is_one_line_and_the_picker_falls_back_to_xla():
         assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="needs bfloat16 or float16 inputs, got float32"):
         attend(f32, f32, f32, kernel="cudnn")
-    assert pick_kernel("tpu", q, q) == "splash"
+    long = jax.ShapeDtypeStruct((2, 577, 4, 64), jnp.bfloat16)  # L/14 at 336 px
+    assert pick_kernel("tpu", long, long) == "splash" and pick_kernel("tpu", q, q) == "xla"  # q: 77 tokens
     assert pick_kernel("tpu", q, q, bias=jnp.zeros(())) == "xla"
     assert pick_kernel("gpu", q, q, causal=True) == "cudnn"
     assert pick_kernel("gpu", q, q, segment_ids=(ids, ids)) == "xla"  # a mask bias with odd lengths
