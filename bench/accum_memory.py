@@ -10,8 +10,10 @@ compiled by XLA:CPU, whose fusions and buffer assignment are not XLA:GPU's (no c
 [B, H, T, T] attention logits that cuDNN never materialises), so GPU figures differ; the ratios between
 accumulation settings are what carries over. Per device = arguments + outputs - donated + temporaries.
 The largest batch: a line through the compiled sizes at --batch and twice it, then compiles that check the
-candidate (a multiple of 8 x accum), halving the step towards the last one that fitted (the [B, B] logits
-grow faster than linearly); printed is the largest batch compiled and found to fit.
+candidate (a multiple of 8 x accum), halving the step towards the last one that fitted; printed are the largest
+batch compiled and found to fit and the smallest found not to. Memory grows faster than linearly at large
+batches: the image-text logits are [B, B] and the region-text logits [B M, B M] (`contrastive=ring` never
+holds them whole).
 """
 
 import os
@@ -38,17 +40,18 @@ def compiled_gib(name: str, batch: int, accum: int) -> dict:
     return aot.compile_for(config, jax.devices())
 
 
-def largest_batch(name: str, accum: int, at: dict, budget: float) -> tuple[int, float]:
-    """(the largest batch compiled and found to fit `budget` GiB a device, its GiB); (0, nan) if none did."""
+def largest_batch(name: str, accum: int, at: dict, budget: float) -> tuple[int, float, int, float]:
+    """(the largest batch compiled and found to fit `budget` GiB a device, its GiB; the smallest found not to,
+    its GiB); 0 and nan where none was."""
     unit = 8 * accum
     twice = compiled_gib(name, 2 * at["batch_size"], accum)
     per_example = (twice["per_device_gib"] - at["per_device_gib"]) / at["batch_size"]
-    fits, fits_gib, fails = 0, float("nan"), None
+    fits, fits_gib, fails, fails_gib = 0, float("nan"), None, float("nan")
     for r in (at, twice):
         if r["per_device_gib"] <= budget:
             fits, fits_gib = r["batch_size"], r["per_device_gib"]
         elif fails is None:
-            fails = r["batch_size"]
+            fails, fails_gib = r["batch_size"], r["per_device_gib"]
     guess = at["batch_size"] + (budget - at["per_device_gib"]) / per_example  # the line through the two
     for _ in range(_CHECKS.value):
         guess = int(guess) // unit * unit
@@ -59,9 +62,9 @@ def largest_batch(name: str, accum: int, at: dict, budget: float) -> tuple[int, 
         if gib <= budget:
             fits, fits_gib = guess, gib
         else:
-            fails = guess
+            fails, fails_gib = guess, gib
         guess = fits * 1.25 if fails is None else (fits + fails) / 2
-    return fits, fits_gib
+    return fits, fits_gib, fails or 0, fails_gib
 
 
 def main(argv):
@@ -70,16 +73,17 @@ def main(argv):
     budget = _BUDGET.value
     print(
         f"| config | accum | batch | micro-batch | arguments GiB | temporaries GiB | GiB / device |"
-        f" largest batch in {budget:.0f} GiB (its GiB) |"
+        f" largest batch found to fit {budget:.0f} GiB (its GiB) | smallest found not to (its GiB) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in _CONFIGS.value:
         for accum in map(int, _ACCUM.value):
             r = compiled_gib(name, _BATCH.value, accum)
-            most, most_gib = largest_batch(name, accum, r, budget)
+            most, most_gib, least, least_gib = largest_batch(name, accum, r, budget)
             print(
                 f"| {name} | {accum} | {_BATCH.value:,} | {_BATCH.value // accum:,} | {r['arguments_gib']:.2f} |"
-                f" {r['temporaries_gib']:.2f} | {r['per_device_gib']:.2f} | {most:,} ({most_gib:.1f}) |",
+                f" {r['temporaries_gib']:.2f} | {r['per_device_gib']:.2f} | {most:,} ({most_gib:.1f}) |"
+                f" {least:,} ({least_gib:.1f}) |",
                 flush=True,
             )
 

@@ -39,9 +39,9 @@ DEFAULT_RULES = (("activation_batch", BATCH_AXES), ("activation_heads", "tensor"
 # this name keeps the forward kernel from running again in the backward pass.
 RESIDUALS = "attention_residuals"
 LANES = 128  # splash's segment-id masking works on whole 128-lane tiles: lengths are padded to multiples
-# "auto" takes splash on TPUs from this query length on. XLA's cost model on v5p (README, "Performance"): at 197
+# "auto" takes splash on TPUs from this query length on. XLA's cost model on v5p (README, "Performance"): at 196
 # tokens (B/16) and 77 (texts) XLA's attention is cheaper, its [B, H, T, T] logits still small and splash's
-# padding to whole blocks large (256 / 197, 128 / 77); at 577 (L/14 at 336 px) splash is, by 0.12 of MFU.
+# padding to whole blocks large (256 / 196, 128 / 77); at 577 (L/14 at 336 px) splash is, by 0.12 of MFU.
 # 257 (L/14 and H/14 at 224 px) keeps splash, unmeasured either way.
 SPLASH_MIN_LENGTH = 256
 
