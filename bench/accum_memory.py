@@ -2,7 +2,8 @@
 compiled for this machine's 8 devices, at one global batch and 1, 4 and 16 micro-batches; then the largest
 global batch whose step fits a per-device budget (80 GiB: an A100/H100) at each.
 
-    python bench/accum_memory.py [--configs=cloc_b16,cloc_l14] [--batch=1024] [--accum=1,4,16] [--budget_gib=80]
+    python bench/accum_memory.py [--configs=cloc_b16,cloc_l14] [--batch=1024] [--accum=1,4,16] [--budget_gib=80] \
+        [--overrides=model.remat=dots_no_batch]
 
 The configs as shipped (bf16 activations, float32 parameters and optimizer state FSDP-sharded over the 8
 devices, their remat and scanned layers) on the embedded scenes (M = 4 regions an image). Caveat: the step is
@@ -16,6 +17,7 @@ batches: the image-text logits are [B, B] and the region-text logits [B M, B M] 
 holds them whole).
 """
 
+import functools
 import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -23,7 +25,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax
 from absl import app, flags, logging
 
-from cloc_jax.config import load_config_file
+from cloc_jax.config import load_config_file, set_dotted
 from cloc_jax.train import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,11 +34,14 @@ _BATCH = flags.DEFINE_integer("batch", 1024, "the fixed global batch of the tabl
 _ACCUM = flags.DEFINE_list("accum", ["1", "4", "16"], "micro-batch counts")
 _BUDGET = flags.DEFINE_float("budget_gib", 80.0, "per-device memory the largest batch must fit")
 _CHECKS = flags.DEFINE_integer("checks", 3, "compiles spent checking the largest-batch candidate")
+_OVERRIDES = flags.DEFINE_list("overrides", [], "key=value,... set on every config, e.g. model.remat=full")
 
 
 def compiled_gib(name: str, batch: int, accum: int) -> dict:
     config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"), "data=scenes")
     config.batch_size, config.optim.accum_steps = batch, accum
+    for key, _, value in (item.partition("=") for item in _OVERRIDES.value):
+        set_dotted(config, {key: type(functools.reduce(lambda c, k: c[k], key.split("."), config))(value)})
     return aot.compile_for(config, jax.devices())
 
 
