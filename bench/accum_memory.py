@@ -17,15 +17,15 @@ batches: the image-text logits are [B, B] and the region-text logits [B M, B M] 
 holds them whole).
 """
 
-import functools
 import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax
 from absl import app, flags, logging
+from common import apply_overrides
 
-from cloc_jax.config import load_config_file, set_dotted
+from cloc_jax.config import load_config_file
 from cloc_jax.train import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +40,7 @@ _OVERRIDES = flags.DEFINE_list("overrides", [], "key=value,... set on every conf
 def compiled_gib(name: str, batch: int, accum: int) -> dict:
     config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"), "data=scenes")
     config.batch_size, config.optim.accum_steps = batch, accum
-    for key, _, value in (item.partition("=") for item in _OVERRIDES.value):
-        set_dotted(config, {key: type(functools.reduce(lambda c, k: c[k], key.split("."), config))(value)})
-    return aot.compile_for(config, jax.devices())
+    return aot.compile_for(apply_overrides(config, _OVERRIDES.value), jax.devices())
 
 
 def largest_batch(name: str, accum: int, at: dict, budget: float) -> tuple[int, float, int, float]:

@@ -7,13 +7,13 @@
 Needs libtpu (pip install -e ".[tpu]"); no TPU. Prints one markdown row per (config, topology).
 """
 
-import functools
 import json
 import os
 
 from absl import app, flags, logging
+from common import apply_overrides
 
-from cloc_jax.config import load_config_file, set_dotted
+from cloc_jax.config import load_config_file
 from cloc_jax.train import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,10 +34,7 @@ def main(argv):
     for name in _CONFIGS.value:
         for topology in _TOPOLOGIES.value:
             config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
-            for item in filter(None, _OVERRIDES.value.split(",")):
-                key, value = item.split("=")
-                current = functools.reduce(lambda c, part: c[part], key.split("."), config)
-                set_dotted(config, {key: type(current)(value)})
+            apply_overrides(config, list(filter(None, _OVERRIDES.value.split(","))))
             r = aot.compile_for(config, aot.topology_devices(topology), estimate=topology in _ESTIMATE.value)
             mesh = "x".join(str(v) for v in r["mesh"].values())
             step = f"{r['estimated_step_seconds']:.3f}" if r["estimated_step_seconds"] > 0 else ""

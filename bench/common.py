@@ -1,6 +1,8 @@
 """Helpers shared by the benchmarks (no flags here: each benchmark script defines its own)."""
 
+import ast
 import contextlib
+import functools
 import statistics
 import time
 
@@ -9,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cloc_jax import cpu, sharding
+from cloc_jax.config import set_dotted
 from cloc_jax.data import pipeline
 from cloc_jax.train import aot, build, init_state, make_train_step
 
@@ -29,11 +32,24 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak_flops(n: int = 4096, repeats: int = 5) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_peak_flops(n: int = 4096, repeats: int = 5, dtype=jnp.float32) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     mm = jax.jit(lambda x: x @ x)
     jax.block_until_ready(mm(a))
     return 2 * n**3 / median_seconds(lambda: mm(a), repeats)
+
+
+def apply_overrides(config, items: list[str]):
+    """["model.remat=full", "model.scan=false", ...] -> those keys set, each text read as the type the key holds
+    (bools from 1/true/yes, other scalars by their type, tuples and lists as Python literals)."""
+    for key, _, text in (item.partition("=") for item in items):
+        old = functools.reduce(lambda c, k: c[k], key.split("."), config)
+        if isinstance(old, bool):
+            value = text.lower() in ("1", "true", "yes")
+        else:
+            value = type(old)(text) if isinstance(old, int | float | str) else ast.literal_eval(text)
+        set_dotted(config, {key: value})
+    return config
 
 
 def step_flops(config) -> float:

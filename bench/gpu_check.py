@@ -63,19 +63,9 @@ def worker(name: str, args, timeout: int) -> dict:
     return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][-400:]}
 
 
-def bf16_peak_jax() -> float:
-    import jax
-    import jax.numpy as jnp
-    from common import median_seconds
-
-    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
-    mm = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(mm(a))
-    return 2 * 8192**3 / median_seconds(lambda: mm(a), 10)
-
-
 def run_ours(name: str, batch: int, steps: int) -> dict:
-    from common import median_seconds, real_batch, sized_and_meshed, step_runner
+    import jax.numpy as jnp
+    from common import matmul_peak_flops, median_seconds, real_batch, sized_and_meshed, step_runner
 
     from cloc_jax.config import load_config_file
     from cloc_jax.data import pipeline
@@ -89,7 +79,13 @@ def run_ours(name: str, batch: int, steps: int) -> dict:
     tags = pipeline.tag_vocabulary(config)
     flops = aot.model_flops(config, 0 if tags is None else len(tags))
     vocab = build(config)[1].text.vocab_size
-    return dict(seconds=seconds, loss=float(outs[-1]["loss"]), flops=flops, peak=bf16_peak_jax(), vocab=vocab)
+    return dict(
+        seconds=seconds,
+        loss=float(outs[-1]["loss"]),
+        flops=flops,
+        peak=matmul_peak_flops(8192, 10, jnp.bfloat16),
+        vocab=vocab,
+    )
 
 
 def run_open_clip(batch: int, steps: int, vocab: int) -> dict:

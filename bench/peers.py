@@ -39,7 +39,6 @@ peers a random one of the same shapes; our step also skips non-finite updates.
 """
 
 import argparse
-import functools
 import importlib.util
 import json
 import math
@@ -67,22 +66,14 @@ LR, B1, B2, EPS, WD, CLIP_NORM = 5e-4, 0.9, 0.98, 1e-6, 0.2, 1.0
 
 def our_config(batch: int, overrides: list[str]):
     """configs/clip_b16.py:data=scenes in the CPU layout, AdamW, then `key=value` overrides (typed like the key)."""
-    import ast
-
-    from common import CPU_LAYOUT
+    from common import CPU_LAYOUT, apply_overrides
 
     from cloc_jax.config import load_config_file, set_dotted
 
     config = load_config_file(os.path.join(ROOT, "configs", "clip_b16.py"), "data=scenes")
     settings = {f"model.{k}": v for k, v in CPU_LAYOUT.items()}
     settings.update({"optim.name": "adamw", "batch_size": batch})
-    for key, _, text in (item.partition("=") for item in overrides):
-        old = functools.reduce(lambda c, k: c[k], key.split("."), config)
-        if isinstance(old, bool):
-            settings[key] = text.lower() in ("1", "true", "yes")
-        else:
-            settings[key] = type(old)(text) if isinstance(old, int | float | str) else ast.literal_eval(text)
-    return set_dotted(config, settings)
+    return apply_overrides(set_dotted(config, settings), overrides)
 
 
 def our_vocab(overrides: list[str]) -> int:
