@@ -231,3 +231,31 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def dense_adaptation(c: ml_collections.ConfigDict, pet: bool, adapter_dim: int = 8) -> ml_collections.ConfigDict:
+    """A pretraining config turned into UMG-CLIP's dense adaptation (`train/dense.py`): the backbone frozen, Convpass
+    adapters in it with `pet`, a mask decoder trained on masked rows. Start it from an export (`init_from`). The
+    decoder's defaults are a small FC-CLIP / Mask2Former: queries, width, layers, heads, MLP width."""
+    c.unlock()
+    c.model.image.update(cluster_ratio=0.0, adapter_dim=adapter_dim if pet else 0)  # the full token grid
+    c.data.masks = True
+    c.optim.update(trainable=("decoder", "adapter") if pet else ("decoder",), image_lr_mult=1.0, text_lr_mult=1.0)
+    c.dense = dict(
+        num_queries=16,
+        dim=128,
+        layers=3,  # Mask2Former's 9 = 3 rounds over its 3 levels; here 1 round
+        heads=4,
+        mlp_dim=512,
+        stuff_classes=(),  # label-map classes that are one region each, not instances (COCO's 53, the scenes' background)
+        unseen_classes=(),  # classes of the training data kept out of its vocabulary (open-vocabulary evaluation)
+        templates=("{}",),  # prompts of the class names
+        loss=dict(classification=2.0, mask=5.0, dice=5.0, void=0.1),  # Mask2Former's weights
+        alpha=0.4,  # FC-CLIP's ensemble: the out-of-vocabulary scores' weight for seen classes
+        beta=0.8,  # ... and for unseen ones
+        object_threshold=0.8,  # panoptic inference: a query's class score it needs to make a segment
+        overlap_threshold=0.8,  # and the share of its mask it must keep against the others
+    )
+    c.evals = {}  # dense adaptation evaluates with evals/dense.py
+    c.lock()
+    return c

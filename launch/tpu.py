@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from cloc_jax import cpu, distributed, gpu
 from cloc_jax.data import pipeline
 from cloc_jax.guards import RunError
-from cloc_jax.train import aot, train_and_evaluate
+from cloc_jax.train import aot, dense, train_and_evaluate
 
 cpu.order_collectives()  # before JAX makes its backends (imported above, started at the first computation)
 
@@ -66,7 +66,8 @@ def main(argv):
     if jax.default_backend() == "cpu":
         cpu.keep_freed_memory()  # XLA:CPU's step buffers reuse freed pages instead of faulting in new ones
     print(f"Running on {describe_platform()} [{kind}]", flush=True)
-    results = train_and_evaluate(config, _WORKDIR.value)
+    run = dense.adapt if "dense" in config else train_and_evaluate  # dense adaptation, or pretraining
+    results = run(config, _WORKDIR.value)
     print(json.dumps(results), flush=True)
 
 

@@ -128,18 +128,20 @@ def eval_batches(
     rule: PreprocessSpec | None = None,
     label_maps: bool = False,
     image_size: int = 0,
+    masks: bool = False,
 ) -> tuple[int, Iterator[dict]]:
     """This host's share of `source` (every process_count-th record; with `share=False` all of `source`,
     which the caller chose for this host), every usable record once, in order, decoded by
     `data.num_threads` workers -> (number of batches, batches of `per_host` rows). With `share` the count
     is the same on every host (all run the same collectives): short hosts end in all-padding batches, and
     `valid` marks real rows. `rule`: how images are decoded and resized (`data/preprocess.py`); `label_maps`: rows
-    carry each image's label map (a host field) and geometry for the segmentation evaluators; `image_size`: the
-    input's side (0: `config.image_size`)."""
+    carry each image's label map (a host field) and geometry for the segmentation evaluators; `masks`: its region
+    masks and label map at the input's pixels (dense adaptation's PQ); `image_size`: the input's side (0:
+    `config.image_size`)."""
     size = image_size or config.image_size
     prep = Preprocess(
         tokenizer, config.tokenizer, size, max_regions, stats=stats, max_captions=max_captions, rule=rule,
-        label_maps=label_maps, num_classes=len(sources.segmentation_classes(source)),
+        label_maps=label_maps, masks=masks, num_classes=len(sources.segmentation_classes(source)),
     )  # fmt: skip
     hosts = jax.process_count() if share else 1
     count = -(-len(source) // hosts)

@@ -1,0 +1,36 @@
+"""Dense adaptation of a trained tiny model on the embedded scenes: backbone frozen, an open-vocabulary mask
+decoder (and Convpass adapters with `pet=true`) trained on the scenes' instance masks and background; held-out
+mIoU and PQ at the end (the five held-out colour-shape combinations are unseen classes: FC-CLIP's ensemble).
+
+python -m cloc_jax.export --workdir=/tmp/umg_tiny --out=/tmp/umg_tiny_export
+python launch/tpu.py --config=configs/umg_tiny_seg.py:init_from=/tmp/umg_tiny_export,pet=true --workdir=/tmp/umg_seg
+
+`backbone=cloc` or `clip` reads cloc_tiny / clip_tiny exports the same way; `image_size=96` adapts at 96 px.
+"""
+
+import os
+
+from cloc_jax.config import dense_adaptation, load_config_file, parse_arg
+from cloc_jax.data import scenes
+
+BACKBONES = {"umg": "umg_tiny.py", "cloc": "cloc_tiny.py", "clip": "clip_tiny.py"}
+
+
+def get_config(arg: str | None = None):
+    arg = parse_arg(arg, backbone="umg", init_from="", pet=False, num_steps=600, batch_size=32, image_size=64)
+    if arg.backbone not in BACKBONES:
+        raise ValueError(f"config arg backbone={arg.backbone!r}; choose one of {sorted(BACKBONES)}")
+    base = os.path.join(os.path.dirname(__file__), BACKBONES[arg.backbone])
+    c = dense_adaptation(load_config_file(base, f"num_steps={arg.num_steps},batch_size={arg.batch_size}"), arg.pet)
+    c.unlock()
+    c.image_size = arg.image_size
+    c.init_from = arg.init_from
+    c.tags.update(image_weight=0.0, region_weight=0.0)
+    c.optim.update(lr=1e-3, warmup_steps=50, weight_decay=0.05, name="adamw")
+    c.dense.update(stuff_classes=("background",), unseen_classes=tuple(sorted(scenes.HELDOUT_COMBOS)))
+    c.data.heldout_size = 256
+    c.eval_batch_size = 64
+    c.log_every = 50
+    c.checkpoint_every = 200
+    c.lock()
+    return c
