@@ -247,7 +247,7 @@ def dense_adaptation(c: ml_collections.ConfigDict, pet: bool, adapter_dim: int =
         layers=3,  # Mask2Former's 9 = 3 rounds over its 3 levels; here 1 round
         heads=4,
         mlp_dim=512,
-        stuff_classes=(),  # label-map classes that are one region each, not instances (COCO's 53, the scenes' background)
+        stuff_classes=(),  # label-map classes that are one region each, not instances (COCO's 53; scenes' background)
         unseen_classes=(),  # classes of the training data kept out of its vocabulary (open-vocabulary evaluation)
         templates=("{}",),  # prompts of the class names
         loss=dict(classification=2.0, mask=5.0, dice=5.0, void=0.1),  # Mask2Former's weights

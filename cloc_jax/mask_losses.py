@@ -62,7 +62,7 @@ def set_losses(class_logits, mask_logits, labels, targets, valid, weights: MaskL
     "dice"} (mask terms: summed over matched targets / the batch's number of targets, as Mask2Former averages)."""
     class_logits, mask_logits = class_logits.astype(jnp.float32), mask_logits.astype(jnp.float32)
     queries = jax.lax.stop_gradient(
-        jax.vmap(lambda c, m, l, t, v: match(c, m, l, t, v, weights))(class_logits, mask_logits, labels, targets, valid)
+        jax.vmap(lambda c, m, lab, t, v: match(c, m, lab, t, v, weights))(class_logits, mask_logits, labels, targets, valid)
     )
     void = class_logits.shape[-1] - 1
     matched = jax.vmap(lambda q, lab, v: jnp.full((class_logits.shape[1],), void).at[q].set(jnp.where(v, lab, void)))

@@ -37,7 +37,8 @@ def encode_classes(model: Model, params: dict, tokenizer, names, templates) -> n
     """Class names -> [C, E] unit prompt-ensemble embeddings from the (frozen) text tower."""
     length = model.text.context_length
     encode = jax.jit(lambda p, t: model.apply({"params": p}, t, method=Model.encode_text))
-    return class_embeddings(lambda texts: np.asarray(encode(params, tokenize(tokenizer, texts, length))), names, templates)
+    embed = lambda texts: np.asarray(encode(params, tokenize(tokenizer, texts, length)))  # noqa: E731
+    return class_embeddings(embed, names, templates)
 
 
 def make_forward(model: Model, decoder: MaskDecoder):

@@ -129,15 +129,15 @@ class MaskDecoder(nn.Module):
         self.level_embed = self.param(
             "level_embed", logical(nn.initializers.normal(1.0), (None, "embed")), (len(LEVEL_SCALES), self.dim)
         )
-        self.decoder = [DecoderLayer(self.heads, self.mlp_dim, self.dtype, name=f"layer_{i}") for i in range(self.layers)]
+        self.decoder = [
+            DecoderLayer(self.heads, self.mlp_dim, self.dtype, name=f"layer_{i}") for i in range(self.layers)
+        ]
         self.out_norm = layer_norm("out_norm", self.dtype)
         self.class_proj = nn.Dense(
             self.embed_dim, dtype=self.dtype, kernel_init=logical(nn.initializers.xavier_uniform(), ("embed", "joint"))
         )
-        self.mask_mlp = [
-            nn.Dense(self.dim, dtype=self.dtype, kernel_init=logical(nn.initializers.xavier_uniform(), ("embed", "mlp")))
-            for _ in range(3)
-        ]
+        kernel = logical(nn.initializers.xavier_uniform(), ("embed", "mlp"))
+        self.mask_mlp = [nn.Dense(self.dim, dtype=self.dtype, kernel_init=kernel) for _ in range(3)]
         self.void = self.param("void", logical(nn.initializers.normal(1.0), ("joint",)), (self.embed_dim,))
         self.log_scale = self.param("log_scale", logical(nn.initializers.constant(np.log(1 / 0.07)), ()), ())
 
@@ -190,7 +190,8 @@ def class_logits(classes: jax.Array, void: jax.Array, scale: jax.Array, text: ja
 
 def make_decoder(d, model: Model) -> MaskDecoder:
     """The decoder `d` (config.dense) describes, over `model`'s image tower."""
-    return MaskDecoder(d.num_queries, d.dim, d.layers, d.heads, d.mlp_dim, model.spec.embed_dim, model.image.tower.dtype)
+    dtype = model.image.tower.dtype
+    return MaskDecoder(d.num_queries, d.dim, d.layers, d.heads, d.mlp_dim, model.spec.embed_dim, dtype)
 
 
 def backbone_grid(model: Model, params: dict, images: jax.Array) -> jax.Array:
