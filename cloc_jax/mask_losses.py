@@ -61,9 +61,8 @@ def set_losses(class_logits, mask_logits, labels, targets, valid, weights: MaskL
     targets labels [B, G] (class indices), masks [B, G, P] in [0, 1], valid [B, G] -> {"classification", "mask",
     "dice"} (mask terms: summed over matched targets / the batch's number of targets, as Mask2Former averages)."""
     class_logits, mask_logits = class_logits.astype(jnp.float32), mask_logits.astype(jnp.float32)
-    queries = jax.lax.stop_gradient(
-        jax.vmap(lambda c, m, lab, t, v: match(c, m, lab, t, v, weights))(class_logits, mask_logits, labels, targets, valid)
-    )
+    matcher = jax.vmap(lambda c, m, lab, t, v: match(c, m, lab, t, v, weights))
+    queries = jax.lax.stop_gradient(matcher(class_logits, mask_logits, labels, targets, valid))
     void = class_logits.shape[-1] - 1
     matched = jax.vmap(lambda q, lab, v: jnp.full((class_logits.shape[1],), void).at[q].set(jnp.where(v, lab, void)))
     wanted = matched(queries, labels, valid)  # [B, Q]: each query's class, void when unmatched

@@ -202,4 +202,3 @@ def adapt(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         ckpt.wait()
         ckpt.close()
         writer.close()
-
