@@ -249,6 +249,7 @@ def dense_adaptation(c: ml_collections.ConfigDict, pet: bool, adapter_dim: int =
         mlp_dim=512,
         stuff_classes=(),  # label-map classes that are one region each, not instances (COCO's 53; scenes' background)
         unseen_classes=(),  # classes of the training data kept out of its vocabulary (open-vocabulary evaluation)
+        num_classes=0,  # the training data's classes: only compiling ahead of time reads it (no data there)
         templates=("{}",),  # prompts of the class names
         loss=dict(classification=2.0, mask=5.0, dice=5.0, void=0.1),  # Mask2Former's weights
         alpha=0.4,  # FC-CLIP's ensemble: the out-of-vocabulary scores' weight for seen classes

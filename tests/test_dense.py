@@ -178,6 +178,17 @@ def test_targets_from_a_masked_batch():
     np.testing.assert_allclose(got[0, 2], [0.5, 0.5, 1, 1])
 
 
+def test_area_weights_average_exactly_at_any_ratio():
+    """A 7 x 7 mask to 2 x 2 cells (3.5 pixels a cell, like a 14 px patch's quarter): the same as repeating every
+    pixel 2 x 2 and averaging 7 x 7 blocks."""
+    from cloc_jax.train.dense import _area
+
+    mask = np.random.default_rng(0).random((1, 1, 7, 7)) > 0.5
+    fine = np.kron(mask[0, 0], np.ones((2, 2)))
+    want = fine.reshape(2, 7, 2, 7).mean((1, 3))
+    np.testing.assert_allclose(_area(jnp.asarray(mask, jnp.float32), (2, 2))[0, 0], want, rtol=1e-6)
+
+
 def test_decoder_shapes_and_masked_attention_sees_everything_for_an_empty_mask():
     decoder = MaskDecoder(num_queries=5, dim=16, layers=2, heads=2, mlp_dim=32, embed_dim=8)
     grid = jax.random.normal(jax.random.key(0), (2, 4, 6, 24))

@@ -24,6 +24,7 @@ from cloc_jax.models.heads import region_head
 from cloc_jax.models.spec import from_config
 from cloc_jax.models.vit import ROI_SIZE, vit_size
 from cloc_jax.optim import make_optimizer
+from cloc_jax.train import dense
 from cloc_jax.train.state import abstract_state
 from cloc_jax.train.step import make_train_step
 
@@ -134,7 +135,10 @@ def lower_step(config: ml_collections.ConfigDict, devices: list, tags: np.ndarra
 def compile_on(config: ml_collections.ConfigDict, devices: list, tags: np.ndarray | None = None):
     """(compiled training step for `devices`, its mesh, seconds lowering and compiling took)."""
     start = time.perf_counter()
-    lowered, mesh = lower_step(config, devices, tags)
+    if "dense" in config:  # dense adaptation (train/dense.py): its own step
+        lowered, mesh = dense.lower_dense_step(config, devices)
+    else:
+        lowered, mesh = lower_step(config, devices, tags)
     return lowered.compile(), mesh, time.perf_counter() - start
 
 
@@ -146,6 +150,8 @@ def compile_for(
     kind = devices[0].device_kind
     peak, hbm = DEVICES.get(kind, (float("nan"), float("nan")))
     num_tags = 0 if tags is None else len(tags)
+    if estimate and "dense" in config:
+        raise ValueError("--aot_estimate prices pretraining steps; dense adaptation reports memory only")
     try:
         compiled, mesh, seconds = compile_on(config, devices, tags)
     except jax.errors.JaxRuntimeError as e:  # XLA refuses programs that cannot fit in HBM
@@ -162,7 +168,7 @@ def compile_for(
     replicated = sharding.replicated_arrays(state)
     per_device = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     per_device += memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
-    flops = model_flops(config, num_tags) * config.batch_size
+    flops = float("nan") if "dense" in config else model_flops(config, num_tags) * config.batch_size
     step, depths = estimate_step_seconds(config, devices, tags) if estimate else (float("nan"), [])
     return dict(
         device_kind=kind,

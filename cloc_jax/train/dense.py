@@ -26,10 +26,12 @@ from cloc_jax.data import pipeline, sources
 from cloc_jax.evals import dense as dense_eval
 from cloc_jax.mask_losses import MaskLossWeights, decoder_loss
 from cloc_jax.metrics import MetricWriter
+from cloc_jax.models.build import build as build_model
 from cloc_jax.models.build import init_params
 from cloc_jax.models.cloc import Model
 from cloc_jax.models.mask_decoder import MaskDecoder, backbone_grid, class_logits, make_decoder
 from cloc_jax.models.spec import from_config
+from cloc_jax.optim import make_optimizer
 from cloc_jax.train.loop import pretrained_weights
 from cloc_jax.train.state import TrainState, build, init_from
 
@@ -59,11 +61,19 @@ class TargetSpec:
         return cls(remap, np.array([classes.index(c) for c in config.dense.stuff_classes], np.int32))
 
 
+def area_weights(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in]: how much of each output cell each input pixel covers, over the cell's size (rows sum to
+    1); exact area averaging for any ratio (a 14 px patch makes 3.5 input pixels a mask cell)."""
+    edges = np.arange(size_out + 1) * size_in / size_out
+    starts, ends = np.arange(size_in), np.arange(1, size_in + 1)
+    overlap = np.minimum(ends[None], edges[1:, None]) - np.maximum(starts[None], edges[:-1, None])
+    return (np.clip(overlap, 0, None) * size_out / size_in).astype(np.float32)
+
+
 def _area(masks: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """[B, G, S, S] in {0, 1} -> [B, G, h, w]: each cell's covered fraction (S divisible by h and w)."""
-    b, g, s, t = masks.shape
-    h, w = size
-    return masks.reshape(b, g, h, s // h, w, t // w).mean((3, 5))
+    """[B, G, S, T] in {0, 1} -> [B, G, h, w]: each cell's covered fraction."""
+    rows, cols = area_weights(masks.shape[2], size[0]), area_weights(masks.shape[3], size[1])
+    return jnp.einsum("hs,bgst,wt->bghw", rows, masks, cols)
 
 
 def targets(batch: dict, spec: TargetSpec, size: tuple[int, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -111,17 +121,56 @@ def make_dense_step(config, model: Model, decoder: MaskDecoder, tx, text: np.nda
     return step
 
 
+def example_batch(config: ml_collections.ConfigDict, n: int) -> dict:
+    """Zeros shaped like a masked training batch of `n` images: what the dense step reads (`targets`)."""
+    side, m = config.image_size, config.data.max_regions
+    return dict(
+        image=jnp.zeros((n, side, side, 3), jnp.float32),
+        region_masks=jnp.zeros((n, m, side, side), bool),
+        region_labels=jnp.full((n, m), -1, jnp.int32),
+        region_mask=jnp.zeros((n, m), bool),
+        has_masks=jnp.zeros((n,), bool),
+        semantic=jnp.full((n, side, side), -1, jnp.int32),
+        has_semantic=jnp.zeros((n,), bool),
+    )
+
+
+def lower_dense_step(config: ml_collections.ConfigDict, devices: list):
+    """(the dense step lowered for `devices`, real or abstract (a TPU topology), its mesh): ahead-of-time memory
+    without data or weights; the class vocabulary is `dense.num_classes` zeros."""
+    check_config(config)
+    if not config.dense.num_classes:
+        raise ValueError("compiling dense adaptation ahead of time needs dense.num_classes (the training classes)")
+    mesh = sharding.make_mesh(config.mesh, devices)
+    sharding.check_batch_size(config.batch_size, mesh)
+    model, tx = build_model(from_config(config)), make_optimizer(config.optim, config.num_steps)  # no tokenizer file
+    decoder = make_decoder(config.dense, model)
+    classes = [f"class {i}" for i in range(config.dense.num_classes - len(config.dense.stuff_classes))]
+    target_spec = TargetSpec.of(config, (*classes, *config.dense.stuff_classes))
+    text = np.zeros((config.dense.num_classes, model.spec.embed_dim), np.float32)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
+        _, state = abstract_dense_state(config, model, decoder, tx, mesh)
+        where = sharding.batch_sharding(mesh)
+        batch = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+            jax.eval_shape(lambda: example_batch(config, config.batch_size)),
+        )
+        step = jax.jit(make_dense_step(config, model, decoder, tx, text, target_spec), donate_argnums=0)
+        return step.lower(state, batch), mesh
+
+
 def abstract_dense_state(config, model: Model, decoder: MaskDecoder, tx, mesh):
     """(init function, sharded state shapes) of backbone + decoder, as `state.abstract_state` for the model."""
     spec = from_config(config)
-    patch = model.image.size().patch
-    grid = jnp.zeros((1, config.image_size // patch, config.image_size // patch, model.image.size().width))
+    size = model.image.size()
+    side = config.image_size // size.patch
 
     def init(rng):
         backbone_rng, decoder_rng = jax.random.split(rng)
+        grid = jnp.zeros((1, side, side, size.width), model.image.tower.dtype)  # traced: abstract devices too
         params = {
             "backbone": init_params(model, spec, backbone_rng, regions=config.data.max_regions),
-            "decoder": decoder.init(decoder_rng, grid.astype(model.image.tower.dtype))["params"],
+            "decoder": decoder.init(decoder_rng, grid)["params"],
         }
         zero = jnp.zeros((), jnp.int32)
         return TrainState(zero, params, tx.init(params), nonfinite_in_a_row=zero, nonfinite_total=zero)
