@@ -1,7 +1,7 @@
 """The dense-adaptation table on the embedded scenes: cloc_tiny, clip_tiny and umg_tiny backbones, frozen, with and
 without Convpass PET, at two input resolutions; held-out mIoU and PQ beside the training-free reading.
 
-    python bench/dense_table.py --exports=cloc=DIR,clip=DIR,umg=DIR --workdir=/tmp/dense_table [--num_steps=250]
+    python bench/dense_table.py --exports=cloc=DIR,clip=DIR,umg=DIR --workdir=/tmp/dense_table [--num_steps=500]
 
 Each run is `launch/tpu.py --config=configs/umg_tiny_seg.py:...` in its own process (a finished run, one whose
 `results.json` exists, is skipped on a rerun); the table is printed as markdown and written to `table.md`.
@@ -17,9 +17,9 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EXPORTS = flags.DEFINE_string("exports", None, "backbone=export dir, comma-separated", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "one subdirectory per run", required=True)
-_STEPS = flags.DEFINE_integer("num_steps", 250, "adaptation steps per run")
+_STEPS = flags.DEFINE_integer("num_steps", 500, "adaptation steps per run")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "images per step")
-_SIZES = flags.DEFINE_list("image_sizes", ["64", "96"], "input resolutions")
+_SIZES = flags.DEFINE_list("image_sizes", ["64", "80"], "input resolutions (the grid must stay even: 8 px patches)")
 _HELDOUT = flags.DEFINE_integer("heldout_size", 256, "held-out scenes evaluated")
 
 READINGS = (("training_free", "training-free"), ("decoder", "decoder"), ("ensemble", "decoder + ensemble"))
@@ -53,17 +53,21 @@ def main(argv):
         "| backbone | PET | input | reading | mIoU | PQ | PQ things | PQ stuff |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, export in exports.items():
+    done = {}
+    for size in map(int, _SIZES.value):  # every backbone at the first size first: a short session still compares
+        for name, export in exports.items():
+            for pet in (False, True):
+                done[name, size, pet] = run(name, export, pet, size)
+    for name in exports:
         for size in map(int, _SIZES.value):
             for pet in (False, True):
-                found = run(name, export, pet, size)
+                found = done[name, size, pet]
                 for key, label in READINGS:
                     if key == "training_free" and pet:
                         continue  # the same frozen backbone as the row above
                     cells = [found[f"{key}/{m}"] for m in ("miou", "pq", "pq_things", "pq_stuff")]
                     row = [f"{name}_tiny", "yes" if pet else "no", f"{size} px", label, *(f"{v:.3f}" for v in cells)]
                     lines.append("| " + " | ".join(row) + " |")
-                print("\n".join(lines[-3:]), flush=True)
     table = "\n".join(lines)
     with open(os.path.join(_WORKDIR.value, "table.md"), "w") as f:
         f.write(table + "\n")
