@@ -279,7 +279,8 @@ def format_report(name: str, report: dict) -> str:
             f"  per device: DOES NOT FIT: XLA refused it, its temporaries alone need {r['temporaries_gib']:.2f} GiB"
             f" of {r['hbm_gib']:.0f} GiB HBM (try model.remat=full, a larger mesh.fsdp, or a smaller batch)"
         )
-    lines.append(f"  model FLOPs per step: {r['model_tflops_per_step']:.4g} TFLOP")
+    if known(r["model_tflops_per_step"]):  # (dense adaptation: not counted)
+        lines.append(f"  model FLOPs per step: {r['model_tflops_per_step']:.4g} TFLOP")
     if r["replicated"]:
         names = ", ".join(r["replicated"][:4]) + (", ..." if len(r["replicated"]) > 4 else "")
         lines.append(
@@ -293,7 +294,7 @@ def format_report(name: str, report: dict) -> str:
             f"  XLA cost model (layers unrolled, image + text depths {how}): {r['estimated_step_seconds']:.3f}"
             f" s/step, MFU {r['estimated_mfu']:.2f}"
         )
-    elif known(r["arguments_gib"]):
+    elif known(r["arguments_gib"]) and known(r["model_tflops_per_step"]):
         lines.append("  step time: pass --aot_estimate for XLA's cost model (compiles again with layers unrolled)")
     if known(r["compile_seconds"]):
         lines.append(f"  compiled in {r['compile_seconds']:.0f} s")
