@@ -210,12 +210,12 @@ def test_decoder_shapes_and_masked_attention_sees_everything_for_an_empty_mask()
 
 @pytest.mark.slow
 def test_tiny_dense_adaptation_trains_and_reports(tiny_export, tmp_path):
-    """CI length through the launcher: a random umg_tiny export, PET adapters, 2 devices; the loss falls and every
-    reading reports mIoU and PQ."""
+    """CI length through the launcher: a random umg_tiny export (32 px) adapted at 16 px (its position table
+    resized), PET adapters, 2 devices; the loss falls and every reading reports mIoU and PQ."""
     workdir = str(tmp_path / "seg")
     args = [
         f"--config={ROOT}/configs/umg_tiny_seg.py:init_from={tiny_export('umg_tiny')},pet=true,num_steps=24,"
-        "batch_size=8,image_size=32",
+        "batch_size=8,image_size=16",
         "--config.log_every=8",
         "--config.data.heldout_size=16",
         "--config.eval_batch_size=8",
@@ -229,6 +229,7 @@ def test_tiny_dense_adaptation_trains_and_reports(tiny_export, tmp_path):
         [sys.executable, f"{ROOT}/launch/tpu.py", *args], capture_output=True, text=True, env=env, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Initialised" in done.stdout and "2 device(s)" in done.stdout
     results = json.loads(done.stdout.strip().splitlines()[-1])
     for reading in ("ensemble", "decoder", "training_free"):
         assert 0 <= results[f"{reading}/miou"] <= 1 and 0 <= results[f"{reading}/pq"] <= 1

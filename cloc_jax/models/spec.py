@@ -244,6 +244,10 @@ def architecture_overrides(current: Spec, saved: Spec, source: str) -> dict[str,
     checkpoint `saved` it starts from, as {dotted key: value}. A key `current` sets to something else than both
     the default and the checkpoint is a one-line error naming it: the config asks for another model."""
     defaults, saved_flat, current_flat = flat(Spec().to_json()), flat(saved.to_json()), flat(current.to_json())
+    if not saved.model.image.posemb_grid and saved.image_size != current.image_size:
+        # the checkpoint's position table is its own grid (image_size / patch): a run at another size resizes it
+        patch = int(saved.model.image.variant.partition("/")[2])
+        saved_flat["model.image.posemb_grid"] = saved.image_size // patch
     out = {}
     for key, value in saved_flat.items():
         if key == "image_size" or key in TRAINING_KEYS or current_flat.get(key) == value:

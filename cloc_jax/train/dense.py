@@ -221,7 +221,9 @@ def adapt(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         with jax.set_mesh(mesh), nn.logical_axis_rules(config.axis_rules):
             init, shapes = abstract_dense_state(config, model, decoder, tx, mesh)
             latest, state = ckpt.restore_newest(shapes, data_iter, spec)
-            if latest is None:
+            if latest is not None:
+                print(f"Resumed from {ckpt.directory} at step {latest}", flush=True)
+            else:
                 state = jax.jit(init, out_shardings=jax.tree.map(lambda s: s.sharding, shapes))(jax.random.key(0))
                 backbone = init_from(state.replace(params=state.params["backbone"]), pretrained, config.model.scan)
                 state = state.replace(params={**state.params, "backbone": backbone.params})
