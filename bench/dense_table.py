@@ -22,7 +22,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "images per step")
 _SIZES = flags.DEFINE_list("image_sizes", ["64", "80"], "input resolutions (the grid must stay even: 8 px patches)")
 _HELDOUT = flags.DEFINE_integer("heldout_size", 256, "held-out scenes evaluated")
 
-READINGS = (("training_free", "training-free"), ("decoder", "decoder"), ("ensemble", "decoder + ensemble"))
+READINGS = ("training_free", "decoder", "ensemble")  # MaskCLIP's reading, the decoder alone, + FC-CLIP's ensemble
 
 
 def run(name: str, export: str, pet: bool, size: int) -> dict:
@@ -50,8 +50,9 @@ def main(argv):
     del argv
     exports = dict(item.split("=", 1) for item in _EXPORTS.value.split(","))
     lines = [
-        "| backbone | PET | input | reading | mIoU | PQ | PQ things | PQ stuff |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backbone | PET | input | training-free mIoU / PQ | decoder mIoU / PQ (things, stuff) | "
+        "decoder + ensemble mIoU / PQ (things, stuff) |",
+        "|---|---|---|---|---|---|",
     ]
     done = {}
     for size in map(int, _SIZES.value):  # every backbone at the first size first: a short session still compares
@@ -62,12 +63,13 @@ def main(argv):
         for size in map(int, _SIZES.value):
             for pet in (False, True):
                 found = done[name, size, pet]
-                for key, label in READINGS:
-                    if key == "training_free" and pet:
-                        continue  # the same frozen backbone as the row above
-                    cells = [found[f"{key}/{m}"] for m in ("miou", "pq", "pq_things", "pq_stuff")]
-                    row = [f"{name}_tiny", "yes" if pet else "no", f"{size} px", label, *(f"{v:.3f}" for v in cells)]
-                    lines.append("| " + " | ".join(row) + " |")
+                cells = []
+                for key in READINGS:
+                    cell = f"{found[key + '/miou']:.3f} / {found[key + '/pq']:.3f}"
+                    if key != "training_free":
+                        cell += f" ({found[key + '/pq_things']:.3f}, {found[key + '/pq_stuff']:.3f})"
+                    cells.append(cell)
+                lines.append("| " + " | ".join([f"{name}_tiny", "yes" if pet else "no", f"{size} px", *cells]) + " |")
     table = "\n".join(lines)
     with open(os.path.join(_WORKDIR.value, "table.md"), "w") as f:
         f.write(table + "\n")
