@@ -224,7 +224,8 @@ def adapt(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if latest is not None:
                 print(f"Resumed from {ckpt.directory} at step {latest}", flush=True)
             else:
-                state = jax.jit(init, out_shardings=jax.tree.map(lambda s: s.sharding, shapes))(jax.random.key(0))
+                where = jax.tree.map(lambda s: s.sharding, shapes)
+                state = jax.jit(init, out_shardings=where)(jax.random.key(config.seed))
                 backbone = init_from(state.replace(params=state.params["backbone"]), pretrained, config.model.scan)
                 state = state.replace(params={**state.params, "backbone": backbone.params})
             text = dense_eval.encode_classes(
