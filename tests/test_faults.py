@@ -84,14 +84,12 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
 
 def _two_processes(workdir: str, port: int, *extra: str) -> list[subprocess.Popen]:
     procs = []
-    # Not the test run's shared compilation cache: a process that finds the step cached there runs ahead of one
-    # that compiles it, and Gloo's 30 s rendezvous times out (seen under a loaded test run). A cache of this test's
-    # own (beside the workdirs): both processes of the first pair compile, every later pair finds the programs.
-    cache = os.path.join(os.path.dirname(workdir), "xla_cache")
+    # No shared compilation cache: a process that finds the step cached runs ahead of one that compiles it,
+    # and Gloo's 30 s rendezvous times out (seen under a loaded test run).
+    clean = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     for pid in range(2):
         env = {
-            **os.environ,
-            "JAX_COMPILATION_CACHE_DIR": cache,
+            **clean,
             "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
             "JAX_PLATFORMS": "cpu",
             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
