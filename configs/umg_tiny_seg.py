@@ -5,7 +5,8 @@ mIoU and PQ at the end (the five held-out colour-shape combinations are unseen c
 python -m cloc_jax.export --workdir=/tmp/umg_tiny --out=/tmp/umg_tiny_export
 python launch/tpu.py --config=configs/umg_tiny_seg.py:init_from=/tmp/umg_tiny_export,pet=true --workdir=/tmp/umg_seg
 
-`backbone=cloc` or `clip` reads cloc_tiny / clip_tiny exports the same way; `image_size=96` adapts at 96 px.
+`backbone=cloc` or `clip` reads cloc_tiny / clip_tiny exports the same way; `image_size=80` adapts at 80 px
+(the token grid must stay even). The defaults are one row of the README's table (bench/dense_table.py).
 """
 
 import os
@@ -17,7 +18,7 @@ BACKBONES = {"umg": "umg_tiny.py", "cloc": "cloc_tiny.py", "clip": "clip_tiny.py
 
 
 def get_config(arg: str | None = None):
-    arg = parse_arg(arg, backbone="umg", init_from="", pet=False, num_steps=600, batch_size=32, image_size=64)
+    arg = parse_arg(arg, backbone="umg", init_from="", pet=False, num_steps=500, batch_size=16, image_size=64)
     if arg.backbone not in BACKBONES:
         raise ValueError(f"config arg backbone={arg.backbone!r}; choose one of {sorted(BACKBONES)}")
     base = os.path.join(os.path.dirname(__file__), BACKBONES[arg.backbone])
