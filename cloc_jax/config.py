@@ -233,12 +233,21 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     return module.get_config(arg)
 
 
+def backbone_config(directory: str, backbones: dict[str, str], name: str, arg: str) -> ml_collections.ConfigDict:
+    """The pretraining config file `backbones[name]` in `directory`, with `arg`: what a dense adaptation config
+    (`dense_adaptation`) starts from; an unknown name is one line."""
+    if name not in backbones:
+        raise ValueError(f"config arg backbone={name!r}; choose one of {sorted(backbones)}")
+    return load_config_file(os.path.join(directory, backbones[name]), arg)
+
+
 def dense_adaptation(c: ml_collections.ConfigDict, pet: bool, adapter_dim: int = 8) -> ml_collections.ConfigDict:
     """A pretraining config turned into UMG-CLIP's dense adaptation (`train/dense.py`): the backbone frozen, Convpass
     adapters in it with `pet`, a mask decoder trained on masked rows. Start it from an export (`init_from`). The
     decoder's defaults are a small FC-CLIP / Mask2Former: queries, width, layers, heads, MLP width."""
     c.unlock()
     c.model.image.update(cluster_ratio=0.0, adapter_dim=adapter_dim if pet else 0)  # the full token grid
+    c.tags.update(image_weight=0.0, region_weight=0.0)  # the dense step has no tag losses
     c.data.masks = True
     c.optim.update(trainable=("decoder", "adapter") if pet else ("decoder",), image_lr_mult=1.0, text_lr_mult=1.0)
     c.dense = dict(

@@ -16,21 +16,18 @@ image), so no label-map stuff targets are added: 100 regions an image, 133 class
 
 import os
 
-from cloc_jax.config import dense_adaptation, load_config_file, parse_arg
+from cloc_jax.config import backbone_config, dense_adaptation, parse_arg
 
 BACKBONES = {"umg": "umg_l14.py", "cloc": "cloc_l14.py", "clip": "clip_l14.py"}
 
 
 def get_config(arg: str | None = None):
     arg = parse_arg(arg, backbone="umg", init_from="", pet=False, batch_size=16, image_size=896, num_steps=368_750)
-    if arg.backbone not in BACKBONES:
-        raise ValueError(f"config arg backbone={arg.backbone!r}; choose one of {sorted(BACKBONES)}")
-    base = os.path.join(os.path.dirname(__file__), BACKBONES[arg.backbone])
-    c = dense_adaptation(load_config_file(base, f"init_from={arg.init_from}"), arg.pet, adapter_dim=64)
+    base = backbone_config(os.path.dirname(__file__), BACKBONES, arg.backbone, f"init_from={arg.init_from}")
+    c = dense_adaptation(base, arg.pet, adapter_dim=64)
     c.unlock()
     c.batch_size, c.image_size, c.num_steps = arg.batch_size, arg.image_size, arg.num_steps  # 50 epochs of 118k
     c.mesh.update(data=-1, fsdp=1, max_fsdp=0)  # 16 images over a few chips: data parallel, the backbone replicated
-    c.tags.update(image_weight=0.0, region_weight=0.0)
     c.optim.update(name="adamw", lr=1e-4, b2=0.999, weight_decay=0.05, warmup_steps=1500, clip_norm=0.01)
     c.data.update(train="", heldout="", max_regions=100, eval_max_regions=100)
     c.dense.update(num_queries=250, dim=256, layers=9, heads=8, mlp_dim=2048, num_classes=133)

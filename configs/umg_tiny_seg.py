@@ -11,7 +11,7 @@ python launch/tpu.py --config=configs/umg_tiny_seg.py:init_from=/tmp/umg_tiny_ex
 
 import os
 
-from cloc_jax.config import SCENE_TEMPLATES, dense_adaptation, load_config_file, parse_arg
+from cloc_jax.config import SCENE_TEMPLATES, backbone_config, dense_adaptation, parse_arg
 from cloc_jax.data import scenes
 
 BACKBONES = {"umg": "umg_tiny.py", "cloc": "cloc_tiny.py", "clip": "clip_tiny.py"}
@@ -19,14 +19,11 @@ BACKBONES = {"umg": "umg_tiny.py", "cloc": "cloc_tiny.py", "clip": "clip_tiny.py
 
 def get_config(arg: str | None = None):
     arg = parse_arg(arg, backbone="umg", init_from="", pet=False, num_steps=500, batch_size=16, image_size=64)
-    if arg.backbone not in BACKBONES:
-        raise ValueError(f"config arg backbone={arg.backbone!r}; choose one of {sorted(BACKBONES)}")
-    base = os.path.join(os.path.dirname(__file__), BACKBONES[arg.backbone])
-    c = dense_adaptation(load_config_file(base, f"num_steps={arg.num_steps},batch_size={arg.batch_size}"), arg.pet)
+    steps_and_batch = f"num_steps={arg.num_steps},batch_size={arg.batch_size}"
+    c = dense_adaptation(backbone_config(os.path.dirname(__file__), BACKBONES, arg.backbone, steps_and_batch), arg.pet)
     c.unlock()
     c.image_size = arg.image_size
     c.init_from = arg.init_from
-    c.tags.update(image_weight=0.0, region_weight=0.0)
     c.optim.update(lr=1e-3, warmup_steps=50, weight_decay=0.05, name="adamw")
     # prompts as the region captions read ("large red circle"): the bare name is out of the tiny text tower's
     # distribution (its class names' mean cosine 0.96 bare, 0.13 with these)

@@ -23,22 +23,14 @@ from cloc_jax.data.masks import IGNORE
 from cloc_jax.evals import masks as mask_inference
 from cloc_jax.evals import panoptic
 from cloc_jax.evals.segmentation import confusion, predict_classes, scores
-from cloc_jax.inference import class_embeddings
+from cloc_jax.inference import Encoder
 from cloc_jax.models.cloc import Model
 from cloc_jax.models.heads import normalize
 from cloc_jax.models.mask_decoder import MaskDecoder, backbone_grid, frozen_backbone
-from cloc_jax.tokenizers import tokenize
+from cloc_jax.models.spec import from_config
 
 IDENTITY = np.array([1.0, 1.0, 0.0, 0.0], np.float32)  # the geometry of a map already at the input's pixels
 READINGS = ("ensemble", "decoder", "training_free")  # decoder + FC-CLIP ensemble, decoder alone, MaskCLIP's
-
-
-def encode_classes(model: Model, params: dict, tokenizer, names, templates) -> np.ndarray:
-    """Class names -> [C, E] unit prompt-ensemble embeddings from the (frozen) text tower."""
-    length = model.text.context_length
-    encode = jax.jit(lambda p, t: model.apply({"params": p}, t, method=Model.encode_text))
-    embed = lambda texts: np.asarray(encode(params, tokenize(tokenizer, texts, length)))  # noqa: E731
-    return class_embeddings(embed, names, templates)
 
 
 def make_forward(model: Model, decoder: MaskDecoder):
@@ -137,7 +129,8 @@ def evaluate(config: ml_collections.ConfigDict, model, decoder, params, tokenize
     seen = np.array([c in seen_set for c in classes])
     things = np.array([c not in config.dense.stuff_classes for c in classes])
     stuff = np.flatnonzero(~things)
-    text = encode_classes(model, params["backbone"], tokenizer, classes, config.dense.templates)
+    backbone = Encoder(model, params["backbone"], tokenizer, from_config(config), config.axis_rules)
+    text = backbone.encode_classes(classes, config.dense.templates)
     per_host = pipeline.per_host_batch_size(config.eval_batch_size)
     _, batches = pipeline.eval_batches(
         config, source, tokenizer, per_host, config.data.max_regions, 1, label_maps=True, masks=True, image_size=size

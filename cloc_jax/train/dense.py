@@ -24,6 +24,7 @@ from cloc_jax import guards, sharding
 from cloc_jax.checkpoint import Checkpoints
 from cloc_jax.data import pipeline, sources
 from cloc_jax.evals import dense as dense_eval
+from cloc_jax.inference import Encoder
 from cloc_jax.mask_losses import MaskLossWeights, decoder_loss
 from cloc_jax.metrics import MetricWriter
 from cloc_jax.models.build import build as build_model
@@ -33,7 +34,8 @@ from cloc_jax.models.mask_decoder import MaskDecoder, backbone_grid, class_logit
 from cloc_jax.models.spec import from_config
 from cloc_jax.optim import make_optimizer
 from cloc_jax.train.loop import pretrained_weights
-from cloc_jax.train.state import TrainState, build, init_from
+from cloc_jax.train.state import TrainState, build, fresh_state, init_from, sharded_init
+from cloc_jax.train.step import guarded_update
 
 
 def seen_names(config: ml_collections.ConfigDict, classes) -> tuple[str, ...]:
@@ -110,13 +112,8 @@ def make_dense_step(config, model: Model, decoder: MaskDecoder, tx, text: np.nda
     def step(state: TrainState, batch: dict):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
-        total = state.nonfinite_total + (~finite).astype(jnp.int32)
-        new = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), in_a_row, total)
-        return new, {**metrics, "loss": loss, "nonfinite/in_a_row": in_a_row, "nonfinite/skipped_steps": total}
+        new, guard = guarded_update(state, loss, grads, optax.apply_updates(state.params, updates), opt_state)
+        return new, {**metrics, "loss": loss, **guard}
 
     return step
 
@@ -172,15 +169,9 @@ def abstract_dense_state(config, model: Model, decoder: MaskDecoder, tx, mesh):
             "backbone": init_params(model, spec, backbone_rng, regions=config.data.max_regions),
             "decoder": decoder.init(decoder_rng, grid)["params"],
         }
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(zero, params, tx.init(params), nonfinite_in_a_row=zero, nonfinite_total=zero)
+        return fresh_state(params, tx)
 
-    boxed = jax.eval_shape(lambda: init(jax.random.key(0)))
-    shardings = sharding.logical_shardings(boxed, mesh, config.axis_rules)
-    shapes = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sharding.unbox(boxed), shardings
-    )
-    return (lambda rng: nn.unbox(init(rng))), shapes
+    return sharded_init(init, mesh, config.axis_rules)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -228,9 +219,8 @@ def adapt(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 state = jax.jit(init, out_shardings=where)(jax.random.key(config.seed))
                 backbone = init_from(state.replace(params=state.params["backbone"]), pretrained, config.model.scan)
                 state = state.replace(params={**state.params, "backbone": backbone.params})
-            text = dense_eval.encode_classes(
-                model, state.params["backbone"], tokenizer, seen_names(config, classes), config.dense.templates
-            )
+            backbone = Encoder(model, state.params["backbone"], tokenizer, spec, config.axis_rules)
+            text = backbone.encode_classes(seen_names(config, classes), config.dense.templates)
             step_fn = None
             progress = tqdm(range(int(state.step), config.num_steps), initial=int(state.step), total=config.num_steps)
             for step in progress:

@@ -36,17 +36,27 @@ def build(config: ml_collections.ConfigDict) -> tuple[Tokenizer, Model, optax.Gr
     return tokenizer, model, make_optimizer(config.optim, config.num_steps)
 
 
+def fresh_state(params, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0 of `params`: the optimizer's initial state, no non-finite steps yet."""
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, tx.init(params), nonfinite_in_a_row=zero, nonfinite_total=zero)
+
+
 def abstract_state(config, model: Model, tx: optax.GradientTransformation, mesh):
     """(init function, state shapes with their NamedShardings): parameters are born sharded."""
     spec = from_config(config)
 
     def init(rng):
-        params = init_params(model, spec, rng, regions=config.data.max_regions)
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(zero, params, tx.init(params), nonfinite_in_a_row=zero, nonfinite_total=zero)
+        return fresh_state(init_params(model, spec, rng, regions=config.data.max_regions), tx)
 
+    return sharded_init(init, mesh, config.axis_rules)
+
+
+def sharded_init(init, mesh, rules):
+    """`init(rng)` -> a state of boxed parameters -> (the same init unboxed, the state's shapes with the
+    NamedShardings the logical axis `rules` give them on `mesh`)."""
     boxed = jax.eval_shape(lambda: init(jax.random.key(0)))  # traced: works for abstract (AOT) devices too
-    shardings = sharding.logical_shardings(boxed, mesh, config.axis_rules)
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
     unboxed = lambda rng: nn.unbox(init(rng))  # noqa: E731
     shapes = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sharding.unbox(boxed), shardings

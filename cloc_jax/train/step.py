@@ -61,27 +61,33 @@ def make_train_step(
         loss, parts, out, grads = gradients(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = model.clamp_logit_scale(optax.apply_updates(state.params, updates))
-        grad_norm = optax.global_norm(grads)
-        # optax.apply_if_finite looks at the gradients only: an update that overflows the parameters would pass
-        # it. One norm per tree, not one test per array: each is one reduction (and one all-reduce) whatever the
-        # number of arrays; a norm is finite exactly when every element is (or it overflows: diverged).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
-        total = state.nonfinite_total + (~finite).astype(jnp.int32)
+        new, guard = guarded_update(state, loss, grads, params, opt_state)
         metrics = {
             **parts,
             "loss": loss,
-            "grad_norm": grad_norm,
+            **guard,
             "temperature": 1.0 / out["scale"],
             "lr": learning_rate(config.optim, config.num_steps, state.step),
-            "nonfinite/in_a_row": in_a_row,
-            "nonfinite/skipped_steps": total,
         }
-        new = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), in_a_row, total)
         return new, metrics
 
     return train_step
+
+
+def guarded_update(state: TrainState, loss, grads, params, opt_state) -> tuple[TrainState, dict]:
+    """The next state with the updated `params` and `opt_state`, unless the loss, the gradient or the new parameters
+    are not finite: then the old ones, counted -> (state, {"grad_norm", "nonfinite/in_a_row",
+    "nonfinite/skipped_steps"})."""
+    grad_norm = optax.global_norm(grads)
+    # optax.apply_if_finite looks at the gradients only: an update that overflows the parameters would pass
+    # it. One norm per tree, not one test per array: each is one reduction (and one all-reduce) whatever the
+    # number of arrays; a norm is finite exactly when every element is (or it overflows: diverged).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
+    total = state.nonfinite_total + (~finite).astype(jnp.int32)
+    new = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), in_a_row, total)
+    return new, {"grad_norm": grad_norm, "nonfinite/in_a_row": in_a_row, "nonfinite/skipped_steps": total}
 
 
 def compile_step(config, model, tx, state: TrainState, batch: dict, tag_tokens: np.ndarray | None = None):
